@@ -1,0 +1,90 @@
+"""Qwen2-VL: the vision tower's features replace the `<|image_pad|>` embeddings, then the decoder runs."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
+from vrft_jax.models.qwen2_vl.inputs import ModelInputs
+from vrft_jax.models.qwen2_vl.text import KVCache, TextDecoder
+from vrft_jax.models.qwen2_vl.vision import VisionTower
+
+
+class Qwen2VL(nnx.Module):
+    def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.visual = VisionTower(config, rngs=rngs)
+        self.text = TextDecoder(config, rngs=rngs)
+
+    def image_features(self, inputs: ModelInputs):
+        """[B, P / merge^2, D]: one feature per merged token of each row's patch bucket."""
+        return self.visual(inputs.patches, inputs.patch_segment_ids, inputs.patch_positions)
+
+    def embed(self, input_ids_bt, image_features_bmd):
+        """Token embeddings with the k-th `<|image_pad|>` of each row replaced by its k-th image feature."""
+        x = self.text.embed(input_ids_bt)
+        is_image = input_ids_bt == self.config.image_token_id
+        index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features_bmd.shape[1] - 1)
+        features = jnp.take_along_axis(image_features_bmd, index[..., None], axis=1)
+        return jnp.where(is_image[..., None], features.astype(x.dtype), x)
+
+    def hidden_states(self, inputs: ModelInputs, cache: KVCache | None = None):
+        """(float[B, T, D] final-norm hidden states, updated cache or None)."""
+        x = self.embed(inputs.input_ids, self.image_features(inputs))
+        return self.text(x, inputs.positions, inputs.attention_mask, cache)
+
+    def __call__(self, inputs: ModelInputs):
+        """float[B, T, V] logits, as `Qwen2VLForConditionalGeneration(...).logits`."""
+        hidden, _ = self.hidden_states(inputs)
+        return self.text.logits(hidden)
+
+    def prefill(self, inputs: ModelInputs, cache: KVCache):
+        """Run left-padded prompts into `cache` from slot `cache.index`.
+
+        Returns (float[B, V] logits at the last slot, which is each row's last prompt token, cache).
+        """
+        hidden, cache = self.hidden_states(inputs, cache)
+        return self.text.logits(hidden[:, -1:])[:, 0], cache
+
+    def decode(self, tokens_b, positions_b3, cache: KVCache):
+        """One new token per row at slot `cache.index`; returns (float[B, V] logits, cache)."""
+        x = self.text.embed(tokens_b[:, None])
+        hidden, cache = self.text(x, positions_b3[:, None, :], jnp.ones_like(tokens_b)[:, None], cache)
+        return self.text.logits(hidden)[:, 0], cache
+
+
+def with_config(model: Qwen2VL, **changes) -> Qwen2VL:
+    """The same weights under a changed runtime config (e.g. `param_dtype`, `dtype`, `remat`);
+    parameters are cast when `param_dtype` changes."""
+    config = model.config.replace(**changes)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0))))
+    state = jax.tree.map(lambda x: x.astype(config.param_dtype), nnx.state(model))
+    return nnx.merge(graphdef, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, inputs: ModelInputs):
+    return nnx.merge(graphdef, state)(inputs)
+
+
+def forward(model: Qwen2VL, inputs: ModelInputs):
+    """Jitted logits; one compilation per (model structure, input shapes)."""
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, inputs)
+
+
+def forward_hf(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+               *, patch_bucket: int | None = None, mm_token_type_ids=None):
+    """Call the model exactly as HF's `Qwen2VLForConditionalGeneration` on processor outputs; returns logits."""
+    inputs = ModelInputs.from_hf(model.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                 patch_bucket=patch_bucket, mm_token_type_ids=mm_token_type_ids)
+    return forward(model, inputs)
+
+
+def compile_count() -> int:
+    """How many programs the jitted forward has compiled in this process."""
+    return _forward._cache_size()

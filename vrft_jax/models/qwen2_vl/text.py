@@ -1,0 +1,152 @@
+"""The Qwen2 text decoder: RMSNorm, GQA with q/k/v bias, SwiGLU, M-RoPE, scanned layers, KV cache."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vrft_jax.models.qwen2_vl import rope
+from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
+from vrft_jax.models.qwen2_vl.layers import RMSNorm, attention, einsum, param, scan_layers, stacked
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `S` slots; all rows write the same slot at each step.
+
+    k, v: [L, B, S, K, H]; valid: bool[B, S], True where a slot holds a real (non-padding) token;
+    index: int32[], the next slot to write.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def zeros(cls, config: Qwen2VLConfig, batch: int, length: int, dtype=None) -> KVCache:
+        t = config.text
+        shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
+        dtype = dtype or config.dtype
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        t = config.text
+        self.config = config
+        self.q_kernel = param(rngs, (t.hidden_size, t.num_heads, t.head_dim), ("embed", "heads", "head_dim"), config)
+        self.q_bias = param(rngs, (t.num_heads, t.head_dim), ("heads", "head_dim"), config)
+        self.k_kernel = param(rngs, (t.hidden_size, t.num_kv_heads, t.head_dim), ("embed", "kv_heads", "head_dim"),
+                              config)
+        self.k_bias = param(rngs, (t.num_kv_heads, t.head_dim), ("kv_heads", "head_dim"), config)
+        self.v_kernel = param(rngs, (t.hidden_size, t.num_kv_heads, t.head_dim), ("embed", "kv_heads", "head_dim"),
+                              config)
+        self.v_bias = param(rngs, (t.num_kv_heads, t.head_dim), ("kv_heads", "head_dim"), config)
+        self.o_kernel = param(rngs, (t.num_heads, t.head_dim, t.hidden_size), ("heads", "head_dim", "embed"), config)
+
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None, index=None):
+        """Self-attention; with `kv = (k_bskh, v_bskh)` the new keys/values are written at slot `index`
+        and the queries attend over the whole cache. Returns (out_btd, (k, v)) where (k, v) is the
+        updated cache, or this call's keys/values when there is no cache."""
+        dtype = self.config.dtype
+        q = einsum("BTD,DNH->BTNH", x_btd, self.q_kernel, self.config) + self.q_bias[...].astype(dtype)
+        k = einsum("BTD,DKH->BTKH", x_btd, self.k_kernel, self.config) + self.k_bias[...].astype(dtype)
+        v = einsum("BTD,DKH->BTKH", x_btd, self.v_kernel, self.config) + self.v_bias[...].astype(dtype)
+        q = rope.apply_rope(q, cos_bth, sin_bth)
+        k = rope.apply_rope(k, cos_bth, sin_bth)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+        out = attention(q, k.astype(dtype), v.astype(dtype), mask_bts, self.config)
+        return einsum("BTNH,NHD->BTD", out, self.o_kernel, self.config), (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        t = config.text
+        self.config = config
+        self.gate_kernel = param(rngs, (t.hidden_size, t.intermediate_size), ("embed", "mlp"), config)
+        self.up_kernel = param(rngs, (t.hidden_size, t.intermediate_size), ("embed", "mlp"), config)
+        self.down_kernel = param(rngs, (t.intermediate_size, t.hidden_size), ("mlp", "embed"), config)
+
+    def __call__(self, x_btd):
+        gate = einsum("BTD,DF->BTF", x_btd, self.gate_kernel, self.config)
+        up = einsum("BTD,DF->BTF", x_btd, self.up_kernel, self.config)
+        return einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_kernel, self.config)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        t = config.text
+        self.input_norm = RMSNorm(t.hidden_size, t.rms_norm_eps, config, rngs=rngs, axis="embed")
+        self.attn = Attention(config, rngs=rngs)
+        self.post_attention_norm = RMSNorm(t.hidden_size, t.rms_norm_eps, config, rngs=rngs, axis="embed")
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None, index=None):
+        attn_out, kv = self.attn(self.input_norm(x_btd), cos_bth, sin_bth, mask_bts, kv, index)
+        x_btd = x_btd + attn_out
+        return x_btd + self.mlp(self.post_attention_norm(x_btd)), kv
+
+
+class TextDecoder(nnx.Module):
+    def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        t = config.text
+        self.config = config
+        self.embed_tokens = param(rngs, (t.vocab_size, t.hidden_size), ("vocab", "embed"), config)
+        self.layers = stacked(lambda r: DecoderLayer(config, rngs=r), t.num_layers, rngs)
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, config, rngs=rngs, axis="embed")
+        self.lm_head = (None if config.tie_word_embeddings else
+                        param(rngs, (t.hidden_size, t.vocab_size), ("embed", "vocab"), config))
+
+    def embed(self, input_ids_bt):
+        return jnp.take(self.embed_tokens[...], input_ids_bt, axis=0).astype(self.config.dtype)
+
+    def __call__(self, x_btd, positions_bt3, attention_mask_bt, cache: KVCache | None = None):
+        """Decoder stack and final norm.
+
+        Without a cache the mask is causal over this sequence's valid tokens. With a cache the tokens
+        fill slots [cache.index, cache.index + T) and attend to every earlier valid slot.
+        Returns (hidden float[B, T, D], updated cache or None).
+        """
+        t = self.config.text
+        cos, sin = rope.mrope_cos_sin(positions_bt3, t.head_dim, t.rope_theta, t.mrope_section)
+        cos, sin = cos.astype(self.config.dtype), sin.astype(self.config.dtype)
+        length = x_btd.shape[1]
+        valid = attention_mask_bt.astype(bool)
+        if cache is None:
+            q_slot = k_slot = jnp.arange(length)
+            keys_valid = valid
+        else:
+            q_slot = cache.index + jnp.arange(length)
+            k_slot = jnp.arange(cache.length)
+            keys_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1)
+        mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & keys_valid[:, None, :]
+
+        if cache is None:
+            def body(layer, x, _):
+                return layer(x, cos, sin, mask)[0], None
+
+            x_btd, _ = scan_layers(self.layers, x_btd, None, body, self.config)
+        else:
+            def body(layer, x, kv):
+                return layer(x, cos, sin, mask, kv, cache.index)
+
+            x_btd, (k, v) = scan_layers(self.layers, x_btd, (cache.k, cache.v), body, self.config)
+            cache = KVCache(k=k, v=v, valid=keys_valid, index=cache.index + length)
+        return self.norm(x_btd), cache
+
+    def logits(self, hidden_btd):
+        """float[B, T, V] in the compute dtype."""
+        if self.lm_head is None:
+            return einsum("BTD,VD->BTV", hidden_btd, self.embed_tokens, self.config)
+        return einsum("BTD,DV->BTV", hidden_btd, self.lm_head, self.config)
