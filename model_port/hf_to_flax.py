@@ -1,0 +1,116 @@
+"""Hugging Face Qwen2-VL checkpoint (safetensors, single or sharded) -> our Flax model.
+
+    python -m model_port.hf_to_flax --hf DIR --out DIR [--dtype bfloat16]
+
+Tensors stream one at a time: each parameter is assembled on the host (a per-layer HF tensor goes
+into its slot of the stacked parameter), placed on the devices (sharded by the rules when a mesh is
+given) and freed, so peak host memory is one stacked parameter, never the whole model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model_port.mapping import TIED_HEAD, canonical_name, tensor_map
+from model_port.safetensors_io import SafetensorsReader
+from vrft_jax import sharding
+from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
+from vrft_jax.models.qwen2_vl.model import Qwen2VL
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not match the architecture its config describes."""
+
+
+def load_hf(path: str, dtype=None, *, compute_dtype=None, mesh: jax.sharding.Mesh | None = None,
+            rules=sharding.DEFAULT_RULES, **runtime) -> Qwen2VL:
+    """Build a Qwen2VL from an HF checkpoint directory.
+
+    Args:
+      dtype: parameter dtype; None keeps the checkpoint's (bf16 stays bf16, bit for bit).
+      compute_dtype: activation dtype; defaults to the parameter dtype.
+      mesh: when given, every parameter lands sharded by `rules`; else on the default device.
+      runtime: other `Qwen2VLConfig` runtime fields (remat, precision).
+    """
+    reader = SafetensorsReader(path, rename=canonical_name)
+    if dtype is None:
+        dtype = reader.dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in reader.names() \
+            else np.float32
+    dtype = jnp.dtype(dtype)
+    config = Qwen2VLConfig.from_hf(path, param_dtype=dtype, dtype=compute_dtype or dtype, **runtime)
+    entries = tensor_map(config)
+    check_tensors(reader, config, entries)
+
+    abstract = nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(abstract_state))
+    unmapped = set(flat) - {e.path for e in entries}
+    if unmapped:
+        raise RuntimeError(f"internal error: parameters without an HF tensor: {sorted(unmapped)}")
+    for entry in entries:
+        variable = flat[entry.path]
+        target = variable.get_raw_value()
+        host = np.empty(target.shape, dtype)
+        for i, name in enumerate(entry.hf_names()):
+            ours = entry.to_ours(reader.read(name))
+            if entry.num_layers is None:
+                host[...] = ours
+            else:
+                host[i] = ours
+        placement = (sharding.variable_sharding(variable, mesh, rules) if mesh is not None
+                     else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        array = jax.device_put(host, placement)
+        array.block_until_ready()  # free the host copy before reading the next tensor
+        del host
+        flat[entry.path] = variable.replace(array)
+    return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+
+
+def check_tensors(reader: SafetensorsReader, config: Qwen2VLConfig, entries) -> None:
+    """Raise CheckpointMismatchError naming every missing, unexpected and mis-shaped tensor."""
+    expected = {name: entry.hf_shape for entry in entries for name in entry.hf_names()}
+    present = reader.names()
+    allowed_extra = {TIED_HEAD} if config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected) - allowed_extra)
+    wrong = [f"{name}: expected {expected[name]}, found {reader.shape(name)}"
+             for name in sorted(set(expected) & present) if reader.shape(name) != expected[name]]
+    if config.tie_word_embeddings and TIED_HEAD in present:
+        head, embed = reader.read(TIED_HEAD), reader.read("model.embed_tokens.weight")
+        if head.shape != embed.shape or not np.array_equal(head.view(np.uint8), embed.view(np.uint8)):
+            wrong.append(f"{TIED_HEAD}: the config ties word embeddings but it differs from model.embed_tokens.weight")
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
+    if wrong:
+        problems.append(f"mis-shaped tensors ({len(wrong)}): {'; '.join(wrong)}")
+    if problems:
+        raise CheckpointMismatchError(f"checkpoint {reader.path} does not match its config:\n  " + "\n  ".join(problems))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hf", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    parser.add_argument("--out", required=True, help="output directory for the Flax (orbax) checkpoint")
+    parser.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
+    args = parser.parse_args(argv)
+    from vrft_jax import checkpoint
+
+    model = load_hf(args.hf, dtype=args.dtype)
+    checkpoint.save_model(model, args.out, hf_source=args.hf)
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    print(f"converted {args.hf} -> {args.out}: {count:,} parameters in {model.config.param_dtype.name}")
+
+
+if __name__ == "__main__":
+    main()

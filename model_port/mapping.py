@@ -1,0 +1,116 @@
+"""The one table between Hugging Face tensor names and our parameters, used in both directions.
+
+Every entry is a pure reshape/transpose, so conversion is bit-exact in any dtype. Per-layer HF tensors
+(`model.layers.{i}...`, `visual.blocks.{i}...`) map to one parameter stacked over layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Callable
+
+import numpy as np
+
+from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
+
+Path = tuple[str, ...]
+
+# transformers >= 5 names parameters in memory `model.visual.*` / `model.language_model.*`; the hub
+# layout (what `save_pretrained` writes) is `visual.*` / `model.*`. We read both and write the hub one.
+_ALIASES = ((re.compile(r"^model\.visual\."), "visual."), (re.compile(r"^model\.language_model\."), "model."))
+
+
+def canonical_name(name: str) -> str:
+    for pattern, replacement in _ALIASES:
+        name = pattern.sub(replacement, name)
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    hf_name: str  # with "{i}" for per-layer tensors
+    path: Path  # our nnx state path
+    hf_shape: tuple[int, ...]  # of one HF tensor
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    num_layers: int | None = None  # stacked over this many layers when set
+
+    def hf_names(self) -> list[str]:
+        if self.num_layers is None:
+            return [self.hf_name]
+        return [self.hf_name.format(i=i) for i in range(self.num_layers)]
+
+
+def _identity(shape):
+    return dict(hf_shape=tuple(shape), to_ours=lambda w: w, to_hf=lambda w: w)
+
+
+def _reshape(ours, hf):
+    return dict(hf_shape=tuple(hf), to_ours=lambda w: w.reshape(ours), to_hf=lambda w: w.reshape(hf))
+
+
+def _linear(in_shape, out_shape, hf_shape=None):
+    """torch Linear weight [out, in] (or a conv kernel whose leading dim is `out`) <-> ours [*in, *out]."""
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    hf_shape = tuple(hf_shape or (n_out, n_in))
+    return dict(
+        hf_shape=hf_shape,
+        to_ours=lambda w: w.reshape(n_out, n_in).T.reshape(*in_shape, *out_shape),
+        to_hf=lambda w: np.ascontiguousarray(w.reshape(n_in, n_out).T).reshape(hf_shape),
+    )
+
+
+def tensor_map(config: Qwen2VLConfig) -> list[Entry]:
+    t, v = config.text, config.vision
+    D, N, K, H, F = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size
+    E, NV, HV, M = v.embed_dim, v.num_heads, v.head_dim, v.mlp_dim
+    W = E * v.merge_tokens
+    L, LV = t.num_layers, v.depth
+    blk, lyr = "visual.blocks.{i}.", "model.layers.{i}."
+    vb, tl = ("visual", "blocks"), ("text", "layers")
+
+    entries = [
+        Entry("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"),
+              **_linear((v.patch_dim,), (E,), (E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size))),
+        Entry(blk + "norm1.weight", vb + ("norm1", "weight"), **_identity((E,)), num_layers=LV),
+        Entry(blk + "norm1.bias", vb + ("norm1", "bias"), **_identity((E,)), num_layers=LV),
+        Entry(blk + "attn.qkv.weight", vb + ("attn", "qkv_kernel"), **_linear((E,), (3, NV, HV)), num_layers=LV),
+        Entry(blk + "attn.qkv.bias", vb + ("attn", "qkv_bias"), **_reshape((3, NV, HV), (3 * E,)), num_layers=LV),
+        Entry(blk + "attn.proj.weight", vb + ("attn", "out_kernel"), **_linear((NV, HV), (E,)), num_layers=LV),
+        Entry(blk + "attn.proj.bias", vb + ("attn", "out_bias"), **_identity((E,)), num_layers=LV),
+        Entry(blk + "norm2.weight", vb + ("norm2", "weight"), **_identity((E,)), num_layers=LV),
+        Entry(blk + "norm2.bias", vb + ("norm2", "bias"), **_identity((E,)), num_layers=LV),
+        Entry(blk + "mlp.fc1.weight", vb + ("mlp", "fc1_kernel"), **_linear((E,), (M,)), num_layers=LV),
+        Entry(blk + "mlp.fc1.bias", vb + ("mlp", "fc1_bias"), **_identity((M,)), num_layers=LV),
+        Entry(blk + "mlp.fc2.weight", vb + ("mlp", "fc2_kernel"), **_linear((M,), (E,)), num_layers=LV),
+        Entry(blk + "mlp.fc2.bias", vb + ("mlp", "fc2_bias"), **_identity((E,)), num_layers=LV),
+        Entry("visual.merger.ln_q.weight", ("visual", "merger", "ln_q", "weight"), **_identity((E,))),
+        Entry("visual.merger.ln_q.bias", ("visual", "merger", "ln_q", "bias"), **_identity((E,))),
+        Entry("visual.merger.mlp.0.weight", ("visual", "merger", "fc1_kernel"), **_linear((W,), (W,))),
+        Entry("visual.merger.mlp.0.bias", ("visual", "merger", "fc1_bias"), **_identity((W,))),
+        Entry("visual.merger.mlp.2.weight", ("visual", "merger", "fc2_kernel"), **_linear((W,), (D,))),
+        Entry("visual.merger.mlp.2.bias", ("visual", "merger", "fc2_bias"), **_identity((D,))),
+        Entry("model.embed_tokens.weight", ("text", "embed_tokens"), **_identity((t.vocab_size, D))),
+        Entry(lyr + "input_layernorm.weight", tl + ("input_norm", "weight"), **_identity((D,)), num_layers=L),
+        Entry(lyr + "self_attn.q_proj.weight", tl + ("attn", "q_kernel"), **_linear((D,), (N, H)), num_layers=L),
+        Entry(lyr + "self_attn.q_proj.bias", tl + ("attn", "q_bias"), **_reshape((N, H), (N * H,)), num_layers=L),
+        Entry(lyr + "self_attn.k_proj.weight", tl + ("attn", "k_kernel"), **_linear((D,), (K, H)), num_layers=L),
+        Entry(lyr + "self_attn.k_proj.bias", tl + ("attn", "k_bias"), **_reshape((K, H), (K * H,)), num_layers=L),
+        Entry(lyr + "self_attn.v_proj.weight", tl + ("attn", "v_kernel"), **_linear((D,), (K, H)), num_layers=L),
+        Entry(lyr + "self_attn.v_proj.bias", tl + ("attn", "v_bias"), **_reshape((K, H), (K * H,)), num_layers=L),
+        Entry(lyr + "self_attn.o_proj.weight", tl + ("attn", "o_kernel"), **_linear((N, H), (D,)), num_layers=L),
+        Entry(lyr + "post_attention_layernorm.weight", tl + ("post_attention_norm", "weight"), **_identity((D,)),
+              num_layers=L),
+        Entry(lyr + "mlp.gate_proj.weight", tl + ("mlp", "gate_kernel"), **_linear((D,), (F,)), num_layers=L),
+        Entry(lyr + "mlp.up_proj.weight", tl + ("mlp", "up_kernel"), **_linear((D,), (F,)), num_layers=L),
+        Entry(lyr + "mlp.down_proj.weight", tl + ("mlp", "down_kernel"), **_linear((F,), (D,)), num_layers=L),
+        Entry("model.norm.weight", ("text", "norm", "weight"), **_identity((D,))),
+    ]
+    if not config.tie_word_embeddings:
+        entries.append(Entry("lm_head.weight", ("text", "lm_head"), **_linear((D,), (t.vocab_size,))))
+    return entries
+
+
+TIED_HEAD = "lm_head.weight"  # may appear in a tied checkpoint; must then equal the embeddings
