@@ -8,6 +8,8 @@ key/value heads of Qwen2-VL-2B on a 4-way tensor axis) rather than failing.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Iterable, Mapping, Sequence
 
@@ -36,13 +38,41 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("vit_mlp", "tensor"),
     ("vit_merge", "fsdp"),
     ("vit_merge_out", "tensor"),
-    # activations
+    # activations: batch split over data x fsdp (weights are gathered, FSDP-style), features whole
+    # except where tensor parallelism splits heads or the vocabulary.
     ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_vocab", "tensor"),
 )
 
 # Decoding is bandwidth-bound: keep weights whole on each fsdp group, split only over tensor.
 SAMPLING_RULES: tuple[tuple[str, MeshAxes], ...] = tuple(
     (name, None if axes == "fsdp" else axes) for name, axes in DEFAULT_RULES)
+
+
+_ACTIVE_RULES = contextvars.ContextVar("sharding_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_rules(rules: Sequence[tuple[str, MeshAxes]]):
+    """Rules that `constrain` resolves activation names with, inside this context (default: DEFAULT_RULES)."""
+    token = _ACTIVE_RULES.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's layout by logical names under the ambient mesh (`jax.set_mesh`); a no-op
+    without one, so single-device code is unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    spec = logical_to_spec(names, x.shape, mesh, _ACTIVE_RULES.get() or DEFAULT_RULES)
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:

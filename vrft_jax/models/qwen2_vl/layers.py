@@ -27,7 +27,7 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], conf
         value = jnp.ones(shape, config.param_dtype)
     else:
         value = jnp.zeros(shape, config.param_dtype)
-    return nnx.Param(value, sharding=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def precision(config: Qwen2VLConfig):

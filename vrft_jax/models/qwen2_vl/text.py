@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vrft_jax.models.qwen2_vl import rope
+from vrft_jax.sharding import constrain
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.layers import RMSNorm, attention, einsum, param, scan_layers, stacked
 
@@ -93,6 +94,7 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None, index=None):
+        x_btd = constrain(x_btd, ("batch", "length", "act_embed"))
         attn_out, kv = self.attn(self.input_norm(x_btd), cos_bth, sin_bth, mask_bts, kv, index)
         x_btd = x_btd + attn_out
         return x_btd + self.mlp(self.post_attention_norm(x_btd)), kv
@@ -148,5 +150,7 @@ class TextDecoder(nnx.Module):
     def logits(self, hidden_btd):
         """float[B, T, V] in the compute dtype."""
         if self.lm_head is None:
-            return einsum("BTD,VD->BTV", hidden_btd, self.embed_tokens, self.config)
-        return einsum("BTD,DV->BTV", hidden_btd, self.lm_head, self.config)
+            logits = einsum("BTD,VD->BTV", hidden_btd, self.embed_tokens, self.config)
+        else:
+            logits = einsum("BTD,DV->BTV", hidden_btd, self.lm_head, self.config)
+        return constrain(logits, ("batch", "length", "act_vocab"))

@@ -15,6 +15,7 @@ from flax import nnx
 from vrft_jax.models.qwen2_vl import rope
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.layers import LayerNorm, attention, einsum, param, scan_layers, stacked
+from vrft_jax.sharding import constrain
 
 
 def quick_gelu(x):
@@ -80,6 +81,7 @@ class VisionBlock(nnx.Module):
         self.mlp = VisionMLP(config, rngs=rngs)
 
     def __call__(self, x_bpe, cos_bph, sin_bph, mask_bpp):
+        x_bpe = constrain(x_bpe, ("batch", "length", "act_embed"))
         x_bpe = x_bpe + self.attn(self.norm1(x_bpe), cos_bph, sin_bph, mask_bpp)
         return x_bpe + self.mlp(self.norm2(x_bpe))
 
