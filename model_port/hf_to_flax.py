@@ -2,14 +2,16 @@
 
     python -m model_port.hf_to_flax --hf DIR --out DIR [--dtype bfloat16]
 
-Tensors stream one at a time: each parameter is assembled on the host (a per-layer HF tensor goes
-into its slot of the stacked parameter), placed on the devices (sharded by the rules when a mesh is
-given) and freed, so peak host memory is one stacked parameter, never the whole model.
+Tensors stream one at a time: each HF tensor is read from the memory-mapped file, reshaped, placed on
+the devices (sharded by the rules when a mesh is given, each process supplying only its own shards)
+and, for per-layer tensors, written into its slot of the stacked parameter on the devices. The host
+never holds more than one HF tensor and its reshaped copy.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 
 import jax
@@ -58,20 +60,47 @@ def load_hf(path: str, dtype=None, *, compute_dtype=None, mesh: jax.sharding.Mes
     for entry in entries:
         variable = flat[entry.path]
         target = variable.get_raw_value()
-        host = np.empty(target.shape, dtype)
-        for i, name in enumerate(entry.hf_names()):
-            ours = entry.to_ours(reader.read(name))
-            if entry.num_layers is None:
-                host[...] = ours
-            else:
-                host[i] = ours
         placement = (sharding.variable_sharding(variable, mesh, rules) if mesh is not None
                      else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        array = jax.device_put(host, placement)
-        array.block_until_ready()  # free the host copy before reading the next tensor
-        del host
+        if entry.num_layers is None:
+            array = _place(entry.to_ours(reader.read(entry.hf_name)).astype(dtype), placement)
+        else:
+            array = _stack_layers(reader, entry, target.shape, dtype, placement)
         flat[entry.path] = variable.replace(array)
     return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+
+
+def _place(host: np.ndarray, placement: jax.sharding.Sharding) -> jax.Array:
+    """Put a host array on the devices of `placement`; each process supplies only its own shards."""
+    array = jax.make_array_from_callback(host.shape, placement, lambda index: host[index])
+    array.block_until_ready()
+    return array
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked, layer, index):
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer, index, axis=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros(shape, dtype, placement):
+    """A compiled constructor of a zero array born sharded (never whole on one device)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=placement)
+
+
+def _stack_layers(reader, entry, shape, dtype, placement) -> jax.Array:
+    """Fill a stacked parameter on the devices one layer at a time: the host only ever holds one HF tensor."""
+    if isinstance(placement, jax.sharding.NamedSharding):
+        if placement.spec and placement.spec[0] is not None:
+            raise ValueError(f"{'/'.join(entry.path)}: the stacked layer axis must not be sharded to load it")
+        layer_placement = jax.sharding.NamedSharding(placement.mesh, jax.sharding.PartitionSpec(*placement.spec[1:]))
+    else:
+        layer_placement = placement
+    stacked = _zeros(tuple(shape), jnp.dtype(dtype), placement)()
+    for i, name in enumerate(entry.hf_names()):
+        layer = _place(entry.to_ours(reader.read(name)).astype(dtype), layer_placement)
+        stacked = _set_layer(stacked, layer, i)
+    return stacked
 
 
 def check_tensors(reader: SafetensorsReader, config: Qwen2VLConfig, entries) -> None:
