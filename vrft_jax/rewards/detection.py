@@ -218,12 +218,10 @@ def _match_and_sum(
             with np.errstate(all="ignore"):
                 term = np.where(matched > 0, c, 1.0 - c)
             term = np.where(real & (ok | paper), term, 0.0)
-            acc_iou, acc_conf = np.zeros(len(rows)), np.zeros(len(rows))
+            # cumsum adds left to right, like the original's loop (np.sum would add pairwise).
             with np.errstate(all="ignore"):  # inf - inf: paper mode's NaN, reported as 0
-                for k in range(width_p):
-                    acc_iou += matched[:, k]
-                    acc_conf += term[:, k]
-            iou_sum[rows], conf_sum[rows] = acc_iou, acc_conf
+                iou_sum[rows] = np.cumsum(matched, axis=1)[:, -1]
+                conf_sum[rows] = np.cumsum(term, axis=1)[:, -1]
             if paper:
                 # calculate_iou unpacks Position only for predictions that meet an unmatched gt box.
                 raised[rows] = (real & ~ok & gt_left).any(-1)
