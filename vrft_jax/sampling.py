@@ -1,54 +1,221 @@
-"""Decoding from the KV cache: jitted prefill and one-token decode steps.
+"""Group rollouts: encode and prefill each prompt once, then decode G samples of it from a shared cache.
 
-`greedy_generate` drives them from a plain host loop; it is the reference the group sampler is
-checked against.
+`rollout` is two compiled programs:
+  prefill: the vision tower and the prompt's KV cache, once per prompt ([B, ...] shapes: the cost
+           does not grow with G);
+  decode:  the cache repeated G times on device, then a `lax.while_loop` that samples B*G rows
+           until every row has hit an EOS id or `max_new_tokens`, with temperature, top-k, top-p or
+           greedy selection, updating the cache in place.
+Generated tokens continue M-RoPE from each prompt's rope delta exactly as HF `generate` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vrft_jax import sharding
 from vrft_jax.models.qwen2_vl.inputs import InputError, ModelInputs
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
 from vrft_jax.models.qwen2_vl.text import KVCache
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    max_new_tokens: int
+    group_size: int = 1
+    temperature: float = 1.0
+    top_k: int | None = None  # None or 0: no top-k filter
+    top_p: float = 1.0
+    greedy: bool = False
+    eos_token_ids: tuple[int, ...] = (151645, 151643)  # <|im_end|>, <|endoftext|>
+    pad_token_id: int = 151643
+    # Never sampled. None: the model's vision special tokens (<|vision_start|>, <|vision_end|>,
+    # <|image_pad|>, <|video_pad|>), as TRL does for VLMs.
+    suppressed_token_ids: tuple[int, ...] | None = None
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _prefill(graphdef, state, inputs: ModelInputs, cache: KVCache):
-    return nnx.merge(graphdef, state).prefill(inputs, cache)
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.group_size < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} and group_size={self.group_size} must be >= 1")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 (use greedy=True for argmax)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0")
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        if self.suppressed_token_ids is not None:
+            object.__setattr__(self, "suppressed_token_ids", tuple(self.suppressed_token_ids))
+
+    def resolve(self, model_config) -> SamplingConfig:
+        """This config with the model's vision tokens filled in, checked against its vocabulary."""
+        suppressed = self.suppressed_token_ids
+        if suppressed is None:
+            suppressed = (model_config.vision_start_token_id, model_config.vision_end_token_id,
+                          model_config.image_token_id, model_config.video_token_id)
+        vocab = model_config.text.vocab_size
+        for name, ids in (("eos_token_ids", self.eos_token_ids), ("suppressed_token_ids", suppressed),
+                          ("pad_token_id", (self.pad_token_id,))):
+            outside = [i for i in ids if not 0 <= i < vocab]
+            if outside:
+                raise ValueError(f"SamplingConfig.{name} has ids {outside} outside the vocabulary of {vocab}")
+        return dataclasses.replace(self, suppressed_token_ids=tuple(sorted(set(suppressed))))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def _decode(graphdef, state, tokens_b, positions_b3, cache: KVCache):
-    return nnx.merge(graphdef, state).decode(tokens_b, positions_b3, cache)
+@flax.struct.dataclass
+class Rollout:
+    """B*G completions, row b*G + g being sample g of prompt b.
+
+    tokens:   int32[B*G, L], `pad_token_id` after a row's EOS (the EOS itself is kept)
+    logprobs: float32[B*G, L], log softmax(logits / temperature) of each sampled token; 0 on padding
+    lengths:  int32[B*G], tokens up to and including the first EOS (L when none)
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+
+    @property
+    def mask(self) -> jax.Array:
+        """bool[B*G, L]: the real (non-padding) completion tokens."""
+        return jnp.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
 
 
-def greedy_generate(model: Qwen2VL, inputs: ModelInputs, max_new_tokens: int, *,
-                    eos_token_ids=None, pad_token_id: int = 0) -> np.ndarray:
-    """int32[B, <= max_new_tokens] greedy continuations of left-padded prompts, as HF
-    `generate(do_sample=False)`: after a row's EOS it emits `pad_token_id`; stops when every row is done."""
-    if not np.all(np.asarray(inputs.attention_mask)[:, -1]):
-        raise InputError("generation needs left-padded prompts: some rows end in padding")
-    eos = np.asarray(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids, np.int32)
+@flax.struct.dataclass
+class Prefilled:
+    """The prompts' state after prefill: one row per prompt (the decoder repeats it for the G samples)."""
+
+    logits: jax.Array  # float32[B, V] at each prompt's last token
+    cache: KVCache  # [L, B, S, K, H] with S = prompt bucket + max_new_tokens
+    next_positions: jax.Array  # int32[B]: M-RoPE position of the first generated token
+
+
+def rollout(model: Qwen2VL, inputs: ModelInputs, key: jax.Array, config: SamplingConfig) -> Rollout:
+    """Sample `config.group_size` completions of every left-padded prompt in `inputs`."""
+    check_left_padded(inputs)
+    config = config.resolve(model.config)
     graphdef, state = nnx.split(model)
+    prefilled = prefill(graphdef, state, inputs, config)
+    return decode(graphdef, state, prefilled, key, config)
+
+
+def reshard(model: Qwen2VL, mesh: jax.sharding.Mesh, rules=sharding.SAMPLING_RULES) -> Qwen2VL:
+    """The same weights in the sampler's layout (by default whole within each fsdp group, split over
+    tensor: decoding is bandwidth-bound and should not all-gather weights every token)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
+
+
+def check_left_padded(inputs: ModelInputs) -> None:
+    mask = np.asarray(inputs.attention_mask)
+    bad = np.flatnonzero(mask[:, -1] == 0)
+    if bad.size:
+        raise InputError(f"generation needs left-padded prompts: rows {bad.tolist()} end in padding")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def prefill(graphdef, state, inputs: ModelInputs, config: SamplingConfig) -> Prefilled:
+    """Encode the images and fill the KV cache once per prompt: nothing here depends on G."""
+    model = nnx.merge(graphdef, state)
     batch, length = inputs.input_ids.shape
-    cache = KVCache.zeros(model.config, batch, length + max_new_tokens)
-    logits, cache = _prefill(graphdef, state, inputs, cache)
-    # The n-th generated token of a row (0-based) continues M-RoPE at (prompt tokens + n + rope delta).
-    next_position = np.asarray(inputs.attention_mask).sum(axis=1) + np.asarray(inputs.rope_deltas)
-    done = np.zeros(batch, bool)
-    out = []
-    for step in range(max_new_tokens):
-        token = np.where(done, pad_token_id, np.asarray(jnp.argmax(logits, axis=-1))).astype(np.int32)
-        out.append(token)
-        done |= np.isin(token, eos)
-        if done.all() or step == max_new_tokens - 1:
-            break
-        positions = np.repeat((next_position + step)[:, None], 3, axis=1).astype(np.int32)
-        logits, cache = _decode(graphdef, state, token, positions, cache)
-    return np.stack(out, axis=1)
+    cache = KVCache.zeros(model.config, batch, length + config.max_new_tokens)
+    logits, cache = model.prefill(inputs, cache)
+    next_positions = jnp.sum(inputs.attention_mask, axis=1) + inputs.rope_deltas
+    return Prefilled(logits=logits.astype(jnp.float32), cache=cache, next_positions=next_positions.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def decode(graphdef, state, prefilled: Prefilled, key: jax.Array, config: SamplingConfig) -> Rollout:
+    """Repeat each prompt's state G times, then sample until every row is done (early exit) or
+    `max_new_tokens`. The repeated cache is the loop's carry, updated in place."""
+    model = nnx.merge(graphdef, state)
+    g = config.group_size
+    repeat = functools.partial(jnp.repeat, repeats=g, axis=0)
+    cache = prefilled.cache
+    cache = KVCache(k=jnp.repeat(cache.k, g, axis=1), v=jnp.repeat(cache.v, g, axis=1), valid=repeat(cache.valid),
+                    index=cache.index)
+    next_positions = repeat(prefilled.next_positions)
+    rows = next_positions.shape[0]
+    steps = config.max_new_tokens
+    eos = jnp.asarray(config.eos_token_ids, jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, _, done, _ = carry
+        return (step < steps) & ~jnp.all(done)
+
+    def body(carry):
+        step, logits, cache, tokens, logprobs, done, lengths = carry
+        token, logprob = sample_token(logits, jax.random.fold_in(key, step), config)
+        token = jnp.where(done, config.pad_token_id, token)
+        tokens = tokens.at[:, step].set(token)
+        logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(token, eos)
+        positions = jnp.broadcast_to((next_positions + step)[:, None], (rows, 3))
+        logits, cache = model.decode(token, positions, cache)
+        return step + 1, logits.astype(jnp.float32), cache, tokens, logprobs, done, lengths
+
+    carry = (jnp.int32(0), repeat(prefilled.logits), cache,
+             jnp.full((rows, steps), config.pad_token_id, jnp.int32), jnp.zeros((rows, steps), jnp.float32),
+             jnp.zeros((rows,), bool), jnp.zeros((rows,), jnp.int32))
+    _, _, _, tokens, logprobs, _, lengths = jax.lax.while_loop(cond, body, carry)
+    return Rollout(tokens=tokens, logprobs=logprobs, lengths=lengths)
+
+
+def sample_token(logits_bv, key, config: SamplingConfig):
+    """(int32[B] tokens, float32[B] their log-probability under softmax(logits / temperature)).
+
+    Filters apply in HF's order: suppressed tokens, temperature, top-k, then top-p (over the
+    renormalised top-k set). The returned log-probability is over the full vocabulary: what the
+    trainer recomputes from the policy's logits.
+    """
+    temperature = 1.0 if config.greedy else config.temperature
+    scaled = logits_bv.astype(jnp.float32) / temperature
+    full_logprobs_norm = jax.nn.logsumexp(scaled, axis=-1)
+    if config.suppressed_token_ids:
+        scaled = scaled.at[:, jnp.asarray(config.suppressed_token_ids)].set(-jnp.inf)
+    if config.greedy:
+        token = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
+    elif config.top_k:
+        values, indices = jax.lax.top_k(scaled, config.top_k)  # sorted, descending
+        values = _top_p_filter_sorted(values, config.top_p)
+        choice = jax.random.categorical(key, values, axis=-1)
+        token = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    elif config.top_p < 1.0:
+        order = jnp.argsort(-scaled, axis=-1)
+        values = _top_p_filter_sorted(jnp.take_along_axis(scaled, order, axis=-1), config.top_p)
+        choice = jax.random.categorical(key, values, axis=-1)
+        token = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    else:
+        token = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    chosen = jnp.take_along_axis(logits_bv.astype(jnp.float32) / temperature, token[:, None], axis=-1)[:, 0]
+    return token, chosen - full_logprobs_norm
+
+
+def _top_p_filter_sorted(values_desc, top_p: float):
+    """Mask (to -inf) the tail of descending logits outside the nucleus: a token is kept when the
+    probability of the tokens strictly more likely than it is below `top_p` (HF's rule); the most
+    likely token is always kept."""
+    if top_p >= 1.0:
+        return values_desc
+    probs = jax.nn.softmax(values_desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (before < top_p) | (jnp.arange(values_desc.shape[-1]) == 0)
+    return jnp.where(keep, values_desc, -jnp.inf)
+
+
+def greedy_generate(model: Qwen2VL, inputs: ModelInputs, max_new_tokens: int, *, eos_token_ids=None,
+                    pad_token_id: int = 0, suppressed_token_ids=()) -> np.ndarray:
+    """int32[B, <= max_new_tokens] greedy continuations as HF `generate(do_sample=False)` returns them:
+    `pad_token_id` after a row's EOS, trimmed where every row is done."""
+    config = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, pad_token_id=pad_token_id,
+                            eos_token_ids=model.config.eos_token_ids if eos_token_ids is None else eos_token_ids,
+                            suppressed_token_ids=suppressed_token_ids)
+    out = rollout(model, inputs, jax.random.key(0), config)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    return tokens[:, :int(lengths.max())]
