@@ -44,6 +44,13 @@ BOTH_MODES = [
         GT,
         (0.6 / 2, (0.8 + 0.7) / 2),
     ),
+    # Equal confidences keep the answer's order (a stable sort): the first box takes the gt.
+    (
+        "ties keep answer order",
+        completion(box(0, 0, 100, 60, 0.5), box(0, 0, 100, 90, 0.5)),
+        GT,
+        (0.6 / 2, 0.5),
+    ),
     # One gt box per prediction: the second prediction finds none left.
     ("one-to-one", completion(box(0, 0, 100, 100, 0.9), box(0, 0, 100, 99, 0.8)), GT, (1 / 2, (0.9 + 0.2) / 2)),
     ("duplicates removed", completion(box(0, 0, 100, 100, 0.9), box(0, 0, 100, 100, 0.5)), GT, (1.0, 0.9)),

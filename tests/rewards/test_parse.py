@@ -88,21 +88,21 @@ def test_strict_predictions_read_both_quotings_and_truncated_lists(answer):
     assert _boxes(parse.strict_predictions(answer, max_boxes=10)) == ([[1, 2, 30, 40]], [0.9])
 
 
-def test_strict_predictions_sort_by_confidence_stably_and_drop_duplicates():
+def test_strict_predictions_keep_answer_order_and_drop_duplicates():
     answer = (
         "[{'Position': [0, 0, 1, 1], 'Confidence': 0.2}, {'Position': [0, 0, 2, 2], 'Confidence': 0.8},"
         " {'Position': [0, 0, 3, 3], 'Confidence': 0.2}, {'Position': [0.0, 0, 2, 2], 'Confidence': 0.99}]"
     )
     boxes, conf = _boxes(parse.strict_predictions(answer, max_boxes=10))
-    assert boxes == [[0, 0, 2, 2], [0, 0, 1, 1], [0, 0, 3, 3]]
-    assert conf == [0.8, 0.2, 0.2]
+    assert boxes == [[0, 0, 1, 1], [0, 0, 2, 2], [0, 0, 3, 3]]
+    assert conf == [0.2, 0.8, 0.2]
 
 
 def test_strict_predictions_count_unreadable_objects_as_nan_boxes():
     answer = "[{'Position': [1, 2, 3], 'Confidence': 0.5}, {'Position': [1, 2, 3, 4], 'Confidence': NaN}, {'Position': [1, 2, 3, 4], 'Confidence': 0.5}]"
     boxes, conf = _boxes(parse.strict_predictions(answer, max_boxes=10))
-    assert boxes[0] == [1, 2, 3, 4] and conf[0] == 0.5
-    assert all(math.isnan(v) for v in boxes[1] + boxes[2] + conf[1:])
+    assert boxes[2] == [1, 2, 3, 4] and conf[2] == 0.5
+    assert all(math.isnan(v) for v in boxes[0] + boxes[1] + conf[:2])
 
 
 @pytest.mark.parametrize("answer", ["No Objects", " no objects. ", "'No Objects'", "[]", "[ ]"])

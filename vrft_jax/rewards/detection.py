@@ -140,16 +140,21 @@ def score_detection(
         pred_readable.extend(found.readable)
         pred_count[i] = len(found.conf)
 
-    box = np.array(pred_xyxy, dtype=np.float64).reshape(-1, 4)
-    conf = np.array(pred_conf, dtype=np.float64)
+    box = parse.as_float64(pred_xyxy).reshape(-1, 4)
+    conf = parse.as_float64(pred_conf)
     if paper:
         may_match = np.array(pred_readable, dtype=bool)
     else:
+        # Matching order: by confidence, highest first, stably, each example's boxes together;
+        # unreadable (NaN) boxes last. Paper mode's reader sorted with Python's sort already.
+        owner = np.repeat(np.arange(n), pred_count)
+        order = np.argsort(np.where(np.isnan(conf), np.inf, -conf), kind="stable")
+        order = order[np.argsort(owner[order], kind="stable")]
+        box, conf = box[order], conf[order]
         if hw is None:
             width, height = frame_extent(frame)
         else:
             extent = np.array([frame_extent(frame, size) for size in hw]).reshape(n, 2)
-            owner = np.repeat(np.arange(n), pred_count)
             width, height = extent[owner, 0], extent[owner, 1]
         x1, y1, x2, y2 = box.T
         # Comparisons with NaN are False, so these also reject non-finite values.

@@ -21,8 +21,8 @@ import numpy as np
 
 ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
-_NUMBER_TYPES = (int, float, bool)  # What Python arithmetic accepts, as the original does.
-_NAN_ROW = (math.nan,) * 5
+_NUMBER_TYPES = frozenset((int, float, bool))  # What the original's arithmetic accepts.
+_NAN_BOX = (math.nan,) * 4
 
 
 # --- Answer tags -----------------------------------------------------------------------------
@@ -83,22 +83,31 @@ def strict_answer(text: str, *, allow_unclosed: bool) -> str | None:
 
 
 class Predictions(NamedTuple):
-    """Predicted boxes of one completion, in matching order (confidence, highest first).
+    """Predicted boxes of one completion.
 
-    xyxy: flat float list, 4 per box. conf: one float per box. readable: per box, whether its
-    Position is four numbers (paper mode: a box that is not raises in the original's IoU step).
+    xyxy: flat list of numbers, 4 per box (NaN for a box that is not four numbers). conf: one
+    number per box. readable: per box, whether its Position is four numbers (paper mode: a box
+    that is not raises in the original's IoU step). Numbers are Python ints, floats or bools;
+    `as_float64` converts a batch of them at once.
     """
 
-    xyxy: list[float]
-    conf: list[float]
+    xyxy: list
+    conf: list
     readable: list[bool]
 
 
 NO_PREDICTIONS = Predictions([], [], [])
 
 
+def as_float64(values: list) -> np.ndarray:
+    """float64[len(values)] of Python numbers; integers beyond float64 become +-inf."""
+    try:
+        return np.array(values, dtype=np.float64)
+    except OverflowError:  # Python would keep such an integer exact; float64 cannot.
+        return np.array([_as_float(v) for v in values], dtype=np.float64)
+
+
 def _as_float(value: int | float | bool) -> float:
-    """float(value); integers beyond float64 become +-inf (Python would keep them exact)."""
     try:
         return float(value)
     except OverflowError:
@@ -153,26 +162,24 @@ def paper_predictions(content: str) -> Predictions | None:
     except (KeyError, TypeError):
         return None
     raw_conf = [entry.get("Confidence") for entry in kept]
-    if any(type(c) not in _NUMBER_TYPES for c in raw_conf):
+    if not all(map(_NUMBER_TYPES.__contains__, map(type, raw_conf))):
         return None
     order = sorted(range(len(kept)), key=raw_conf.__getitem__, reverse=True)
-    xyxy: list[float] = []
-    conf: list[float] = []
+    xyxy: list = []
     readable: list[bool] = []
     for i in order:
         position = kept[i]["Position"]
-        ok = (
+        if (
             type(position) is list
             and len(position) == 4
-            and all(type(v) in _NUMBER_TYPES for v in position)
-        )
-        if ok:
-            xyxy.extend(_as_float(v) for v in position)
+            and all(map(_NUMBER_TYPES.__contains__, map(type, position)))
+        ):
+            xyxy.extend(position)
+            readable.append(True)
         else:
-            xyxy.extend(_NAN_ROW[:4])
-        conf.append(_as_float(raw_conf[i]))
-        readable.append(ok)
-    return Predictions(xyxy, conf, readable)
+            xyxy.extend(_NAN_BOX)
+            readable.append(False)
+    return Predictions(xyxy, [raw_conf[i] for i in order], readable)
 
 
 # A number as a model writes one: bounded length, so a megabyte of digits cannot reach float().
@@ -189,19 +196,15 @@ _OBJECT = re.compile(
 _NO_OBJECTS = re.compile(r"""\s*(?:\[\s*\]|['"]?no\s+objects?['"]?\.?)\s*""", re.IGNORECASE)
 
 
-def _strict_sort_key(row: tuple[float, ...]) -> float:
-    return row[4] if row[4] == row[4] else -math.inf  # NaN (an unreadable object) goes last.
-
-
 def strict_predictions(answer: str, max_boxes: int) -> Predictions | None:
-    """Boxes of a detection answer read strictly, or None for an answer that is not one.
+    """Boxes of a detection answer read strictly, in answer order, or None for a non-answer.
 
     Every complete `{...}` object in the answer is one prediction; `{'Position': [x1, y1, x2, y2],
     'Confidence': c}` in JSON or Python quoting (keys in either order) is read, any other object
     is an all-NaN (invalid) box. An unclosed last object is dropped, so a truncated list keeps
     its complete boxes. `No Objects` or `[]` is an abstention (no boxes). More than `max_boxes`
     objects, or no object and no abstention, is None. Exact duplicate positions are dropped
-    (first kept); boxes are sorted by confidence, highest first, stably.
+    (first kept).
     """
     if answer.count("}") <= max_boxes:  # Each object ends with its own `}`.
         found = _OBJECT.findall(answer)
@@ -211,24 +214,24 @@ def strict_predictions(answer: str, max_boxes: int) -> Predictions | None:
         return NO_PREDICTIONS if _NO_OBJECTS.fullmatch(answer) else None
     if len(found) > max_boxes:
         return None
-    rows: list[tuple[float, ...]] = []
+    xyxy: list[float] = []
+    conf: list[float] = []
     seen: set[tuple[float, ...]] = set()
     for groups in found:
         if groups[0]:
-            x1, y1, x2, y2, c = groups[0:5]
+            position, c = groups[0:4], groups[4]
         elif groups[5]:
-            c, x1, y1, x2, y2 = groups[5:10]
+            position, c = groups[6:10], groups[5]
         else:
-            rows.append(_NAN_ROW)
+            xyxy.extend(_NAN_BOX)
+            conf.append(math.nan)
             continue
-        position = (float(x1), float(y1), float(x2), float(y2))
+        position = tuple(map(float, position))
         if position not in seen:
             seen.add(position)
-            rows.append((*position, float(c)))
-    rows.sort(key=_strict_sort_key, reverse=True)
-    return Predictions(
-        [v for row in rows for v in row[:4]], [row[4] for row in rows], [True] * len(rows)
-    )
+            xyxy.extend(position)
+            conf.append(float(c))
+    return Predictions(xyxy, conf, [True] * len(conf))
 
 
 def detection_solution(text: str) -> tuple[np.ndarray, bool]:
