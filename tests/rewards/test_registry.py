@@ -100,6 +100,19 @@ def test_combine_sums_weighted_rewards_and_keeps_each_term():
     assert (recipe.low, recipe.high) == (0.0, 3.5)
 
 
+def test_combine_reads_detection_boxes_once(monkeypatch):
+    from vrft_jax.rewards import detection
+
+    calls = []
+    real = detection.score_detection
+    monkeypatch.setattr(detection, "score_detection", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = combine("detection")([DETECTION], [GT])
+    assert len(calls) == 1 and out.total.tolist() == [np.float32(1.0 + 0.9 + 1.0)]
+    # Different options are different passes.
+    combine([("detection_iou", 1.0), RewardSpec("detection_confidence", 1.0, {"max_boxes": 5})])([DETECTION], [GT])
+    assert len(calls) == 3
+
+
 def test_combine_passes_options_and_mode():
     recipe = combine([RewardSpec("detection_iou", 1.0, {"iou_threshold": 0.995})])
     assert recipe([DETECTION.replace("100]", "99]")], [GT]).total.tolist() == [0.0]

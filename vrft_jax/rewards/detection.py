@@ -1,8 +1,9 @@
 """Detection rewards: IoU and confidence of predicted boxes (Visual-RFT `grpo.py`; visual-rft.md §5.1).
 
-Both rewards share one reading and one matching of the boxes (`score_detection`):
-predictions, sorted by confidence (highest first), are matched greedily one-to-one to the
-ground-truth boxes; a pair counts when its IoU is strictly above 0.5.
+Both rewards come from one reading and one matching of the boxes (`score_detection`), done
+once per batch when `combine` sums them. Predictions, sorted by confidence (highest first),
+are matched greedily one-to-one to the ground-truth boxes; a pair counts when its IoU is
+strictly above 0.5.
 
     detection_iou         = min(1, sum of matched IoUs / max(#gt, #pred))             in [0, 1]
     detection_confidence  = clip(mean over predictions of (c if matched else 1 - c), 0, 1)   in [0, 1]
@@ -50,7 +51,7 @@ import numpy as np
 from vrft_jax.rewards import parse
 from vrft_jax.rewards.boxes import greedy_match, pad_ragged, pairwise_iou
 from vrft_jax.rewards.frames import Frame, convert_boxes, frame_extent, frame_of, image_hw_of
-from vrft_jax.rewards.registry import Reward, register, strict_only
+from vrft_jax.rewards.registry import Reward, SharedPass, register, strict_only
 
 PAPER_IOU_THRESHOLD = 0.5
 DEFAULT_MAX_BOXES = 100
@@ -252,10 +253,10 @@ def _detection_reward(
     if cap < 1:
         raise ValueError(f"{name}: max_boxes must be at least 1, got {max_boxes!r}")
 
-    def score(
+    def score_both(
         completions: list[str], solutions: list[str], columns: Mapping[str, Sequence[Any]]
-    ) -> np.ndarray:
-        scores = score_detection(
+    ) -> DetectionScores:
+        return score_detection(
             completions,
             solutions,
             mode=mode,
@@ -265,9 +266,9 @@ def _detection_reward(
             max_boxes=cap,
             image_hw=columns.get("image_hw"),
         )
-        return getattr(scores, field)
 
-    return Reward(name, mode, 0.0, 1.0, ("image_hw",), score)
+    key = ("detection", mode, frame_value, solution_value, threshold, cap)
+    return Reward(name, mode, 0.0, 1.0, ("image_hw",), SharedPass(key, score_both, field))
 
 
 @register("detection_iou")

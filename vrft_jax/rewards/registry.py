@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -19,6 +19,20 @@ MODES: tuple[str, ...] = ("paper", "strict")
 
 # (completions, solutions, columns) -> float64[N]; columns holds only the names the reward reads.
 ScoreFn = Callable[[list[str], list[str], Mapping[str, Sequence[Any]]], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedPass:
+    """One pass over a batch that scores several rewards (IoU and confidence read the same boxes).
+
+    Rewards with equal `key` (same pass, same options) are computed once per batch by a
+    `WeightedReward`; `compute(completions, solutions, columns)` returns an object with one
+    float64[N] attribute per reward, and `field` names this reward's.
+    """
+
+    key: Hashable
+    compute: Callable[[list[str], list[str], Mapping[str, Sequence[Any]]], Any]
+    field: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +52,21 @@ class Reward:
     low: float
     high: float
     columns: tuple[str, ...]
-    score: ScoreFn = dataclasses.field(repr=False)
+    score: ScoreFn | SharedPass = dataclasses.field(repr=False)
 
     def __call__(
         self, completions: Sequence[str], solutions: Sequence[str], **columns: Any
     ) -> np.ndarray:
+        return self.score_batch(completions, solutions, columns, shared={})
+
+    def score_batch(
+        self,
+        completions: Sequence[str],
+        solutions: Sequence[str],
+        columns: Mapping[str, Any],
+        shared: dict[Hashable, Any],
+    ) -> np.ndarray:
+        """`self(completions, solutions, **columns)`, reusing and filling `shared` passes."""
         completions, solutions = list(completions), list(solutions)
         n = len(completions)
         if len(solutions) != n:
@@ -59,7 +83,13 @@ class Reward:
             if len(value) != n:
                 raise ValueError(f"{self.name}: column {column} has {len(value)} rows, expected {n}")
             used[column] = value
-        scores = np.asarray(self.score(completions, solutions, used), dtype=np.float64)
+        if isinstance(self.score, SharedPass):
+            if self.score.key not in shared:
+                shared[self.score.key] = self.score.compute(completions, solutions, used)
+            scores = getattr(shared[self.score.key], self.score.field)
+        else:
+            scores = self.score(completions, solutions, used)
+        scores = np.asarray(scores, dtype=np.float64)
         if scores.shape != (n,):
             raise AssertionError(f"{self.name} scored shape {scores.shape}, expected ({n},)")
         scores = scores.astype(np.float32)

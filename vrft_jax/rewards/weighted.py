@@ -53,8 +53,9 @@ class WeightedReward:
         completions, solutions = list(completions), list(solutions)
         total = np.zeros(len(completions), dtype=np.float64)
         per_reward = {}
+        shared: dict = {}  # Rewards that read the same structures (detection) read them once.
         for reward, weight in self.terms:
-            values = reward(completions, solutions, **columns)
+            values = reward.score_batch(completions, solutions, columns, shared)
             per_reward[reward.name] = values
             total += weight * values.astype(np.float64)
         return RewardBreakdown(total.astype(np.float32), per_reward)
