@@ -53,22 +53,26 @@ class Attention(nnx.Module):
         self.v_bias = param(rngs, (t.num_kv_heads, t.head_dim), ("kv_heads", "head_dim"), config)
         self.o_kernel = param(rngs, (t.num_heads, t.head_dim, t.hidden_size), ("heads", "head_dim", "embed"), config)
 
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None, index=None):
-        """Self-attention; with `kv = (k_bskh, v_bskh)` the new keys/values are written at slot `index`
-        and the queries attend over the whole cache. Returns (out_btd, (k, v)) where (k, v) is the
-        updated cache, or this call's keys/values when there is no cache."""
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, cache=None):
+        """Self-attention. With `cache = (k_all, v_all, layer, index)` (the stacked caches of every
+        layer) the new keys/values are written in place at [layer, :, index] and the queries attend
+        over this layer's whole cache. Returns (out_btd, (k_all, v_all) or None)."""
         dtype = self.config.dtype
         q = einsum("BTD,DNH->BTNH", x_btd, self.q_kernel, self.config) + self.q_bias[...].astype(dtype)
         k = einsum("BTD,DKH->BTKH", x_btd, self.k_kernel, self.config) + self.k_bias[...].astype(dtype)
         v = einsum("BTD,DKH->BTKH", x_btd, self.v_kernel, self.config) + self.v_bias[...].astype(dtype)
         q = rope.apply_rope(q, cos_bth, sin_bth)
         k = rope.apply_rope(k, cos_bth, sin_bth)
-        if kv is not None:
-            k_cache, v_cache = kv
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+        if cache is not None:
+            k_all, v_all, layer, index = cache
+            start = (layer, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False)
+            cache = (k_all, v_all)
         out = attention(q, k.astype(dtype), v.astype(dtype), mask_bts, self.config)
-        return einsum("BTNH,NHD->BTD", out, self.o_kernel, self.config), (k, v)
+        return einsum("BTNH,NHD->BTD", out, self.o_kernel, self.config), cache
 
 
 class MLP(nnx.Module):
@@ -93,11 +97,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(t.hidden_size, t.rms_norm_eps, config, rngs=rngs, axis="embed")
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None, index=None):
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, cache=None):
         x_btd = constrain(x_btd, ("batch", "length", "act_embed"))
-        attn_out, kv = self.attn(self.input_norm(x_btd), cos_bth, sin_bth, mask_bts, kv, index)
+        attn_out, cache = self.attn(self.input_norm(x_btd), cos_bth, sin_bth, mask_bts, cache)
         x_btd = x_btd + attn_out
-        return x_btd + self.mlp(self.post_attention_norm(x_btd)), kv
+        return x_btd + self.mlp(self.post_attention_norm(x_btd)), cache
 
 
 class TextDecoder(nnx.Module):
@@ -140,10 +144,14 @@ class TextDecoder(nnx.Module):
 
             x_btd, _ = scan_layers(self.layers, x_btd, None, body, self.config)
         else:
-            def body(layer, x, kv):
-                return layer(x, cos, sin, mask, kv, cache.index)
+            # The stacked caches ride in the carry and are updated in place, layer by layer.
+            def body(layer, carry, i):
+                x, k_all, v_all = carry
+                x, (k_all, v_all) = layer(x, cos, sin, mask, (k_all, v_all, i, cache.index))
+                return (x, k_all, v_all), None
 
-            x_btd, (k, v) = scan_layers(self.layers, x_btd, (cache.k, cache.v), body, self.config)
+            (x_btd, k, v), _ = scan_layers(self.layers, (x_btd, cache.k, cache.v),
+                                           jnp.arange(self.config.text.num_layers), body, self.config)
             cache = KVCache(k=k, v=v, valid=keys_valid, index=cache.index + length)
         return self.norm(x_btd), cache
 
