@@ -1,0 +1,172 @@
+"""Qwen2-VL image preprocessing on the host: decode, `smart_resize`, normalise, cut into patches.
+
+The result is bit-identical to transformers' `Qwen2VLImageProcessorPil` (tests/data/test_image.py
+compares them on many sizes): the same RGB conversion (transparency composited onto white), the same
+PIL bicubic resize, and the same float arithmetic, because normalisation is a per-channel function
+of the uint8 pixel value and is read from a 256-entry table computed exactly as HF computes it
+(`float32(float64(v) / 255)`, then `(x - mean) / std` in float32). Looking up the table instead of
+doing the arithmetic on every pixel makes this about 2x faster than HF, which matters for a pipeline
+that has to keep up with a TPU from a few host cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image
+
+# CLIP's statistics, as Qwen2-VL's preprocessor_config.json gives them (transformers' OPENAI_CLIP_MEAN/STD).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT_RATIO = 200  # smart_resize refuses longer/shorter side ratios above this
+
+
+class ImageError(ValueError):
+    """An image that cannot be decoded or resized."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageGeometry:
+    """How Qwen2-VL cuts an image: `patch_size` pixels per patch side, `merge_size`^2 patches per token."""
+
+    min_pixels: int
+    max_pixels: int
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+
+    def __post_init__(self):
+        if self.in_channels != 3:
+            raise ValueError(f"images are RGB; a vision tower with in_channels={self.in_channels} is not supported")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels} and {self.max_pixels}")
+
+    @classmethod
+    def from_vision(cls, vision, *, min_pixels: int, max_pixels: int) -> ImageGeometry:
+        """From a model's `VisionConfig` (patch, merge and temporal sizes)."""
+        return cls(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=vision.patch_size,
+                   merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size,
+                   in_channels=vision.in_channels)
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_tokens(self) -> int:
+        return self.merge_size**2
+
+    @property
+    def max_patches(self) -> int:
+        """The patch bucket that holds any image: max_pixels / patch^2, rounded up to whole tokens."""
+        patches = math.ceil(self.max_pixels / self.patch_size**2)
+        return math.ceil(patches / self.merge_tokens) * self.merge_tokens
+
+    def resized_hw(self, height: int, width: int) -> tuple[int, int]:
+        """Qwen2-VL's `smart_resize`: sides multiples of `factor`, area within [min_pixels, max_pixels],
+        aspect ratio kept as well as possible. Python's `round` (half to even), as in HF."""
+        if min(height, width) <= 0:
+            raise ImageError(f"image of size {height}x{width} is empty")
+        if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+            raise ImageError(f"aspect ratio of {height}x{width} exceeds {MAX_ASPECT_RATIO}")
+        f = self.factor
+        h, w = round(height / f) * f, round(width / f) * f
+        if h * w > self.max_pixels:
+            beta = math.sqrt(height * width / self.max_pixels)
+            h = max(f, math.floor(height / beta / f) * f)
+            w = max(f, math.floor(width / beta / f) * f)
+        elif h * w < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            h = math.ceil(height * beta / f) * f
+            w = math.ceil(width * beta / f) * f
+        return h, w
+
+    def grid_thw(self, height: int, width: int) -> tuple[int, int, int]:
+        """(t, h, w) patch grid of an image of this size, as HF's `image_grid_thw`."""
+        h, w = self.resized_hw(height, width)
+        return 1, h // self.patch_size, w // self.patch_size
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Read the header of an encoded image (cheap: pixels are decoded later by `to_rgb`)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises many types for bad bytes
+        raise ImageError(f"cannot read image ({type(e).__name__}: {e})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Decode the pixels and convert to RGB as HF's `convert_to_rgb`: transparency goes onto white."""
+    try:
+        image.load()
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except Exception as e:
+        raise ImageError(f"cannot decode image ({type(e).__name__}: {e})") from None
+
+
+class PatchEncoder:
+    """RGB image -> Qwen2-VL patches, in HF's layout.
+
+    The output rows are patches in merge-block order (`merge x merge` neighbours consecutive, as the
+    merger expects); each row is laid out (channel, time, row, column), the single frame repeated
+    `temporal_patch_size` times.
+    """
+
+    def __init__(self, geometry: ImageGeometry, dtype=np.float32):
+        self.geometry = geometry
+        self.dtype = np.dtype(dtype)
+        values = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)  # HF's rescale
+        mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
+        self._table = ((values[None, :] - mean[:, None]) / std[:, None]).astype(self.dtype)  # [C, 256]
+
+    def __call__(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Returns (patches `dtype[t*h*w, C*T*p*p]`, grid (t, h, w)) of a decoded RGB image."""
+        g = self.geometry
+        height, width = self.geometry.resized_hw(image.height, image.width)
+        if (width, height) != image.size:
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+        pixels = np.asarray(image)  # uint8[H, W, C]
+        p, m, c, t = g.patch_size, g.merge_size, g.in_channels, g.temporal_patch_size
+        gh, gw = height // p, width // p
+        n = gh * gw
+        # (gh/m, m, p, gw/m, m, p, C) -> (gh/m, gw/m, m, m, C, p, p): HF's patch order, still uint8.
+        blocks = pixels.reshape(gh // m, m, p, gw // m, m, p, c).transpose(0, 3, 1, 4, 6, 2, 5)
+        blocks = np.ascontiguousarray(blocks).reshape(n, c, p * p)
+        out = np.empty((n, c, t, p * p), self.dtype)
+        for channel in range(c):
+            values = np.take(self._table[channel], blocks[:, channel], mode="clip")
+            out[:, channel] = values[:, None, :]
+        return out.reshape(n, g.patch_dim), (1, gh, gw)
+
+
+def load_encoded(image) -> bytes:
+    """The encoded bytes of `image` (bytes, or a path to read), after checking that its header reads.
+
+    Conversion stores these bytes as they are; full decoding (and catching truncated pixel data) is the
+    pipeline's job."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    else:
+        with open(image, "rb") as f:  # FileNotFoundError names the path
+            data = f.read()
+    if not data:
+        raise ImageError("image is empty")
+    header = open_image(data)
+    if min(header.size) <= 0:
+        raise ImageError(f"image has size {header.size}")
+    return data
