@@ -1,0 +1,81 @@
+"""LISA reasoning segmentation -> Visual-RFT grounding records (reference/visual-rft.md §3.4).
+
+As Visual-RFT's lisa_evaluation/gen_box_ann.py + gen_sft.py: the box of the first polygon only (its
+min/max x and y in pixels), one record per instruction, the box written as
+`<answer> (x1,y1),(x2,y2) </answer>` with `int(x / W * 1000)` (truncation, as gen_sft.py does).
+Inputs: LISA's own `train/` folder (one `<name>.json` with `text` and `shapes` next to `<name>.jpg`),
+or gen_box_ann.py's `lisa_train.json` (`[{image_path, instruction: [...], boxes: [[x1, y1, x2, y2]]}]`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from vrft_jax.data import image as image_lib
+from vrft_jax.data import prompts
+from vrft_jax.data import records as rec
+
+
+def lisa_folder_items(folder: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, {image_path, instruction, boxes}) for each annotation JSON of a LISA folder."""
+    for file in sorted(os.listdir(folder)):
+        if not file.endswith(".json"):
+            continue
+        path = os.path.join(folder, file)
+        where = f"{path}"
+        try:
+            with open(path, encoding="utf-8") as f:
+                item = json.load(f)
+            shapes = item.get("shapes") or []
+            points = shapes[0]["points"] if shapes else []
+            xs, ys = [float(p[0]) for p in points], [float(p[1]) for p in points]
+            boxes = [[min(xs), min(ys), max(xs), max(ys)]] if points else []
+            instructions = item.get("text")
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            yield where, {"error": f"unreadable annotation ({type(e).__name__}: {e})"}
+            continue
+        yield where, {"image_path": path[:-len(".json")] + ".jpg", "instruction": instructions, "boxes": boxes}
+
+
+def lisa_json_items(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8") as f:
+        items = json.load(f)
+    for k, item in enumerate(items):
+        yield f"entry {k} of {path}", item
+
+
+def grounding_candidates(items, *, image_root: str | None = None) -> Iterator[rec.Candidate]:
+    """One candidate per instruction of each item; the image header gives W and H for the 0..1000 box."""
+    for where, item in items:
+        if "error" in item:
+            yield rec.Candidate(where, {}, (rec.MISSING_FIELD, item["error"]))
+            continue
+        image_path = item.get("image_path") or ""
+        if image_root and image_path and not os.path.isabs(image_path):
+            image_path = os.path.join(image_root, image_path)
+        instructions = item.get("instruction")
+        if isinstance(instructions, str):
+            instructions = [instructions]
+        boxes: Sequence = item.get("boxes") or []
+        stem = os.path.splitext(os.path.basename(image_path))[0] or where
+        if not image_path or not instructions or not boxes:
+            yield rec.Candidate(where, {}, (rec.MISSING_FIELD, "needs image_path, instruction(s) and a box"))
+            continue
+        try:
+            width, height = image_lib.open_image(image_lib.load_encoded(image_path)).size
+        except (OSError, ValueError) as e:
+            yield rec.Candidate(where, {}, (rec.BAD_IMAGE, str(e)))
+            continue
+        try:
+            box = prompts.box_to_rel1000_truncated(boxes[0], width, height)
+            solution = prompts.grounding_solution(box)
+        except (TypeError, ValueError) as e:
+            yield rec.Candidate(where, {}, (rec.BAD_SOLUTION, f"box {boxes[0]!r}: {e}"))
+            continue
+        for k, instruction in enumerate(instructions):
+            fields = {"id": f"lisa:{stem}:{k}", "image": image_path, "problem": prompts.grounding_problem(str(instruction)),
+                      "solution": solution, "task": "grounding", "label": ""}
+            yield rec.Candidate(f"instruction {k} of {where}", fields)

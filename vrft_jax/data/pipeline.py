@@ -1,0 +1,296 @@
+"""The input pipeline: prepared records -> static-shape batches as global arrays on the mesh, resumable.
+
+  records (TFDS ArrayRecord) -> grain.MapDataset -> shuffle(seed), reseeded each epoch -> repeat
+  -> shard by process -> encode (chat template, image patches, image-token expansion, M-RoPE ids)
+  -> static-shape batches (bad records counted) -> worker processes -> global jax.Arrays
+
+Usage:
+    it = make_iterator(DataConfig(path=..., batch_size=8), model_config, mesh=mesh)
+    batch = next(it)                  # Batch(inputs=ModelInputs, meta={...}, skipped={...})
+    state = it.get_state()            # JSON-able; save it with the checkpoint
+    it.set_state(state)               # later, in a fresh process: the same next batches
+
+The stream is a pure function of the dataset, `DataConfig` (minus pure throughput knobs) and
+(process_index, process_count). It does depend on `num_workers` (each worker builds whole batches
+from every num_workers-th record), so a state restores only into a pipeline with the same workers;
+`set_state` checks this and names any difference.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import numpy as np
+
+from vrft_jax.data import storage
+from vrft_jax.data.batching import BatchLayout, StaticBatchDataset
+from vrft_jax.data.config import DataConfig
+from vrft_jax.data.image import ImageGeometry
+from vrft_jax.data.preprocess import ExampleEncoder
+
+STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One batch: what goes to the devices and what stays on the host.
+
+    inputs:          `ModelInputs` (global jax.Arrays on the mesh, or NumPy without a mesh), batch-first,
+                     static shapes [B, T] / [B, P, D] (see `vrft_jax.data.batching`)
+    meta:            host-only columns, B entries each: id, task, label, problem, solution (list[str]);
+                     index, image_hw, source_hw, prompt_len, valid (NumPy)
+    skipped:         {reason: n} records skipped while this batch was assembled (on_bad_record="skip")
+    skipped_records: "where: reason: detail" of each of them
+    """
+
+    inputs: Any
+    meta: dict[str, Any]
+    skipped: dict[str, int]
+    skipped_records: tuple[str, ...] = ()
+
+    @property
+    def solution(self) -> list[str]:
+        return self.meta["solution"]
+
+
+def resolve_patch_bucket(config: DataConfig, model_config) -> int:
+    geometry = ImageGeometry.from_vision(model_config.vision, min_pixels=config.min_pixels,
+                                        max_pixels=config.max_pixels)
+    bucket = geometry.max_patches if config.patch_bucket is None else config.patch_bucket
+    if bucket % geometry.merge_tokens:
+        raise ValueError(f"DataConfig.patch_bucket {bucket} is not a multiple of {geometry.merge_tokens} "
+                         f"(patches merged into one token)")
+    return bucket
+
+
+def batch_layout(config: DataConfig, model_config, pad_id: int) -> BatchLayout:
+    v = model_config.vision
+    return BatchLayout(batch_size=config.batch_size, text_len=config.max_prompt_len,
+                       patch_bucket=resolve_patch_bucket(config, model_config), patch_dim=v.patch_dim,
+                       merge_size=v.spatial_merge_size, pad_id=pad_id, patch_dtype=_dtype(config.patch_dtype))
+
+
+def open_source(config: DataConfig, source=None) -> tuple[Any, str]:
+    """(random-access source, its name for errors and state fingerprints)."""
+    if source is not None:
+        return source, str(getattr(source, "name", type(source).__name__))
+    if not config.path:
+        raise ValueError("DataConfig.path is empty: give a dataset made by `python -m vrft_jax.data.prepare`")
+    directory = storage.dataset_dir(config.path)
+    name = "/".join(directory.rstrip(os.sep).split(os.sep)[-2:])  # <name>/<version>: survives moving the data
+    return storage.open_split(directory, config.split), f"{name}[{config.split}]"
+
+
+def build_dataset(config: DataConfig, model_config, *, tokenizer=None, source=None,
+                  process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+    """The Grain pipeline of host batches (dicts of NumPy arrays; `DataIterator` wraps them).
+
+    Args:
+      source: a random-access source of record dicts overriding `config.path` (e.g. `storage.InMemorySource`).
+      process_index, process_count: this process's shard; default `jax.process_index()/process_count()`.
+    """
+    tokenizer = _tokenizer(config, tokenizer)
+    source, name = open_source(config, source)
+    num_records = len(source)
+    if num_records == 0:
+        raise ValueError(f"{name} has no records")
+    process_index, process_count = _process(process_index, process_count)
+    encoder = ExampleEncoder(
+        tokenizer, model_config, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
+        max_prompt_len=config.max_prompt_len, patch_bucket=resolve_patch_bucket(config, model_config),
+        patch_dtype=_dtype(config.patch_dtype), on_bad_record=config.on_bad_record, source=name,
+        system_prompt=config.system_prompt)
+    ds = grain.MapDataset.source(source).map_with_index(_with_index)  # before the shuffle: the stored index
+    if config.shuffle:
+        ds = ds.shuffle(seed=config.seed)
+    ds = ds.repeat(config.num_epochs)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    ds = ds.map(encoder)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                              prefetch_buffer_size=max(config.batch_size, config.read_threads)))
+    it = StaticBatchDataset(it, batch_layout(config, model_config, _pad_id(tokenizer)),
+                            drop_remainder=config.drop_remainder, give_up_after=max(2 * num_records, 100))
+    if config.num_workers > 0:
+        _allow_grain_workers()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
+                                                         per_worker_buffer_size=config.worker_buffer))
+    return it
+
+
+def fingerprint(config: DataConfig, model_config, source_name: str, num_records: int,
+                process_index: int, process_count: int) -> dict[str, Any]:
+    """What decides the stream; a saved state only restores into a pipeline with the same values."""
+    keys = ("split", "batch_size", "max_prompt_len", "min_pixels", "max_pixels", "seed", "shuffle", "num_epochs",
+            "num_workers", "on_bad_record", "drop_remainder", "system_prompt")
+    values = {k: getattr(config, k) for k in keys}
+    values.update(source=source_name, records=num_records, patch_bucket=resolve_patch_bucket(config, model_config),
+                  process_index=process_index, process_count=process_count)
+    return values
+
+
+class DataIterator:
+    """Batches with their `ModelInputs` as global arrays on `mesh` (batch over the rules' "batch" axes).
+
+    Without a mesh the inputs stay NumPy. `get_state()` is JSON-able and describes the position after
+    the last batch returned (batches already sent ahead to the devices are not counted), together with
+    the running total of skipped records, `skipped`.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, *, fingerprint: Mapping[str, Any], mesh=None,
+                 device_prefetch: int = 1, rules=None):
+        self._dataset = dataset
+        self._fingerprint = dict(fingerprint)
+        self._mesh, self._rules, self._device_prefetch = mesh, rules, device_prefetch
+        self._iterator = iter(dataset)
+        self._ahead: collections.deque = collections.deque()
+        self._batches = 0
+        self._skipped: dict[str, int] = {}
+        self._position = self._iterator.get_state()
+        self._shardings: dict[int, Any] = {}
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Records skipped so far ({reason: n}) over all batches returned, across restarts."""
+        return dict(self._skipped)
+
+    @property
+    def batches(self) -> int:
+        return self._batches
+
+    def __iter__(self) -> DataIterator:
+        return self
+
+    def __next__(self) -> Batch:
+        while len(self._ahead) <= self._device_prefetch:
+            try:
+                host = next(self._iterator)
+            except StopIteration:
+                break
+            self._ahead.append((self._to_batch(host), self._iterator.get_state()))
+        if not self._ahead:
+            raise StopIteration
+        batch, self._position = self._ahead.popleft()
+        self._batches += 1
+        for reason, n in batch.skipped.items():
+            self._skipped[reason] = self._skipped.get(reason, 0) + n
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "fingerprint": self._fingerprint, "batches": self._batches,
+                "skipped": dict(self._skipped), "pipeline": self._position}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data iterator state version {state.get('version')!r}, expected {STATE_VERSION}")
+        saved = dict(state["fingerprint"])
+        differences = {k: (saved.get(k), self._fingerprint.get(k)) for k in sorted(set(saved) | set(self._fingerprint))
+                       if saved.get(k) != self._fingerprint.get(k)}
+        if differences:
+            raise ValueError("the data iterator state was saved by a different pipeline; (saved, now) differ in: "
+                             + ", ".join(f"{k}={v}" for k, v in differences.items()))
+        self._ahead.clear()
+        self._iterator.set_state(state["pipeline"])
+        self._position = state["pipeline"]
+        self._batches = int(state["batches"])
+        self._skipped = {str(k): int(v) for k, v in state["skipped"].items()}
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when the iterator is garbage collected)."""
+        self._ahead.clear()
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> DataIterator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _to_batch(self, host: dict[str, Any]) -> Batch:
+        from vrft_jax.models.qwen2_vl.inputs import ModelInputs
+
+        arrays = host["inputs"]
+        if self._mesh is not None:
+            arrays = {name: self._to_global(value) for name, value in arrays.items()}
+        return Batch(inputs=ModelInputs(**arrays), meta=host["meta"], skipped=dict(host["skipped"]),
+                     skipped_records=tuple(host["skipped_records"]))
+
+    def _to_global(self, local: np.ndarray):
+        import jax
+
+        from vrft_jax import sharding
+
+        if local.ndim not in self._shardings:
+            rules = sharding.DEFAULT_RULES if self._rules is None else self._rules
+            self._shardings[local.ndim] = sharding.batch_sharding(self._mesh, local.ndim, rules=rules)
+        try:
+            return jax.make_array_from_process_local_data(self._shardings[local.ndim], np.asarray(local))
+        except ValueError as e:
+            raise ValueError(f"a local batch of {local.shape[0]} rows does not split over this process's devices "
+                             f"of mesh {dict(self._mesh.shape)}: make DataConfig.batch_size a multiple of the "
+                             f"batch shards per process ({e})") from e
+
+
+def make_iterator(config: DataConfig, model_config, *, mesh=None, tokenizer=None, source=None,
+                  process_index: int | None = None, process_count: int | None = None, rules=None) -> DataIterator:
+    """The pipeline of `config` as a resumable iterator of `Batch`es (see the module docstring)."""
+    tokenizer = _tokenizer(config, tokenizer)
+    process_index, process_count = _process(process_index, process_count)
+    opened, name = open_source(config, source)
+    dataset = build_dataset(config, model_config, tokenizer=tokenizer, source=opened,
+                            process_index=process_index, process_count=process_count)
+    return DataIterator(dataset, mesh=mesh, device_prefetch=config.device_prefetch, rules=rules,
+                        fingerprint=fingerprint(config, model_config, name, len(opened), process_index, process_count))
+
+
+def _with_index(index: int, record: Mapping[str, Any]) -> tuple[int, Mapping[str, Any]]:
+    return index, record
+
+
+def _tokenizer(config: DataConfig, tokenizer):
+    if tokenizer is not None:
+        return tokenizer
+    from vrft_jax.models.qwen2_vl.processor import load_tokenizer
+
+    return load_tokenizer(config.tokenizer_path)
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token (Qwen2-VL pads with <|endoftext|>)")
+    return int(tokenizer.pad_token_id)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    return process_index, process_count
+
+
+def _dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _allow_grain_workers() -> None:
+    # Grain's worker processes read absl flags; a program that never parsed them (pytest, notebooks, a
+    # trainer with its own argument parser) must mark them parsed first (environment.md §4).
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

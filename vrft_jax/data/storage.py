@@ -1,0 +1,163 @@
+"""Records on disk: a TFDS dataset stored as ArrayRecord files, written and read without TensorFlow.
+
+Layout: `<data_dir>/<name>/<version>/` holds `dataset_info.json`, `features.json`, `metadata.json`
+(the conversion report) and `<name>-<split>.array_record-NNNNN-of-NNNNN` shards. Readers need only
+that directory (`tfds.builder_from_directory`), not the builder class. TFDS orders the records of a
+split by a hash of their id, so the stored order is deterministic and independent of the source
+order; the pipeline shuffles on top of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from vrft_jax.data.records import FIELDS, Record
+
+VERSION = "1.0.0"
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _features():
+    import tensorflow_datasets as tfds
+
+    text = tfds.features.Text
+    # The image stays as the source's encoded bytes: no re-encoding, and decoding (with its errors) is
+    # the pipeline's job, under the bad-record policy.
+    return tfds.features.FeaturesDict({
+        "id": text(), "image": tfds.features.Tensor(shape=(), dtype=np.object_), "problem": text(),
+        "solution": text(), "task": text(), "label": text()})
+
+
+def _builder_class(name: str):
+    import tensorflow_datasets as tfds
+
+    class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version(VERSION)
+
+        def __init__(self, *, splits, metadata, description, **kwargs):
+            self._splits, self._metadata, self._description = splits, metadata, description
+            super().__init__(**kwargs)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, description=self._description, features=_features(),
+                                         metadata=tfds.core.MetadataDict(self._metadata))
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(records) for split, records in self._splits.items()}
+
+        def _generate_examples(self, records):
+            for record in records:
+                yield record.id, record.as_dict()
+
+    # tfds takes the dataset's directory name from the class attribute `name`.
+    return types.new_class(f"Records_{name}", (_RecordsBuilder,), {"skip_registration": True},
+                           lambda ns: ns.update(name=name))
+
+
+def write_dataset(data_dir: str, name: str, splits: Mapping[str, Iterable[Record]], *,
+                  metadata: Mapping[str, Any] | None = None, description: str = "") -> str:
+    """Write `splits` (split name -> records) as ArrayRecord; returns the dataset directory.
+
+    `metadata` (JSON-able) is stored with the dataset; the CLI puts the conversion report there, and
+    fills it while the records stream, so it must be complete when the last split has been written.
+    """
+    import tensorflow_datasets as tfds
+
+    if not _NAME.match(name):
+        raise ValueError(f"dataset name {name!r} must be lower-case letters, digits and underscores")
+    if not splits:
+        raise ValueError("no splits to write")
+    metadata = {} if metadata is None else metadata
+    builder = _builder_class(name)(splits=splits, metadata=metadata, description=description,
+                                   data_dir=os.path.abspath(data_dir), file_format="array_record")
+    if os.path.exists(builder.data_dir):
+        raise FileExistsError(f"{builder.data_dir} exists; remove it or pick another --name")
+    # tfds wants a download directory even though nothing is downloaded, and prints progress to stdout,
+    # which belongs to the caller (the CLI prints its report there).
+    with tempfile.TemporaryDirectory() as downloads, contextlib.redirect_stdout(sys.stderr):
+        builder.download_and_prepare(download_dir=downloads)
+    # The report was filled while the generators ran, after tfds snapshotted the metadata: write it again.
+    with open(os.path.join(builder.data_dir, "metadata.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(metadata), f, indent=2, sort_keys=True)
+    return builder.data_dir
+
+
+def dataset_dir(path: str) -> str:
+    """The versioned directory of a dataset given it or its parent (`<data_dir>/<name>`, newest version)."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, "dataset_info.json")):
+        return path
+    versions = sorted((d for d in os.listdir(path) if re.fullmatch(r"\d+\.\d+\.\d+", d)) if os.path.isdir(path) else [],
+                      key=lambda v: tuple(int(x) for x in v.split(".")))
+    if not versions:
+        raise FileNotFoundError(f"{path} is not a prepared dataset (no dataset_info.json); "
+                                "make one with `python -m vrft_jax.data.prepare`")
+    return os.path.join(path, versions[-1])
+
+
+def open_split(path: str, split: str):
+    """Random-access source of one split: `len()`, and `[i]` -> dict of the record's fields (text as bytes)."""
+    import tensorflow_datasets as tfds
+
+    directory = dataset_dir(path)
+    builder = tfds.builder_from_directory(directory)
+    if split not in builder.info.splits:
+        raise KeyError(f"split {split!r} not in {directory}; it has {sorted(builder.info.splits)}")
+    return builder.as_data_source(split=split)
+
+
+def split_names(path: str) -> list[str]:
+    import tensorflow_datasets as tfds
+
+    return sorted(tfds.builder_from_directory(dataset_dir(path)).info.splits)
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    file = os.path.join(dataset_dir(path), "metadata.json")
+    if not os.path.exists(file):
+        return {}
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_records(path: str, split: str) -> list[Record]:
+    """Every record of a split, in stored order (for tests and small evaluation sets)."""
+    source = open_split(path, split)
+    return [record_from_dict(source[i]) for i in range(len(source))]
+
+
+def record_from_dict(values: Mapping[str, Any]) -> Record:
+    fields = {}
+    for name in FIELDS:
+        value = values[name]
+        if isinstance(value, np.ndarray):
+            value = value.item()
+        fields[name] = value if name == "image" else (value.decode("utf-8") if isinstance(value, bytes) else value)
+    return Record(**fields)
+
+
+class InMemorySource:
+    """A random-access source over records held in memory (tests, the demo, notebooks)."""
+
+    def __init__(self, records: Sequence[Record | Mapping[str, Any]], name: str = "memory"):
+        self._records = [r.as_dict() if isinstance(r, Record) else dict(r) for r in records]
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._records[index]
+
+    def __repr__(self) -> str:
+        return f"InMemorySource({self.name!r}, {len(self)} records)"
