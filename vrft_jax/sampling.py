@@ -3,9 +3,10 @@
 `rollout` is two compiled programs:
   prefill: the vision tower and the prompt's KV cache, once per prompt ([B, ...] shapes: the cost
            does not grow with G);
-  decode:  the cache repeated G times on device, then a `lax.while_loop` that samples B*G rows
-           until every row has hit an EOS id or `max_new_tokens`, with temperature, top-k, top-p or
-           greedy selection, updating the cache in place.
+  decode:  a `lax.while_loop` that samples B*G rows until every row has hit an EOS id or
+           `max_new_tokens`, with temperature, top-k, top-p or greedy selection; the G rows of a
+           prompt share its cache (read once per step, never copied) and own only the cache of
+           their generated tokens, updated in place.
 Generated tokens continue M-RoPE from each prompt's rope delta exactly as HF `generate` does.
 """
 
@@ -23,7 +24,7 @@ from flax import nnx
 from vrft_jax import sharding
 from vrft_jax.models.qwen2_vl.inputs import InputError, ModelInputs
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
-from vrft_jax.models.qwen2_vl.text import KVCache
+from vrft_jax.models.qwen2_vl.text import KVCache, SharedPrefix
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
@@ -91,7 +92,7 @@ class Prefilled:
     """The prompts' state after prefill: one row per prompt (the decoder repeats it for the G samples)."""
 
     logits: jax.Array  # float32[B, V] at each prompt's last token
-    cache: KVCache  # [L, B, S, K, H] with S = prompt bucket + max_new_tokens
+    cache: KVCache  # [L, B, T, K, H]: the prompts' keys and values, shared by each group's samples
     next_positions: jax.Array  # int32[B]: M-RoPE position of the first generated token
 
 
@@ -123,7 +124,7 @@ def prefill(graphdef, state, inputs: ModelInputs, config: SamplingConfig) -> Pre
     """Encode the images and fill the KV cache once per prompt: nothing here depends on G."""
     model = nnx.merge(graphdef, state)
     batch, length = inputs.input_ids.shape
-    cache = KVCache.zeros(model.config, batch, length + config.max_new_tokens)
+    cache = KVCache.zeros(model.config, batch, length)
     logits, cache = model.prefill(inputs, cache)
     next_positions = jnp.sum(inputs.attention_mask, axis=1) + inputs.rope_deltas
     return Prefilled(logits=logits.astype(jnp.float32), cache=cache, next_positions=next_positions.astype(jnp.int32))
@@ -131,15 +132,18 @@ def prefill(graphdef, state, inputs: ModelInputs, config: SamplingConfig) -> Pre
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def decode(graphdef, state, prefilled: Prefilled, key: jax.Array, config: SamplingConfig) -> Rollout:
-    """Repeat each prompt's state G times, then sample until every row is done (early exit) or
-    `max_new_tokens`. The repeated cache is the loop's carry, updated in place."""
+    """Sample G rows per prompt until every row is done (early exit) or `max_new_tokens`.
+
+    The prompts' cache is shared, never repeated: each group's G rows attend to their prompt's keys
+    (read once per step) and to their own generated keys, a [B*G, max_new_tokens] cache that is
+    the loop's carry, updated in place.
+    """
     model = nnx.merge(graphdef, state)
     g = config.group_size
     repeat = functools.partial(jnp.repeat, repeats=g, axis=0)
-    cache = prefilled.cache
-    cache = KVCache(k=jnp.repeat(cache.k, g, axis=1), v=jnp.repeat(cache.v, g, axis=1), valid=repeat(cache.valid),
-                    index=cache.index)
+    prefix = SharedPrefix.of(prefilled.cache)
     next_positions = repeat(prefilled.next_positions)
+    cache = KVCache.zeros(model.config, next_positions.shape[0], config.max_new_tokens)
     rows = next_positions.shape[0]
     steps = config.max_new_tokens
     eos = jnp.asarray(config.eos_token_ids, jnp.int32)
@@ -157,7 +161,7 @@ def decode(graphdef, state, prefilled: Prefilled, key: jax.Array, config: Sampli
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(token, eos)
         positions = jnp.broadcast_to((next_positions + step)[:, None], (rows, 3))
-        logits, cache = model.decode(token, positions, cache)
+        logits, cache = model.decode(token, positions, cache, prefix)
         return step + 1, logits.astype(jnp.float32), cache, tokens, logprobs, done, lengths
 
     carry = (jnp.int32(0), repeat(prefilled.logits), cache,

@@ -82,6 +82,28 @@ def attention(q_btnh, k_bskh, v_bskh, mask_bts, config: Qwen2VLConfig):
     return out.reshape(b, t, n, h)
 
 
+def prefix_attention(q_btnh, k_bskh, v_bskh, mask_bts, k_pskh, v_pskh, valid_ps, config: Qwen2VLConfig):
+    """Attention of B = P * G rows over their own keys and over a prefix shared by each group of G
+    consecutive rows: one softmax over [prefix keys, own keys], the prefix read once per group."""
+    b, t, n, h = q_btnh.shape
+    p, kv = k_pskh.shape[0], k_bskh.shape[2]
+    g = b // p
+    q = q_btnh.reshape(p, g, t, kv, n // kv, h) * (h ** -0.5)
+    own_k = k_bskh.reshape(p, g, -1, kv, h)
+    own_v = v_bskh.reshape(p, g, -1, kv, h)
+    prec = precision(config)
+    shared = jnp.einsum("PGTKQH,PSKH->PGKQTS", q, k_pskh, preferred_element_type=jnp.float32, precision=prec)
+    own = jnp.einsum("PGTKQH,PGSKH->PGKQTS", q, own_k, preferred_element_type=jnp.float32, precision=prec)
+    lowest = jnp.finfo(jnp.float32).min
+    shared = jnp.where(valid_ps[:, None, None, None, None, :], shared, lowest)
+    own = jnp.where(mask_bts.reshape(p, g, 1, 1, t, -1), own, lowest)
+    probs = jax.nn.softmax(jnp.concatenate([shared, own], axis=-1), axis=-1).astype(v_bskh.dtype)
+    split = k_pskh.shape[1]
+    out = (jnp.einsum("PGKQTS,PSKH->PGTKQH", probs[..., :split], v_pskh, precision=prec)
+           + jnp.einsum("PGKQTS,PGSKH->PGTKQH", probs[..., split:], own_v, precision=prec))
+    return out.reshape(b, t, n, h)
+
+
 def remat_policy(config: Qwen2VLConfig):
     """`jax.checkpoint` policy for one scanned layer, or None for no rematerialisation."""
     if config.remat == "block":

@@ -10,7 +10,7 @@ from flax import nnx
 
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
-from vrft_jax.models.qwen2_vl.text import KVCache, TextDecoder
+from vrft_jax.models.qwen2_vl.text import KVCache, SharedPrefix, TextDecoder
 from vrft_jax.models.qwen2_vl.vision import VisionTower
 
 
@@ -50,10 +50,11 @@ class Qwen2VL(nnx.Module):
         hidden, cache = self.hidden_states(inputs, cache)
         return self.text.logits(hidden[:, -1:])[:, 0], cache
 
-    def decode(self, tokens_b, positions_b3, cache: KVCache):
-        """One new token per row at slot `cache.index`; returns (float[B, V] logits, cache)."""
+    def decode(self, tokens_b, positions_b3, cache: KVCache, prefix: SharedPrefix | None = None):
+        """One new token per row at slot `cache.index`, after the group's shared `prefix` if given;
+        returns (float[B, V] logits, cache)."""
         x = self.text.embed(tokens_b[:, None])
-        hidden, cache = self.text(x, positions_b3[:, None, :], jnp.ones_like(tokens_b)[:, None], cache)
+        hidden, cache = self.text(x, positions_b3[:, None, :], jnp.ones_like(tokens_b)[:, None], cache, prefix)
         return self.text.logits(hidden)[:, 0], cache
 
 

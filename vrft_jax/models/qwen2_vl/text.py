@@ -8,9 +8,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vrft_jax.models.qwen2_vl import rope
-from vrft_jax.sharding import constrain
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
-from vrft_jax.models.qwen2_vl.layers import RMSNorm, attention, einsum, param, scan_layers, stacked
+from vrft_jax.models.qwen2_vl.layers import RMSNorm, attention, einsum, param, prefix_attention, scan_layers, stacked
+from vrft_jax.sharding import constrain
 
 
 @flax.struct.dataclass
@@ -39,6 +39,24 @@ class KVCache:
         return self.k.shape[2]
 
 
+@flax.struct.dataclass
+class SharedPrefix:
+    """A read-only cache of P prompts shared by the G consecutive rows of each group (B = P * G).
+
+    Decoding G samples per prompt reads each prompt's keys once per step instead of G times, and
+    stores them once: the prompt dominates the cache of an image prompt.
+    k, v: [L, P, S, K, H]; valid: bool[P, S].
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+    @classmethod
+    def of(cls, cache: KVCache) -> SharedPrefix:
+        return cls(k=cache.k, v=cache.v, valid=cache.valid)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs):
         t = config.text
@@ -53,10 +71,11 @@ class Attention(nnx.Module):
         self.v_bias = param(rngs, (t.num_kv_heads, t.head_dim), ("kv_heads", "head_dim"), config)
         self.o_kernel = param(rngs, (t.num_heads, t.head_dim, t.hidden_size), ("heads", "head_dim", "embed"), config)
 
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, cache=None):
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, cache=None, prefix=None):
         """Self-attention. With `cache = (k_all, v_all, layer, index)` (the stacked caches of every
         layer) the new keys/values are written in place at [layer, :, index] and the queries attend
-        over this layer's whole cache. Returns (out_btd, (k_all, v_all) or None)."""
+        over this layer's whole cache, and over `prefix = (k_pskh, v_pskh, valid_ps)` (this layer's
+        shared prompt keys) when given. Returns (out_btd, (k_all, v_all) or None)."""
         dtype = self.config.dtype
         q = einsum("BTD,DNH->BTNH", x_btd, self.q_kernel, self.config) + self.q_bias[...].astype(dtype)
         k = einsum("BTD,DKH->BTKH", x_btd, self.k_kernel, self.config) + self.k_bias[...].astype(dtype)
@@ -71,7 +90,12 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False)
             cache = (k_all, v_all)
-        out = attention(q, k.astype(dtype), v.astype(dtype), mask_bts, self.config)
+        if prefix is None:
+            out = attention(q, k.astype(dtype), v.astype(dtype), mask_bts, self.config)
+        else:
+            k_pre, v_pre, valid_pre = prefix
+            out = prefix_attention(q, k.astype(dtype), v.astype(dtype), mask_bts, k_pre.astype(dtype),
+                                   v_pre.astype(dtype), valid_pre, self.config)
         return einsum("BTNH,NHD->BTD", out, self.o_kernel, self.config), cache
 
 
@@ -97,9 +121,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(t.hidden_size, t.rms_norm_eps, config, rngs=rngs, axis="embed")
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, cache=None):
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, cache=None, prefix=None):
         x_btd = constrain(x_btd, ("batch", "length", "act_embed"))
-        attn_out, cache = self.attn(self.input_norm(x_btd), cos_bth, sin_bth, mask_bts, cache)
+        attn_out, cache = self.attn(self.input_norm(x_btd), cos_bth, sin_bth, mask_bts, cache, prefix)
         x_btd = x_btd + attn_out
         return x_btd + self.mlp(self.post_attention_norm(x_btd)), cache
 
@@ -117,11 +141,13 @@ class TextDecoder(nnx.Module):
     def embed(self, input_ids_bt):
         return jnp.take(self.embed_tokens[...], input_ids_bt, axis=0).astype(self.config.dtype)
 
-    def __call__(self, x_btd, positions_bt3, attention_mask_bt, cache: KVCache | None = None):
+    def __call__(self, x_btd, positions_bt3, attention_mask_bt, cache: KVCache | None = None,
+                 prefix: SharedPrefix | None = None):
         """Decoder stack and final norm.
 
         Without a cache the mask is causal over this sequence's valid tokens. With a cache the tokens
-        fill slots [cache.index, cache.index + T) and attend to every earlier valid slot.
+        fill slots [cache.index, cache.index + T) and attend to every earlier valid slot, and to
+        every valid slot of their group's `prefix` when one is given (it precedes the cache).
         Returns (hidden float[B, T, D], updated cache or None).
         """
         t = self.config.text
@@ -144,14 +170,18 @@ class TextDecoder(nnx.Module):
 
             x_btd, _ = scan_layers(self.layers, x_btd, None, body, self.config)
         else:
-            # The stacked caches ride in the carry and are updated in place, layer by layer.
-            def body(layer, carry, i):
+            # The stacked caches ride in the carry and are updated in place, layer by layer; the
+            # shared prefix is read-only, so it is scanned over as input.
+            def body(layer, carry, xs):
                 x, k_all, v_all = carry
-                x, (k_all, v_all) = layer(x, cos, sin, mask, (k_all, v_all, i, cache.index))
+                i, k_pre, v_pre = xs
+                layer_prefix = None if prefix is None else (k_pre, v_pre, prefix.valid)
+                x, (k_all, v_all) = layer(x, cos, sin, mask, (k_all, v_all, i, cache.index), layer_prefix)
                 return (x, k_all, v_all), None
 
-            (x_btd, k, v), _ = scan_layers(self.layers, (x_btd, cache.k, cache.v),
-                                           jnp.arange(self.config.text.num_layers), body, self.config)
+            layers = jnp.arange(self.config.text.num_layers)
+            xs = (layers, None, None) if prefix is None else (layers, prefix.k, prefix.v)
+            (x_btd, k, v), _ = scan_layers(self.layers, (x_btd, cache.k, cache.v), xs, body, self.config)
             cache = KVCache(k=k, v=v, valid=keys_valid, index=cache.index + length)
         return self.norm(x_btd), cache
 
