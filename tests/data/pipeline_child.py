@@ -19,7 +19,7 @@ def digest(batch) -> str:
 
     h = hashlib.sha256(json.dumps(batch.meta["id"]).encode())
     for name in ("input_ids", "attention_mask", "positions", "patches", "patch_positions"):
-        h.update(np.asarray(getattr(batch.inputs, name)).tobytes())
+        h.update(np.asarray(getattr(batch.model_inputs, name)).tobytes())
     return h.hexdigest()
 
 
@@ -55,7 +55,7 @@ def main() -> None:
         if mesh is None:
             out["digests"].append(digest(batch))
         else:
-            out["global_shape"] = list(batch.inputs.input_ids.shape)
+            out["global_shape"] = list(batch.model_inputs.input_ids.shape)
     iterator.close()
     print(json.dumps(out), flush=True)
     if distributed:

@@ -76,7 +76,7 @@ def test_fifty_mixed_batches_have_static_shapes_and_equal_hf(qwen_tokenizer, qwe
     it = iterator(cfg, qwen_config, qwen_tokenizer, records)
     for _ in range(50):
         batch = next(it)
-        inputs = batch.inputs
+        inputs = batch.model_inputs
         assert {k: getattr(inputs, k).shape for k in shapes} == shapes
         assert inputs.patches.dtype == np.float32 and inputs.input_ids.dtype == np.int32
         grids = []
@@ -191,7 +191,7 @@ def test_final_partial_batch_is_padded_or_dropped(tiny_tokenizer, tiny_config):
     padded = list(iterator(config(batch_size=4, num_epochs=1, drop_remainder=False), tiny_config, tiny_tokenizer,
                            records))
     assert [b.meta["valid"].tolist() for b in padded] == [[True] * 4, [True, False, False, False]]
-    last = padded[-1].inputs
+    last = padded[-1].model_inputs
     assert not last.attention_mask[1:].any() and not last.patches[1:].any() and not last.patch_segment_ids[1:].any()
     assert padded[-1].meta["id"][1:] == ["", "", ""] and (padded[-1].meta["index"][1:] == -1).all()
     dropped = list(iterator(config(batch_size=4, num_epochs=1), tiny_config, tiny_tokenizer, records))
@@ -227,7 +227,7 @@ def test_throughput_knobs_do_not_change_the_stream(tiny_tokenizer, tiny_config):
 
     def digest(cfg):
         it = iterator(cfg, tiny_config, tiny_tokenizer, records)
-        return [(b.meta["id"], b.inputs.input_ids.tobytes(), b.inputs.patches.tobytes()) for b in
+        return [(b.meta["id"], b.model_inputs.input_ids.tobytes(), b.model_inputs.patches.tobytes()) for b in
                 (next(it) for _ in range(6))]
 
     assert digest(config(read_threads=1, device_prefetch=0)) == digest(config(read_threads=3, device_prefetch=2))
@@ -241,12 +241,12 @@ def test_batches_become_global_arrays_sharded_over_data_and_fsdp(tiny_tokenizer,
         batch = next(iterator(config(batch_size=batch_size, device_prefetch=1), tiny_config, tiny_tokenizer,
                               records, mesh=mesh))
         for name in ("input_ids", "positions", "patches", "rope_deltas"):
-            array = getattr(batch.inputs, name)
+            array = getattr(batch.model_inputs, name)
             assert isinstance(array, jax.Array)
             assert array.sharding == sharding.batch_sharding(mesh, array.ndim)
             assert array.sharding.spec[0] == ("data", "fsdp")
-            np.testing.assert_array_equal(np.asarray(array), getattr(host.inputs, name))
-        assert len({s.index[0].start for s in batch.inputs.patches.addressable_shards}) == axes[0] * axes[1]
+            np.testing.assert_array_equal(np.asarray(array), getattr(host.model_inputs, name))
+        assert len({s.index[0].start for s in batch.model_inputs.patches.addressable_shards}) == axes[0] * axes[1]
     with pytest.raises(ValueError, match="batch_size a multiple"):
         next(iterator(config(batch_size=6), tiny_config, tiny_tokenizer, records, mesh=sharding.make_mesh(2, 4, 1)))
 
@@ -255,8 +255,8 @@ def test_bfloat16_patches(tiny_tokenizer, tiny_config):
     import ml_dtypes
 
     records = list(synthetic.detection_records(2, seed=0))
-    f32 = next(iterator(config(), tiny_config, tiny_tokenizer, records)).inputs.patches
-    bf16 = next(iterator(config(patch_dtype="bfloat16"), tiny_config, tiny_tokenizer, records)).inputs.patches
+    f32 = next(iterator(config(), tiny_config, tiny_tokenizer, records)).model_inputs.patches
+    bf16 = next(iterator(config(patch_dtype="bfloat16"), tiny_config, tiny_tokenizer, records)).model_inputs.patches
     assert bf16.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(bf16.view(np.uint16), f32.astype(ml_dtypes.bfloat16).view(np.uint16))
 
@@ -292,3 +292,22 @@ def test_data_config_rejects_unknown_keys_and_bad_values():
         DataConfig(min_pixels=5000, max_pixels=4000)
     with pytest.raises(ValueError, match="patch_dtype"):
         DataConfig(patch_dtype="float16")
+
+
+def test_iterator_checkpoints_with_orbax_through_grains_handler(tmp_path, tiny_tokenizer, tiny_config):
+    import grain
+    import orbax.checkpoint as ocp
+
+    records = list(synthetic.detection_records(5, seed=0))
+    it = iterator(config(device_prefetch=1), tiny_config, tiny_tokenizer, records)
+    for _ in range(2):
+        next(it)
+    with ocp.CheckpointManager(tmp_path, item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as manager:
+        manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+    expected = [next(it).meta["id"] for _ in range(3)]
+    resumed = iterator(config(device_prefetch=1), tiny_config, tiny_tokenizer, records)
+    with ocp.CheckpointManager(tmp_path, item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as manager:
+        manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    assert [next(resumed).meta["id"] for _ in range(3)] == expected
+    assert (tmp_path / "2" / "data" / "process_0-of-1.json").exists()

@@ -70,9 +70,9 @@ def test_virft_parquet_and_json_convert_and_stream_back_the_same_records(tmp_pat
         out = []
         for batch in make_iterator(config, tiny_config, tokenizer=tiny_tokenizer, process_index=0, process_count=1):
             for row in range(2):
-                valid = batch.inputs.attention_mask[row].astype(bool)
-                out.append((batch.meta["solution"][row], batch.inputs.input_ids[row][valid].tobytes(),
-                            batch.inputs.patches[row].tobytes()))
+                valid = batch.model_inputs.attention_mask[row].astype(bool)
+                out.append((batch.meta["solution"][row], batch.model_inputs.input_ids[row][valid].tobytes(),
+                            batch.model_inputs.patches[row].tobytes()))
         return sorted(out)
 
     assert streamed(from_parquet) == streamed(from_json)

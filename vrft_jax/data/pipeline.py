@@ -6,7 +6,7 @@
 
 Usage:
     it = make_iterator(DataConfig(path=..., batch_size=8), model_config, mesh=mesh)
-    batch = next(it)                  # Batch(inputs=ModelInputs, meta={...}, skipped={...})
+    batch = next(it)                  # Batch(model_inputs=ModelInputs, meta={...}, skipped={...})
     state = it.get_state()            # JSON-able; save it with the checkpoint
     it.set_state(state)               # later, in a fresh process: the same next batches
 
@@ -32,6 +32,7 @@ from vrft_jax.data.batching import BatchLayout, StaticBatchDataset
 from vrft_jax.data.config import DataConfig
 from vrft_jax.data.image import ImageGeometry
 from vrft_jax.data.preprocess import ExampleEncoder
+from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 
 STATE_VERSION = 1
 
@@ -40,7 +41,7 @@ STATE_VERSION = 1
 class Batch:
     """One batch: what goes to the devices and what stays on the host.
 
-    inputs:          `ModelInputs` (global jax.Arrays on the mesh, or NumPy without a mesh), batch-first,
+    model_inputs:    `ModelInputs` (global jax.Arrays on the mesh, or NumPy without a mesh), batch-first,
                      static shapes [B, T] / [B, P, D] (see `vrft_jax.data.batching`)
     meta:            host-only columns, B entries each: id, task, label, problem, solution (list[str]);
                      index, image_hw, source_hw, prompt_len, valid (NumPy)
@@ -48,7 +49,7 @@ class Batch:
     skipped_records: "where: reason: detail" of each of them
     """
 
-    inputs: Any
+    model_inputs: Any
     meta: dict[str, Any]
     skipped: dict[str, int]
     skipped_records: tuple[str, ...] = ()
@@ -134,20 +135,23 @@ def fingerprint(config: DataConfig, model_config, source_name: str, num_records:
     return values
 
 
-class DataIterator:
+class DataIterator(grain.DatasetIterator):
     """Batches with their `ModelInputs` as global arrays on `mesh` (batch over the rules' "batch" axes).
 
     Without a mesh the inputs stay NumPy. `get_state()` is JSON-able and describes the position after
     the last batch returned (batches already sent ahead to the devices are not counted), together with
-    the running total of skipped records, `skipped`.
+    the running total of skipped records, `skipped`. Being a Grain `DatasetIterator`, it checkpoints
+    with Orbax through `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`: one JSON file
+    per process, as each process has its own shard and position.
     """
 
     def __init__(self, dataset: grain.IterDataset, *, fingerprint: Mapping[str, Any], mesh=None,
                  device_prefetch: int = 1, rules=None):
-        self._dataset = dataset
+        iterator = iter(dataset)
+        super().__init__(iterator)
+        self._iterator = iterator
         self._fingerprint = dict(fingerprint)
         self._mesh, self._rules, self._device_prefetch = mesh, rules, device_prefetch
-        self._iterator = iter(dataset)
         self._ahead: collections.deque = collections.deque()
         self._batches = 0
         self._skipped: dict[str, int] = {}
@@ -163,10 +167,8 @@ class DataIterator:
     def batches(self) -> int:
         return self._batches
 
-    def __iter__(self) -> DataIterator:
-        return self
-
     def __next__(self) -> Batch:
+        self._assert_not_closed()
         while len(self._ahead) <= self._device_prefetch:
             try:
                 host = next(self._iterator)
@@ -203,9 +205,7 @@ class DataIterator:
     def close(self) -> None:
         """Stop the worker processes (they also stop when the iterator is garbage collected)."""
         self._ahead.clear()
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
+        super().close()
 
     def __enter__(self) -> DataIterator:
         return self
@@ -214,12 +214,10 @@ class DataIterator:
         self.close()
 
     def _to_batch(self, host: dict[str, Any]) -> Batch:
-        from vrft_jax.models.qwen2_vl.inputs import ModelInputs
-
         arrays = host["inputs"]
         if self._mesh is not None:
             arrays = {name: self._to_global(value) for name, value in arrays.items()}
-        return Batch(inputs=ModelInputs(**arrays), meta=host["meta"], skipped=dict(host["skipped"]),
+        return Batch(model_inputs=ModelInputs(**arrays), meta=host["meta"], skipped=dict(host["skipped"]),
                      skipped_records=tuple(host["skipped_records"]))
 
     def _to_global(self, local: np.ndarray):

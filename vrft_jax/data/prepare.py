@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -89,11 +90,11 @@ def _splits(args) -> tuple[dict[str, Iterable[rec.Candidate]], dict[str, Any]]:
         return {args.split: classification.classification_candidates(entries, root, args.noun,
                                                                      source=args.folder or args.list)}, notes
     if args.source == "lisa":
-        import os
-
         items = lisa.lisa_folder_items(args.input) if os.path.isdir(args.input) else lisa.lisa_json_items(args.input)
         return {args.split: lisa.grounding_candidates(items, image_root=args.image_root)}, notes
     if args.source == "synthetic":
+        if args.task == "grounding":
+            raise SystemExit("synthetic: --task is detection or classification")
         make = synthetic.detection_records if args.task in (None, "detection") else synthetic.classification_records
         made = make(args.num_images, seed=args.seed, min_side=args.min_side, max_side=args.max_side,
                     image_format=args.image_format)

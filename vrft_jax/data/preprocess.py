@@ -61,8 +61,6 @@ class ExampleEncoder:
     def __init__(self, tokenizer, model_config, *, min_pixels: int, max_pixels: int, max_prompt_len: int,
                  patch_bucket: int, patch_dtype=np.float32, on_bad_record: str = "error", source: str = "data",
                  system_prompt: str | None = None, chat_template: str | None = None):
-        from vrft_jax.models.qwen2_vl.processor import CHAT_TEMPLATE
-
         self.tokenizer = tokenizer
         self.geometry = image_lib.ImageGeometry.from_vision(model_config.vision, min_pixels=min_pixels,
                                                             max_pixels=max_pixels)
@@ -75,7 +73,7 @@ class ExampleEncoder:
         self.max_prompt_len, self.patch_bucket = int(max_prompt_len), int(patch_bucket)
         self.on_bad_record = rec.check_policy(on_bad_record)
         self.source, self.system_prompt = source, system_prompt
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or _default_chat_template()
 
     def __call__(self, item: tuple[int, Mapping[str, Any]]) -> Example | rec.Rejected:
         index, record = item
@@ -145,3 +143,10 @@ class ExampleEncoder:
         }
         return Example(input_ids=input_ids, positions=positions.T.astype(np.int32), rope_delta=int(delta),
                        patches=patches, grid_thw=grid, meta=meta)
+
+
+def _default_chat_template() -> str:
+    # Imported only when needed: the processor module pulls in torch through transformers' processors.
+    from vrft_jax.models.qwen2_vl.processor import CHAT_TEMPLATE
+
+    return CHAT_TEMPLATE

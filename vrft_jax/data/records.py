@@ -212,9 +212,11 @@ class ConversionReport:
     """What a conversion wrote and skipped; stored with the dataset as its metadata."""
 
     written: dict[str, int] = dataclasses.field(default_factory=dict)  # split -> records
-    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> records
-    skipped_records: list[str] = dataclasses.field(default_factory=list)  # "where: reason: detail"
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> records (all of them)
+    skipped_records: list[str] = dataclasses.field(default_factory=list)  # "where: reason: detail", the first
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)  # source-specific counts
+
+    MAX_LISTED = 1000  # keeps metadata.json small for a wholly bad source; `skipped` still counts all
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,7 +244,8 @@ def validated(candidates, *, split: str, on_bad_record: str, report: ConversionR
             if on_bad_record == "error":
                 raise BadRecordError(candidate.where, reason, detail)
             report.skipped[reason] = report.skipped.get(reason, 0) + 1
-            report.skipped_records.append(f"{candidate.where}: {reason}: {detail}")
+            if len(report.skipped_records) < report.MAX_LISTED:
+                report.skipped_records.append(f"{candidate.where}: {reason}: {detail}")
             continue
         seen[record_id] = candidate.where
         report.written[split] += 1
