@@ -30,6 +30,7 @@ import grain.multiprocessing
 import numpy as np
 
 from vrft_jax.data import records as rec
+from vrft_jax.data.image import write_patches
 from vrft_jax.data.preprocess import Example
 from vrft_jax.models.qwen2_vl import rope
 
@@ -52,6 +53,7 @@ class BatchLayout:
     patch_dim: int
     merge_size: int
     pad_id: int
+    temporal_patch_size: int = 2
     patch_dtype: Any = np.float32
 
     def assemble(self, examples: Sequence[Example], rejected: Sequence[rec.Rejected] = (),
@@ -76,7 +78,7 @@ class BatchLayout:
                     source_hw=np.zeros((b, 2), np.int32), prompt_len=np.zeros((b,), np.int32),
                     valid=np.zeros((b,), bool))
         for row, example in enumerate(examples):
-            length, n = len(example.input_ids), len(example.patches)
+            length, n = len(example.input_ids), len(example.pixels)
             if length > t or n > p:  # the encoder rejects these; reaching here is a bug, not bad data
                 raise AssertionError(f"example {example.meta['id']!r} ({length} tokens, {n} patches) "
                                      f"exceeds the buckets ({t}, {p})")
@@ -84,7 +86,7 @@ class BatchLayout:
             attention_mask[row, t - length:] = 1
             positions[row, t - length:] = example.positions
             rope_deltas[row] = example.rope_delta
-            patches[row, :n] = example.patches
+            write_patches(example.pixels, patches[row, :n], self.temporal_patch_size)
             segment_ids[row, :n] = 1
             patch_positions[row, :n] = rope.vision_patch_positions(example.grid_thw, self.merge_size)
             for name in TEXT_COLUMNS:

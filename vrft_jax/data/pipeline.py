@@ -73,7 +73,8 @@ def batch_layout(config: DataConfig, model_config, pad_id: int) -> BatchLayout:
     v = model_config.vision
     return BatchLayout(batch_size=config.batch_size, text_len=config.max_prompt_len,
                        patch_bucket=resolve_patch_bucket(config, model_config), patch_dim=v.patch_dim,
-                       merge_size=v.spatial_merge_size, pad_id=pad_id, patch_dtype=_dtype(config.patch_dtype))
+                       merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size, pad_id=pad_id,
+                       patch_dtype=_dtype(config.patch_dtype))
 
 
 def open_source(config: DataConfig, source=None) -> tuple[Any, str]:
@@ -104,7 +105,7 @@ def build_dataset(config: DataConfig, model_config, *, tokenizer=None, source=No
     encoder = ExampleEncoder(
         tokenizer, model_config, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
         max_prompt_len=config.max_prompt_len, patch_bucket=resolve_patch_bucket(config, model_config),
-        patch_dtype=_dtype(config.patch_dtype), on_bad_record=config.on_bad_record, source=name,
+        on_bad_record=config.on_bad_record, source=name,
         system_prompt=config.system_prompt)
     ds = grain.MapDataset.source(source).map_with_index(_with_index)  # before the shuffle: the stored index
     if config.shuffle:

@@ -27,7 +27,8 @@ class Example:
     input_ids:  int32[L], the rendered prompt with `<|image_pad|>` expanded to the image's tokens
     positions:  int32[L, 3] M-RoPE (time, row, column) ids
     rope_delta: the token at valid index k >= L (the generated ones) sits at position k + rope_delta
-    patches:    dtype[N, C*T*p*p] the image's patches in HF's order, N = t*h*w
+    pixels:     uint8[N, C, p*p] the resized image's pixels in HF's patch order, N = t*h*w
+                (normalised into the batch by `image.write_patches`)
     grid_thw:   (t, h, w) patch grid
     meta:       host-only columns (see `batching.META_COLUMNS`)
     """
@@ -35,7 +36,7 @@ class Example:
     input_ids: np.ndarray
     positions: np.ndarray
     rope_delta: int
-    patches: np.ndarray
+    pixels: np.ndarray
     grid_thw: tuple[int, int, int]
     meta: dict[str, Any]
 
@@ -59,12 +60,12 @@ class ExampleEncoder:
     """
 
     def __init__(self, tokenizer, model_config, *, min_pixels: int, max_pixels: int, max_prompt_len: int,
-                 patch_bucket: int, patch_dtype=np.float32, on_bad_record: str = "error", source: str = "data",
+                 patch_bucket: int, on_bad_record: str = "error", source: str = "data",
                  system_prompt: str | None = None, chat_template: str | None = None):
         self.tokenizer = tokenizer
         self.geometry = image_lib.ImageGeometry.from_vision(model_config.vision, min_pixels=min_pixels,
                                                             max_pixels=max_pixels)
-        self.patches = image_lib.PatchEncoder(self.geometry, patch_dtype)
+        self.patches = image_lib.PatchEncoder(self.geometry)
         self.image_token_id = int(model_config.image_token_id)
         tokenizer_image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         if tokenizer_image_id != self.image_token_id:
@@ -122,7 +123,7 @@ class ExampleEncoder:
             raise _Bad(rec.PROMPT_TOO_LONG, f"prompt is {length} tokens ({num_tokens} image tokens), more than "
                                             f"max_prompt_len {self.max_prompt_len}")
         try:
-            patches, grid = self.patches(image_lib.to_rgb(image))
+            pixels, grid = self.patches.pixel_blocks(image_lib.to_rgb(image))
         except image_lib.ImageError as e:
             raise _Bad(rec.BAD_IMAGE, str(e)) from None
 
@@ -142,7 +143,7 @@ class ExampleEncoder:
             "source_hw": source_hw,
         }
         return Example(input_ids=input_ids, positions=positions.T.astype(np.int32), rope_delta=int(delta),
-                       patches=patches, grid_thw=grid, meta=meta)
+                       pixels=pixels, grid_thw=grid, meta=meta)
 
 
 def _default_chat_template() -> str:
