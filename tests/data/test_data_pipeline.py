@@ -210,16 +210,21 @@ def test_epochs_reshuffle_and_cover_every_record(tiny_tokenizer, tiny_config):
     assert again == order
 
 
-def test_processes_get_disjoint_shards_that_cover_the_epoch(tiny_tokenizer, tiny_config):
-    records = list(synthetic.classification_records(12, seed=0))
-    shards = []
+def test_processes_get_disjoint_shards_that_cover_the_epoch_in_as_many_batches(tiny_tokenizer, tiny_config):
+    records = list(synthetic.classification_records(13, seed=0))
+    padded, dropped = [], []
     for index in range(2):
-        it = iterator(config(batch_size=3, num_epochs=1), tiny_config, tiny_tokenizer, records,
-                      process_index=index, process_count=2)
-        shards.append([i for b in it for i in b.meta["id"]])
-    assert len(shards[0]) == len(shards[1]) == 6
-    assert not set(shards[0]) & set(shards[1])
-    assert sorted(shards[0] + shards[1]) == sorted(r.id for r in records)
+        kwargs = dict(process_index=index, process_count=2)
+        batches = list(iterator(config(batch_size=3, num_epochs=1, drop_remainder=False), tiny_config,
+                                tiny_tokenizer, records, **kwargs))
+        padded.append([i for b in batches for i, v in zip(b.meta["id"], b.meta["valid"]) if v])
+        assert len(batches) == 3  # 13 records padded to 18 = 2 processes x 3 batches x 3 rows
+        dropped.append([i for b in iterator(config(batch_size=3, num_epochs=1), tiny_config, tiny_tokenizer, records,
+                                            **kwargs) for i in b.meta["id"]])
+    assert not set(padded[0]) & set(padded[1])
+    assert sorted(padded[0] + padded[1]) == sorted(r.id for r in records)
+    assert len(dropped[0]) == len(dropped[1]) == 6  # 13 cut to 12: two whole global batches of 6
+    assert not set(dropped[0]) & set(dropped[1])
 
 
 def test_throughput_knobs_do_not_change_the_stream(tiny_tokenizer, tiny_config):

@@ -60,12 +60,13 @@ class BatchLayout:
                  allocate=np.zeros) -> dict[str, Any]:
         """A host batch: {"inputs": arrays above, "meta": host columns, "skipped": counts}.
 
-        Fewer than `batch_size` examples (the end of a finite stream) leave padding rows, valid=False.
+        Fewer than `batch_size` examples (the end of a finite stream) leave padding rows, valid=False:
+        pad token, attention 0, zero patches, id "", index -1.
         `allocate(shape, dtype)` makes the zero-filled patch tensor (a shared-memory array inside workers).
         """
         b, t, p = self.batch_size, self.text_len, self.patch_bucket
-        if not 0 < len(examples) <= b:
-            raise ValueError(f"a batch holds 1 to {b} examples, got {len(examples)}")
+        if len(examples) > b:
+            raise ValueError(f"a batch holds at most {b} examples, got {len(examples)}")
         input_ids = np.full((b, t), self.pad_id, np.int32)
         attention_mask = np.zeros((b, t), np.int32)
         positions = np.zeros((b, t, 3), np.int32)
@@ -107,10 +108,10 @@ class BatchLayout:
 
 
 class StaticBatchDataset(grain.IterDataset):
-    """Grain transform: a stream of `Example | Rejected` -> a stream of static-shape host batches.
+    """Grain transform: a stream of `Example | Rejected | PADDING` -> a stream of static-shape host batches.
 
-    `drop_remainder` drops a final partial batch (and so loses the count of records skipped in it);
-    otherwise the final batch is padded with rows marked valid=False. `give_up_after` consecutive
+    `PADDING` items become valid=False rows. `drop_remainder` drops a final partial batch (and so loses
+    the count of records skipped in it); otherwise the final batch is padded with valid=False rows. `give_up_after` consecutive
     rejections (e.g. the dataset size: every record was bad) stop the stream with an error rather than
     spinning forever on an infinitely repeated, wholly bad dataset.
     """
@@ -143,13 +144,15 @@ class _StaticBatchIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, Any]:
         examples: list[Example] = []
         rejected: list[rec.Rejected] = []
-        in_a_row = 0
-        while len(examples) < self._layout.batch_size:
+        in_a_row = padding = 0
+        while len(examples) + padding < self._layout.batch_size:
             try:
                 item = next(self._parent)
             except StopIteration:
                 break
-            if isinstance(item, rec.Rejected):
+            if isinstance(item, rec.Padding):  # only at the end of a finite stream
+                padding += 1
+            elif isinstance(item, rec.Rejected):
                 rejected.append(item)
                 in_a_row += 1
                 if in_a_row >= self._give_up_after:
@@ -158,7 +161,8 @@ class _StaticBatchIterator(grain.DatasetIterator):
             else:
                 examples.append(item)
                 in_a_row = 0
-        if not examples or (self._drop_remainder and len(examples) < self._layout.batch_size):
+        drawn = len(examples) + padding
+        if not drawn or (self._drop_remainder and drawn < self._layout.batch_size):
             raise StopIteration
         return self._layout.assemble(examples, rejected, allocate=self._allocate)
 

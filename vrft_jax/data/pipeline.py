@@ -14,6 +14,11 @@ The stream is a pure function of the dataset, `DataConfig` (minus pure throughpu
 (process_index, process_count). It does depend on `num_workers` (each worker builds whole batches
 from every num_workers-th record), so a state restores only into a pipeline with the same workers;
 `set_state` checks this and names any difference.
+
+A finite run (num_epochs set) is cut (drop_remainder) or padded with valid=False rows to whole global
+batches, so every process makes the same number of batches. Records skipped in lenient mode are
+replaced by the next ones, so a process that skips more may end a finite run a batch early: multi-host
+evaluation should run strict, on data that `prepare` has already validated.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from vrft_jax.data import records as rec
 from vrft_jax.data import storage
 from vrft_jax.data.batching import BatchLayout, StaticBatchDataset
 from vrft_jax.data.config import DataConfig
@@ -43,8 +49,9 @@ class Batch:
 
     model_inputs:    `ModelInputs` (global jax.Arrays on the mesh, or NumPy without a mesh), batch-first,
                      static shapes [B, T] / [B, P, D] (see `vrft_jax.data.batching`)
-    meta:            host-only columns, B entries each: id, task, label, problem, solution (list[str]);
-                     index, image_hw, source_hw, prompt_len, valid (NumPy)
+    meta:            host-only columns of this process's B rows (its shard of the global arrays, in
+                     order): id, task, label, problem, solution (list[str]); index, image_hw, source_hw,
+                     prompt_len, valid (NumPy; see `vrft_jax.data.batching.META_COLUMNS`)
     skipped:         {reason: n} records skipped while this batch was assembled (on_bad_record="skip")
     skipped_records: "where: reason: detail" of each of them
     """
@@ -111,6 +118,8 @@ def build_dataset(config: DataConfig, model_config, *, tokenizer=None, source=No
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
     ds = ds.repeat(config.num_epochs)
+    if config.num_epochs is not None:
+        ds = _whole_global_batches(ds, process_count * config.batch_size, config.drop_remainder, name)
     if process_count > 1:
         ds = ds[process_index::process_count]
     ds = ds.map(encoder)
@@ -247,6 +256,37 @@ def make_iterator(config: DataConfig, model_config, *, mesh=None, tokenizer=None
                             process_index=process_index, process_count=process_count)
     return DataIterator(dataset, mesh=mesh, device_prefetch=config.device_prefetch, rules=rules,
                         fingerprint=fingerprint(config, model_config, name, len(opened), process_index, process_count))
+
+
+def _whole_global_batches(ds: grain.MapDataset, step: int, drop_remainder: bool, name: str) -> grain.MapDataset:
+    """A finite stream cut (drop_remainder) or padded with PADDING to a multiple of the global batch, so
+    every process gets as many items, and so as many batches (unless lenient skipping unbalances them)."""
+    total = len(ds)
+    if drop_remainder:
+        if total < step:
+            raise ValueError(f"{name}: a run of {total} records is less than one global batch of {step}; "
+                             "set drop_remainder=False to pad it")
+        return ds[:total - total % step]
+    return _PadToLength(ds, -(-total // step) * step)
+
+
+class _PadToLength(grain.MapDataset):
+    """The parent's items, then PADDING up to `length`."""
+
+    def __init__(self, parent: grain.MapDataset, length: int):
+        super().__init__(parent)
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[index] if index < len(self._parent) else rec.PADDING
+
+    def __str__(self) -> str:
+        return f"_PadToLength(length={self._length})"
 
 
 def _with_index(index: int, record: Mapping[str, Any]) -> tuple[int, Mapping[str, Any]]:

@@ -49,6 +49,7 @@ class _Bad(Exception):
 
 class ExampleEncoder:
     """Callable `(index, record) -> Example | Rejected`; picklable, so it can run in Grain workers.
+    `PADDING` passes through.
 
     Args:
       tokenizer: a Qwen2-VL tokenizer (`vrft_jax.models.qwen2_vl.processor.load_tokenizer`).
@@ -76,7 +77,9 @@ class ExampleEncoder:
         self.source, self.system_prompt = source, system_prompt
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or _default_chat_template()
 
-    def __call__(self, item: tuple[int, Mapping[str, Any]]) -> Example | rec.Rejected:
+    def __call__(self, item: tuple[int, Mapping[str, Any]] | rec.Padding) -> Example | rec.Rejected | rec.Padding:
+        if isinstance(item, rec.Padding):
+            return item
         index, record = item
         try:
             return self.encode(record, index)

@@ -76,6 +76,24 @@ class Rejected:
     detail: str
 
 
+class Padding:
+    """Stands for a row with no record: finite streams are padded to whole global batches so that every
+    process makes the same number of batches (a host with one batch fewer would hang the others)."""
+
+    def __reduce__(self):
+        return _padding, ()
+
+    def __repr__(self) -> str:
+        return "PADDING"
+
+
+PADDING = Padding()
+
+
+def _padding() -> Padding:
+    return PADDING
+
+
 def describe(record_id: str | None, index: int | None, source: str) -> str:
     """How errors name a record: its id, its index in the stored split, and the source."""
     parts = []
