@@ -1,0 +1,238 @@
+"""The GRPO math of `vrft_jax.grpo` against independent NumPy (float64) transcriptions of its sources:
+visual-rft.md §5.4 for the paper loss, TRL 1.16's `_compute_loss` for the others."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vrft_jax import grpo
+
+G = 4
+BETA = 0.04
+
+
+def case(seed=0, prompts=3, length=7, empty_row=None, spread=0.3):
+    """Random logprobs of a batch: ragged masks (through the first EOS), rewards with ties."""
+    rng = np.random.default_rng(seed)
+    rows = prompts * G
+    logprobs = rng.uniform(-4, -0.05, (rows, length)).astype(np.float32)
+    ref = (logprobs + rng.normal(0, spread, logprobs.shape)).astype(np.float32)
+    old = (logprobs + rng.uniform(-0.4, 0.4, logprobs.shape)).astype(np.float32)
+    lengths = rng.integers(1, length + 1, rows)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.float32)
+    if empty_row is not None:
+        mask[empty_row] = 0
+    rewards = rng.choice([0.0, 0.5, 1.0, 2.0], rows).astype(np.float32)
+    return logprobs, old, ref, rewards, mask
+
+
+def numpy_advantages(rewards, scale):
+    grouped = rewards.astype(np.float64).reshape(-1, G)
+    centred = grouped - grouped.mean(axis=1, keepdims=True)
+    if scale == "group":
+        centred = centred / (grouped.std(axis=1, ddof=1, keepdims=True) + 1e-4)
+    elif scale == "batch":
+        centred = centred / (rewards.astype(np.float64).std(ddof=1) + 1e-4)
+    return centred.reshape(-1)
+
+
+def numpy_visual_rft_loss(logprobs, ref, advantages, mask, beta=BETA):
+    """visual-rft.md §5.4 step 9 / §10.2, line by line."""
+    lp, ref, m = (x.astype(np.float64) for x in (logprobs, ref, mask))
+    per_token_kl = np.exp(ref - lp) - (ref - lp) - 1
+    per_token_loss = -(1.0 * advantages[:, None] - beta * per_token_kl)  # exp(lp - lp.detach()) == 1
+    return np.mean((per_token_loss * m).sum(axis=1) / m.sum(axis=1))
+
+
+def numpy_trl_loss(loss_type, logprobs, old, ref, advantages, mask, epsilon=0.2, epsilon_high=0.28, beta=BETA,
+                   bias_correction=True, max_completion_length=None):
+    """TRL 1.16 `_compute_loss` (token-level importance sampling), transcribed."""
+    lp, old, ref, m = (x.astype(np.float64) for x in (logprobs, old, ref, mask))
+    a = advantages.astype(np.float64)[:, None]
+    coef_1 = np.exp(lp - old)
+    per_token_kl = np.exp(ref - lp) - (ref - lp) - 1
+    if bias_correction:
+        per_token_kl = per_token_kl * coef_1
+    coef_2 = np.clip(coef_1, 1 - epsilon, 1 + epsilon_high)
+    per_token_loss = -np.minimum(coef_1 * a, coef_2 * a) + beta * per_token_kl
+    if loss_type == "grpo":
+        return np.mean((per_token_loss * m).sum(-1) / np.maximum(m.sum(-1), 1.0))
+    if loss_type in ("bnpo", "dapo"):  # one process, one micro-batch: both divide by the batch's tokens
+        return (per_token_loss * m).sum() / max(m.sum(), 1.0)
+    if loss_type == "dr_grpo":
+        return (per_token_loss * m).sum() / (per_token_loss.shape[0] * (max_completion_length or m.shape[1]))
+    raise ValueError(loss_type)
+
+
+def loss_of(config, logprobs, old, ref, advantages, mask):
+    return grpo.loss_terms(jnp.asarray(logprobs), old, ref, jnp.asarray(advantages, jnp.float32), mask, config)
+
+
+def test_paper_loss_is_the_visual_rft_formula():
+    logprobs, _, ref, rewards, mask = case(seed=1)
+    config = grpo.GRPOConfig.visual_rft()
+    advantages = grpo.advantages(rewards, G, config)
+    np.testing.assert_allclose(np.asarray(advantages), numpy_advantages(rewards, "group"), rtol=1e-6, atol=1e-6)
+    terms = loss_of(config, logprobs, None, ref, advantages, mask)
+    expected = numpy_visual_rft_loss(logprobs, ref, numpy_advantages(rewards, "group"), mask)
+    # The advantage terms cancel to ~0 (the sanity check of §10.6: loss ~ beta KL), so compare to the
+    # scale of the terms, not of their small sum.
+    assert float(terms.loss) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert float(terms.loss_count) == mask.shape[0]
+
+
+def test_paper_gradient_is_advantage_times_grad_logprob_plus_the_kl_term():
+    """d/dlp of -(exp(lp - sg(lp)) A - beta k3) is -A + beta (1 - exp(ref - lp)), weighted 1 / (S n_i)."""
+    logprobs, _, ref, rewards, mask = case(seed=2)
+    config = grpo.GRPOConfig.visual_rft()
+    advantages = np.asarray(grpo.advantages(rewards, G, config))
+    grad = jax.grad(lambda lp: loss_of(config, lp, None, ref, advantages, mask).loss)(jnp.asarray(logprobs))
+    weight = mask / (mask.shape[0] * mask.sum(axis=1, keepdims=True))
+    expected = weight * (-advantages[:, None] + BETA * (1 - np.exp(ref.astype(np.float64) - logprobs)))
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_clipped_losses_are_trl_formulas(loss_type, bias_correction):
+    logprobs, old, ref, rewards, mask = case(seed=5)
+    config = grpo.GRPOConfig.trl(loss_type, beta=BETA, epsilon_high=0.28, use_bias_correction_kl=bias_correction,
+                                 max_completion_length=9)
+    advantages = np.asarray(grpo.advantages(rewards, G, config))
+    terms = loss_of(config, logprobs, old, ref, advantages, mask)
+    expected = numpy_trl_loss(loss_type, logprobs, old, ref, advantages, mask, bias_correction=bias_correction,
+                              max_completion_length=9)
+    assert float(terms.loss) == pytest.approx(expected, rel=1e-6)
+    ratio = np.exp(logprobs.astype(np.float64) - old)
+    low = (ratio < 0.8) & (advantages[:, None] < 0)
+    high = (ratio > 1.28) & (advantages[:, None] > 0)
+    metrics = terms.metrics()
+    assert float(metrics["clip_low"]) == pytest.approx((low * mask).sum() / mask.sum())
+    assert float(metrics["clip_high"]) == pytest.approx((high * mask).sum() / mask.sum())
+    assert (low * mask).sum() > 0 and (high * mask).sum() > 0
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_advantage_estimators(scale):
+    _, _, _, rewards, _ = case(seed=4, prompts=5)
+    ours = grpo.advantages(rewards, G, grpo.GRPOConfig(advantage=scale))
+    np.testing.assert_allclose(np.asarray(ours), numpy_advantages(rewards, scale), rtol=1e-5, atol=1e-6)
+
+
+def test_nan_rewards_are_left_out_of_the_statistics_and_get_zero_advantage():
+    rewards = np.array([1.0, np.nan, 3.0, 2.0, np.nan, np.nan, np.nan, np.nan], np.float32)
+    ours = np.asarray(grpo.advantages(rewards, G, grpo.GRPOConfig()))
+    finite = np.array([1.0, 3.0, 2.0])
+    np.testing.assert_allclose(ours[[0, 2, 3]], (finite - 2.0) / (finite.std(ddof=1) + 1e-4), rtol=1e-6)
+    assert ours[1] == 0 and (ours[4:] == 0).all()
+
+
+def test_a_group_of_equal_rewards_or_of_one_sample_has_zero_advantage():
+    config = grpo.GRPOConfig()
+    assert (np.asarray(grpo.advantages(np.full(8, 0.7, np.float32), G, config)) == 0).all()
+    assert (np.asarray(grpo.advantages(np.array([0.0, 1.0, 5.0], np.float32), 1, config)) == 0).all()
+
+
+def test_combined_rewards_are_the_weighted_sum_and_nan_only_when_every_function_failed():
+    per_function = np.array([[1.0, 0.5], [np.nan, 1.0], [np.nan, np.nan]], np.float32)
+    combined = np.asarray(grpo.combine_rewards(per_function, [2.0, 1.0]))
+    np.testing.assert_allclose(combined[:2], [2.5, 1.0])
+    assert np.isnan(combined[2])
+    with pytest.raises(ValueError, match="3 reward weights for 2 reward functions"):
+        grpo.combine_rewards(per_function, [1.0, 1.0, 1.0])
+
+
+def test_kl_estimators_k1_and_k3_are_unbiased_and_k3_is_never_negative():
+    rng = np.random.default_rng(5)
+    pi = rng.dirichlet(np.ones(6))
+    ref = rng.dirichlet(np.ones(6))
+    exact = float(np.sum(pi * np.log(pi / ref)))
+    samples = rng.choice(6, size=200_000, p=pi)
+    lp = jnp.asarray(np.log(pi)[samples], jnp.float32)
+    rp = jnp.asarray(np.log(ref)[samples], jnp.float32)
+    for name in ("k1", "k3"):
+        values = np.asarray(grpo.KL_ESTIMATORS[name](lp, rp), np.float64)
+        assert abs(values.mean() - exact) < 4 * values.std() / np.sqrt(values.size), name
+    assert (np.asarray(grpo.KL_ESTIMATORS["k3"](lp, rp)) >= 0).all()
+    assert (np.asarray(grpo.KL_ESTIMATORS["k2"](lp, rp)) >= 0).all()
+    assert float(grpo.KL_ESTIMATORS["k3"](lp, lp).max()) == 0.0
+
+
+def test_clipping_removes_the_gradient_exactly_where_trl_clips():
+    """Tokens pushed past the trust region in their advantage's direction stop learning; the others
+    (inside it, or outside it against their advantage: the pessimistic bound) keep A r grad(lp)."""
+    config = grpo.GRPOConfig.trl("dapo", epsilon=0.2, epsilon_high=0.28)
+    old = np.zeros((4, 1), np.float32)
+    logprobs = np.log(np.array([[1.5], [1.5], [0.5], [1.1]], np.float32))
+    advantages = np.array([1.0, -1.0, -1.0, 1.0], np.float32)
+    mask = np.ones((4, 1), np.float32)
+    grad = jax.grad(lambda lp: loss_of(config, lp, old, None, advantages, mask).loss)(jnp.asarray(logprobs))
+    ratio = np.exp(logprobs[:, 0])
+    expected = np.array([0.0, ratio[1], 0.0, -ratio[3]]) / 4  # -A r / tokens where unclipped
+    np.testing.assert_allclose(np.asarray(grad)[:, 0], expected, rtol=1e-6)
+    capped = grpo.GRPOConfig.trl("dapo", delta=1.4)
+    grad = jax.grad(lambda lp: loss_of(capped, lp, old, None, advantages, mask).loss)(jnp.asarray(logprobs))
+    assert float(grad[1, 0]) == 0.0  # the ratio 1.5 is capped at delta: no more gradient pushing it down
+
+
+@pytest.mark.parametrize("loss", sorted(grpo.LOSSES))
+def test_terms_of_any_split_of_the_rows_add_up_to_the_whole(loss):
+    logprobs, old, ref, rewards, mask = case(seed=6, prompts=4, empty_row=5)
+    config = grpo.GRPOConfig(loss=loss, beta=BETA)
+    advantages = np.asarray(grpo.advantages(rewards, G, config))
+    whole = loss_of(config, logprobs, old, ref, advantages, mask)
+    parts = [slice(0, 3), slice(3, 4), slice(4, 11), slice(11, 16)]
+    total = grpo.LossTerms.zeros()
+    for part in parts:
+        total = total + loss_of(config, logprobs[part], old[part], ref[part], advantages[part], mask[part])
+    for field in ("loss_count", "tokens", "sequences", "clip_low_sum", "clip_high_sum"):  # counts: exact
+        assert float(getattr(total, field)) == float(getattr(whole, field)), field
+    for field in ("loss_sum", "kl_sum"):  # float32 sums of O(1) terms in another order
+        assert float(getattr(total, field)) == pytest.approx(float(getattr(whole, field)), rel=1e-5, abs=1e-6), field
+    assert float(whole.sequences) == 15  # the empty row is padding, not a sequence
+
+
+def test_an_empty_row_changes_no_loss():
+    logprobs, old, ref, rewards, mask = case(seed=7)
+    advantages = np.asarray(grpo.advantages(rewards, G, grpo.GRPOConfig()))
+    padded = [np.concatenate([x, x[:1]]) for x in (logprobs, old, ref)]
+    padded_mask = np.concatenate([mask, np.zeros_like(mask[:1])])
+    for loss in grpo.LOSSES:
+        config = grpo.GRPOConfig(loss=loss)
+        plain = loss_of(config, logprobs, old, ref, advantages, mask).loss
+        extra = loss_of(config, *padded, np.concatenate([advantages, [3.0]]), padded_mask).loss
+        assert float(extra) == pytest.approx(float(plain), rel=1e-6), loss
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"GRPOConfig.loss='ppo' is not one of \['bnpo', 'dapo', 'dr_grpo'"):
+        grpo.GRPOConfig(loss="ppo")
+    with pytest.raises(ValueError, match="GRPOConfig.advantage='rloo'"):
+        grpo.GRPOConfig(advantage="rloo")
+    with pytest.raises(ValueError, match="GRPOConfig.beta=-0.1 must be >= 0"):
+        grpo.GRPOConfig(beta=-0.1)
+    with pytest.raises(ValueError, match=r"GRPOConfig.delta=1.1 must exceed 1 \+ epsilon_high = 1.28"):
+        grpo.GRPOConfig(epsilon_high=0.28, delta=1.1)
+    with pytest.raises(ValueError, match="needs reference logprobs"):
+        loss_of(grpo.GRPOConfig(beta=0.04), *case()[:2], None, np.zeros(12, np.float32), case()[4])
+    with pytest.raises(ValueError, match=r"do not split into groups of 4"):
+        grpo.advantages(np.zeros(6, np.float32), G, grpo.GRPOConfig())
+
+
+def test_registries_take_new_entries_by_name_and_refuse_duplicates():
+    @grpo.register_loss("sequence_sum_for_test")
+    def sequence_sum(logprobs, old_logprobs, ref_logprobs, advantages, mask, config):
+        return grpo.LossTerms(loss_sum=-jnp.sum(advantages[:, None] * logprobs * mask), loss_count=jnp.float32(1),
+                              tokens=jnp.sum(mask), sequences=jnp.float32(mask.shape[0]), kl_sum=jnp.float32(0),
+                              clip_low_sum=jnp.float32(0), clip_high_sum=jnp.float32(0))
+
+    try:
+        config = grpo.GRPOConfig(loss="sequence_sum_for_test", beta=0.0)
+        logprobs, old, _, _, mask = case()
+        terms = loss_of(config, logprobs, old, None, np.ones(12, np.float32), mask)
+        assert float(terms.loss) == pytest.approx(-float((logprobs * mask).sum()), rel=1e-6)
+        with pytest.raises(ValueError, match="loss 'sequence_sum_for_test' is already registered"):
+            grpo.register_loss("sequence_sum_for_test")(sequence_sum)
+    finally:
+        del grpo.LOSSES["sequence_sum_for_test"]

@@ -1,0 +1,381 @@
+"""GRPO math in pure jnp: rewards -> advantages, KL estimators, and per-token policy losses.
+
+Three registries hold the swappable pieces, each filled by a decorator:
+  ADVANTAGES     `@register_advantage("group")`: rewards float[N] (N = prompts x G) -> advantages float[N]
+  KL_ESTIMATORS  `@register_kl("k3")`: (logprobs, ref_logprobs) float[N, L] -> per-token KL estimate
+  LOSSES         `@register_loss("paper")`: (logprobs, old_logprobs, ref_logprobs, advantages, mask, config)
+                 -> LossTerms
+A loss never returns a mean. It returns `LossTerms`: the sum of its numerator, the count that
+normalises it (tokens, sequences, or sequences x max length) and sums for its metrics. Sums and
+counts add across micro-batches and devices, so the loss of a batch is `total sum / total count`
+however the batch was split: splitting never changes the math. The count never depends on the
+parameters, which is why the gradient of a batch is the sum of its micro-batches' gradients of
+`loss_sum`, divided once by the global count.
+
+Names follow TRL 1.16's `GRPOTrainer` (`loss_type`, `scale_rewards`, `epsilon`, `epsilon_high`,
+`delta`, `beta`); each loss's docstring gives its formula and the TRL code it reproduces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+ADVANTAGES: dict[str, Callable] = {}
+KL_ESTIMATORS: dict[str, Callable] = {}
+LOSSES: dict[str, Callable] = {}
+
+
+def _registrar(table: dict[str, Callable], kind: str):
+    def register(name: str):
+        def decorate(fn):
+            if name in table:
+                raise ValueError(f"{kind} {name!r} is already registered (by {table[name].__qualname__})")
+            table[name] = fn
+            return fn
+
+        return decorate
+
+    return register
+
+
+register_advantage = _registrar(ADVANTAGES, "advantage estimator")
+register_kl = _registrar(KL_ESTIMATORS, "KL estimator")
+register_loss = _registrar(LOSSES, "loss")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig:
+    """The algorithm's knobs. The defaults are Visual-RFT's (visual-rft.md §5.4).
+
+    loss:           a name in LOSSES ("paper", "grpo", "bnpo", "dr_grpo", "dapo")
+    advantage:      a name in ADVANTAGES ("group", "batch", "none"); TRL's `scale_rewards`
+    advantage_eps:  added to the std before dividing (1e-4 in Visual-RFT and TRL)
+    beta:           weight of the per-token KL to the reference policy; 0 needs no reference
+    kl:             a name in KL_ESTIMATORS ("k1", "k2", "k3")
+    kl_bias_correction: multiply the per-token KL by the ratio r = exp(lp - old) (value 1 on-policy,
+                    but its gradient adds KL grad(lp)), which makes the KL gradient the unbiased
+                    reverse-KL gradient under samples of the old policy (DeepSeek-V3.2). TRL 1.16's
+                    `use_bias_correction_kl`, on by default there; off in Visual-RFT (TRL 0.14)
+    epsilon:        lower clip range of the ratio, 1 - epsilon (TRL `epsilon`)
+    epsilon_high:   upper clip range, 1 + epsilon_high; None means epsilon (TRL `epsilon_high`)
+    delta:          optional upper bound of the unclipped ratio (two-sided clipping; TRL `delta`)
+    max_completion_length: dr_grpo's per-sequence normaliser; None means the completion bucket L
+    """
+
+    loss: str = "paper"
+    advantage: str = "group"
+    advantage_eps: float = 1e-4
+    beta: float = 0.04
+    kl: str = "k3"
+    kl_bias_correction: bool = False
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    max_completion_length: int | None = None
+
+    def __post_init__(self):
+        for field, table in (("loss", LOSSES), ("advantage", ADVANTAGES), ("kl", KL_ESTIMATORS)):
+            name = getattr(self, field)
+            if name not in table:
+                raise ValueError(f"GRPOConfig.{field}={name!r} is not one of {sorted(table)}")
+        if self.beta < 0:
+            raise ValueError(f"GRPOConfig.beta={self.beta} must be >= 0")
+        if not 0 <= self.epsilon < 1:
+            raise ValueError(f"GRPOConfig.epsilon={self.epsilon} must be in [0, 1)")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ValueError(f"GRPOConfig.epsilon_high={self.epsilon_high} must be >= 0")
+        if self.delta is not None and self.delta <= 1 + self.upper_epsilon:
+            raise ValueError(f"GRPOConfig.delta={self.delta} must exceed 1 + epsilon_high = {1 + self.upper_epsilon}")
+        if self.advantage_eps < 0:
+            raise ValueError(f"GRPOConfig.advantage_eps={self.advantage_eps} must be >= 0")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(f"GRPOConfig.max_completion_length={self.max_completion_length} must be >= 1")
+
+    @property
+    def upper_epsilon(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @classmethod
+    def visual_rft(cls) -> GRPOConfig:
+        """Visual-RFT exactly: paper loss, group advantages with unbiased std + 1e-4, k3 KL, beta 0.04."""
+        return cls()
+
+    @classmethod
+    def trl(cls, loss_type: str = "dapo", scale_rewards: str = "group", beta: float = 0.0, epsilon: float = 0.2,
+            epsilon_high: float | None = None, use_bias_correction_kl: bool = True, **changes) -> GRPOConfig:
+        """TRL 1.16 `GRPOConfig` semantics under TRL's names, with its defaults (dapo, group scaling, beta 0,
+        KL bias correction on)."""
+        return cls(loss=loss_type, advantage=scale_rewards, beta=beta, epsilon=epsilon, epsilon_high=epsilon_high,
+                   kl_bias_correction=use_bias_correction_kl, **changes)
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+def combine_rewards(rewards_nf, weights_f=None):
+    """float32[N]: the weighted sum over reward functions of float[N, F] rewards.
+
+    A NaN reward (a function that could not score the completion) counts as 0, unless every
+    function returned NaN: the completion is then unscorable and its reward stays NaN, which the
+    advantage estimators turn into advantage 0 (TRL's `sum_then_normalize`).
+    """
+    rewards = jnp.asarray(rewards_nf, jnp.float32)
+    weights = jnp.ones(rewards.shape[1], jnp.float32) if weights_f is None else jnp.asarray(weights_f, jnp.float32)
+    if weights.shape != rewards.shape[1:]:
+        raise ValueError(f"{weights.shape[0]} reward weights for {rewards.shape[1]} reward functions")
+    total = jnp.nansum(rewards * weights, axis=1)
+    return jnp.where(jnp.all(jnp.isnan(rewards), axis=1), jnp.nan, total)
+
+
+def advantages(rewards_n, group_size: int, config: GRPOConfig):
+    """float32[N] advantages of `rewards_n` (row b*G + g is sample g of prompt b) by `config.advantage`."""
+    rewards = jnp.asarray(rewards_n, jnp.float32)
+    if rewards.ndim != 1 or group_size < 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"rewards of shape {rewards.shape} do not split into groups of {group_size}")
+    return ADVANTAGES[config.advantage](rewards, group_size, config.advantage_eps)
+
+
+def _nanstd(x, axis=None, keepdims=False):
+    """Unbiased (N-1) std over the finite entries, as torch's default and TRL's `nanstd`; 0 where fewer
+    than two entries are finite (TRL uses 0 for a lone sample; the advantage is 0 either way)."""
+    count = jnp.sum(~jnp.isnan(x), axis=axis, keepdims=True)
+    mean = jnp.nanmean(x, axis=axis, keepdims=True)
+    squares = jnp.nansum(jnp.square(x - mean), axis=axis, keepdims=True)
+    std = jnp.sqrt(squares / jnp.maximum(count - 1, 1))
+    std = jnp.where(count > 1, std, 0.0)
+    return std if keepdims else jnp.squeeze(std, axis=axis)
+
+
+def _centred(rewards, group_size):
+    grouped = rewards.reshape(-1, group_size)
+    return grouped, grouped - jnp.nanmean(grouped, axis=1, keepdims=True)
+
+
+@register_advantage("group")
+def group_scaled_advantages(rewards, group_size, eps):
+    """(r - mean_G) / (std_G + eps), std unbiased over the G samples of a prompt.
+
+    Visual-RFT (visual-rft.md §5.4 step 8) and TRL `scale_rewards="group"` (its `nanstd` applies
+    Bessel's correction too). NaN rewards are left out of the statistics and get advantage 0.
+    """
+    grouped, centred = _centred(rewards, group_size)
+    scaled = centred / (_nanstd(grouped, axis=1, keepdims=True) + eps)
+    return jnp.nan_to_num(scaled.reshape(-1), nan=0.0)
+
+
+@register_advantage("batch")
+def batch_scaled_advantages(rewards, group_size, eps):
+    """(r - mean_G) / (std_batch + eps): the group baseline, one unbiased std over the whole batch
+    (TRL `scale_rewards="batch"`, after "Tricks or Traps? A Deep Dive into RL for LLM Reasoning")."""
+    _, centred = _centred(rewards, group_size)
+    scaled = centred.reshape(-1) / (_nanstd(rewards) + eps)
+    return jnp.nan_to_num(scaled, nan=0.0)
+
+
+@register_advantage("none")
+def unscaled_advantages(rewards, group_size, eps):
+    """r - mean_G, no division (Dr. GRPO, "Understanding R1-Zero-Like Training"; TRL `scale_rewards="none"`)."""
+    del eps
+    _, centred = _centred(rewards, group_size)
+    return jnp.nan_to_num(centred.reshape(-1), nan=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- KL
+
+
+@register_kl("k1")
+def kl_k1(logprobs, ref_logprobs):
+    """log(pi / ref) = lp - ref: unbiased for KL(pi || ref) under samples of pi, high variance, can be < 0."""
+    return logprobs - ref_logprobs
+
+
+@register_kl("k2")
+def kl_k2(logprobs, ref_logprobs):
+    """(log(pi / ref))^2 / 2: biased, low variance, >= 0 (verl's "mse")."""
+    return 0.5 * jnp.square(logprobs - ref_logprobs)
+
+
+@register_kl("k3")
+def kl_k3(logprobs, ref_logprobs):
+    """ref/pi - log(ref/pi) - 1, computed from d = ref - lp as exp(d) - d - 1: unbiased, >= 0, low variance
+    (Schulman's k3). Visual-RFT's and TRL's `per_token_kl` exactly."""
+    d = ref_logprobs - logprobs
+    return jnp.exp(d) - d - 1
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+@flax.struct.dataclass
+class LossTerms:
+    """Additive pieces of a loss over some rows: every field is a float32 scalar sum.
+
+    loss_sum / loss_count is the loss; the metric sums divide by `tokens`.
+    """
+
+    loss_sum: jax.Array
+    loss_count: jax.Array  # tokens, sequences or sequences x max length: never depends on the parameters
+    tokens: jax.Array  # masked (real) completion tokens
+    sequences: jax.Array  # rows with at least one real token
+    kl_sum: jax.Array  # sum over tokens of the per-token KL estimate (0 when no reference is given)
+    clip_low_sum: jax.Array  # tokens whose ratio fell below 1 - epsilon with A < 0 (TRL's is_low_clipped)
+    clip_high_sum: jax.Array  # tokens whose ratio rose above 1 + epsilon_high with A > 0
+
+    def __add__(self, other: LossTerms) -> LossTerms:
+        return jax.tree.map(jnp.add, self, other)
+
+    @classmethod
+    def zeros(cls) -> LossTerms:
+        return cls(*(jnp.zeros((), jnp.float32) for _ in dataclasses.fields(cls)))
+
+    @property
+    def loss(self):
+        return self.loss_sum / jnp.maximum(self.loss_count, 1.0)
+
+    def metrics(self) -> dict[str, jax.Array]:
+        """Token means of the KL and clip indicators (TRL's `global_masked_mean`)."""
+        tokens = jnp.maximum(self.tokens, 1.0)
+        return {"kl": self.kl_sum / tokens, "clip_low": self.clip_low_sum / tokens,
+                "clip_high": self.clip_high_sum / tokens,
+                "clip_region": (self.clip_low_sum + self.clip_high_sum) / tokens}
+
+
+def _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config: GRPOConfig, *, clip: bool):
+    """(per-token loss, per-token KL, low-clipped, high-clipped), all float32[N, L].
+
+    The surrogate is TRL's token-level `-min(r A, clip(r, 1 - eps, 1 + eps_high) A)` with
+    r = exp(lp - old); without `clip` it is `-r A` (r has value 1 when old = sg(lp)). The KL term
+    `beta KL_t` (times r with kl_bias_correction) is added to every token's loss.
+    """
+    logprobs = logprobs.astype(jnp.float32)
+    old = jax.lax.stop_gradient(logprobs if old_logprobs is None else old_logprobs.astype(jnp.float32))
+    advantage = advantages_n.astype(jnp.float32)[:, None]
+    ratio = jnp.exp(logprobs - old)
+    if clip:
+        clipped = jnp.clip(ratio, 1 - config.epsilon, 1 + config.upper_epsilon)
+        unclipped = ratio if config.delta is None else jnp.minimum(ratio, config.delta)
+        loss = -jnp.minimum(unclipped * advantage, clipped * advantage)
+    else:
+        loss = -ratio * advantage
+    low = (ratio < 1 - config.epsilon) & (advantage < 0)
+    high = (ratio > 1 + config.upper_epsilon) & (advantage > 0)
+    if ref_logprobs is not None:
+        kl = KL_ESTIMATORS[config.kl](logprobs, ref_logprobs.astype(jnp.float32))
+        if config.kl_bias_correction:
+            kl = kl * ratio
+    else:
+        if config.beta:
+            raise ValueError(f"GRPOConfig.beta={config.beta} needs reference logprobs, got None")
+        kl = jnp.zeros_like(logprobs)
+    if config.beta:
+        loss = loss + config.beta * kl
+    return loss, kl, low.astype(jnp.float32), high.astype(jnp.float32)
+
+
+def _terms(loss_sum, loss_count, mask, kl, low, high) -> LossTerms:
+    return LossTerms(loss_sum=loss_sum, loss_count=jnp.asarray(loss_count, jnp.float32), tokens=jnp.sum(mask),
+                     sequences=_sequences(mask), kl_sum=jnp.sum(kl * mask),
+                     clip_low_sum=jnp.sum(low * mask), clip_high_sum=jnp.sum(high * mask))
+
+
+def _sequence_mean_sum(per_token, mask):
+    """Sum over rows of each row's token mean; an empty row adds 0."""
+    return jnp.sum(jnp.sum(per_token * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
+
+
+def _sequences(mask):
+    return jnp.sum(jnp.sum(mask, axis=1) > 0).astype(jnp.float32)
+
+
+@register_loss("paper")
+def paper_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+    """Visual-RFT's loss (visual-rft.md §5.4 step 9; TRL 0.14 `compute_loss`):
+
+        l_t = -( exp(lp_t - sg(lp_t)) A - beta KL_t ),   KL_t = k3 by default
+        L   = mean over sequences of ( sum_t m_t l_t / sum_t m_t )
+
+    One update per rollout: `old_logprobs` is ignored and the ratio is exp(lp - sg(lp)), value 1,
+    gradient A grad(lp). Equals TRL 1.16 `loss_type="grpo"` with `num_iterations=1` and
+    `use_bias_correction_kl=False`.
+    Terms: loss_sum = sum over sequences of their token mean; loss_count = sequences.
+    """
+    del old_logprobs
+    mask = mask.astype(jnp.float32)
+    loss, kl, low, high = _per_token(logprobs, None, ref_logprobs, advantages_n, config, clip=False)
+    return _terms(_sequence_mean_sum(loss, mask), _sequences(mask), mask, kl, low, high)
+
+
+@register_loss("grpo")
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+    """TRL 1.16 `loss_type="grpo"`: the clipped surrogate, sequence token-mean, then batch mean.
+
+        r_t = exp(lp_t - old_t)        (old = sg(lp) when old_logprobs is None: num_iterations = 1)
+        l_t = -min(r_t A, clip(r_t, 1 - epsilon, 1 + epsilon_high) A) + beta KL_t
+        L   = mean over sequences of ( sum_t m_t l_t / sum_t m_t )
+
+    TRL: `((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()`. Its mean counts
+    every row; ours counts rows holding a token, so static-shape padding rows change nothing
+    (a sampled completion always holds at least one token, so real batches agree).
+    """
+    mask = mask.astype(jnp.float32)
+    loss, kl, low, high = _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config, clip=True)
+    return _terms(_sequence_mean_sum(loss, mask), _sequences(mask), mask, kl, low, high)
+
+
+@register_loss("bnpo")
+def bnpo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+    """TRL 1.16 `loss_type="bnpo"`: the clipped surrogate (as grpo), averaged over the batch's tokens.
+
+        L = sum_{i,t} m_it l_it / sum_{i,t} m_it
+
+    TRL normalises by the tokens of each local micro-batch (`mask.sum()`), so its value depends on
+    how the batch is split over devices and accumulation steps; ours divides by the tokens of the
+    whole batch. With one process and one micro-batch the two agree (and bnpo equals dapo).
+    """
+    mask = mask.astype(jnp.float32)
+    loss, kl, low, high = _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config, clip=True)
+    return _terms(jnp.sum(loss * mask), jnp.sum(mask), mask, kl, low, high)
+
+
+@register_loss("dr_grpo")
+def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+    """TRL 1.16 `loss_type="dr_grpo"` (Dr. GRPO): the clipped surrogate over a constant normaliser.
+
+        L = sum_{i,t} m_it l_it / (sequences x max_completion_length)
+
+    TRL: `(per_token_loss * mask).sum() / (per_token_loss.size(0) * self.max_completion_length)`.
+    The normaliser is free of the completions' lengths, which removes GRPO's length bias.
+    """
+    mask = mask.astype(jnp.float32)
+    loss, kl, low, high = _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config, clip=True)
+    length = config.max_completion_length or mask.shape[1]
+    return _terms(jnp.sum(loss * mask), _sequences(mask) * length, mask, kl, low, high)
+
+
+@register_loss("dapo")
+def dapo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+    """TRL 1.16 `loss_type="dapo"` (its default; DAPO's token-level loss): the clipped surrogate over
+    the tokens of the whole generation batch.
+
+        L = sum_{i,t} m_it l_it / sum over all devices and micro-batches of m_it
+
+    TRL: `(per_token_loss * mask).sum() / num_items_in_batch`, the global token count. Use it with
+    `epsilon_high` (DAPO's clip-higher, e.g. 0.28).
+    """
+    mask = mask.astype(jnp.float32)
+    loss, kl, low, high = _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config, clip=True)
+    return _terms(jnp.sum(loss * mask), jnp.sum(mask), mask, kl, low, high)
+
+
+def loss_terms(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+    """`config.loss`'s terms for float32[N, L] logprobs (old and ref may be None), float32[N]
+    advantages and an [N, L] mask of the real completion tokens."""
+    if logprobs.shape != mask.shape or advantages_n.shape != logprobs.shape[:1]:
+        raise ValueError(f"logprobs {logprobs.shape}, mask {mask.shape} and advantages {advantages_n.shape} "
+                         "must be [N, L], [N, L] and [N]")
+    return LOSSES[config.loss](logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config)
