@@ -1,0 +1,123 @@
+"""Log-probabilities of sampled completions under a model: the policy's (with gradient) and the
+frozen reference's, by one function.
+
+The vision tower and the prompt's embedding run once per prompt ([B] rows) and are repeated for
+the prompt's G completions; the decoder then runs over prompt + completion ([B*G] rows). Only the
+L positions that predict completion tokens go through the LM head, in chunks of positions: one
+chunk's float32 logits `[B*G, chunk, V]` exist at a time, forward and backward (each chunk is
+rematerialised), so the `[B*G, T, V]` logits of a full forward (V = 151,657 for Qwen2-VL) never do.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from vrft_jax.models.qwen2_vl.inputs import ModelInputs
+from vrft_jax.models.qwen2_vl.layers import precision
+from vrft_jax.models.qwen2_vl.model import Qwen2VL
+from vrft_jax.sharding import constrain
+
+
+@flax.struct.dataclass
+class TokenScores:
+    """logprobs: float32[B*G, L] log softmax(logits / temperature) at each completion token
+    (computed at padding too; mask them). entropy: float32[B*G, L] entropy of that distribution
+    (no gradient), or None when not asked for."""
+
+    logprobs: jax.Array
+    entropy: jax.Array | None = None
+
+
+def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, completion_mask_nl, *,
+                      temperature: float = 1.0, chunk_size: int = 32, with_entropy: bool = False) -> TokenScores:
+    """Teacher-force B*G completions after their B left-padded prompts and score every completion token.
+
+    Args:
+      inputs: the prompts, [B, T] tokens with their images (the rollout's `ModelInputs`).
+      completions_nl: int32[B*G, L], row b*G + g a completion of prompt b.
+      completion_mask_nl: [B*G, L], 1 for real tokens (through the first EOS), 0 for padding; padding
+        is invisible to the real tokens, as in HF with TRL's attention mask.
+      temperature: logits are divided by it before the softmax (TRL's `temperature`).
+      chunk_size: completion positions whose logits exist at once.
+    """
+    batch, prompt_len = inputs.input_ids.shape
+    rows, length = completions_nl.shape
+    if rows % batch or completion_mask_nl.shape != completions_nl.shape:
+        raise ValueError(f"completions {completions_nl.shape} and mask {completion_mask_nl.shape} must be "
+                         f"[B*G, L] for B={batch} prompts")
+    group = rows // batch
+
+    def repeat(x):
+        return jnp.repeat(x, group, axis=0)
+
+    # The image features and the prompt embedding are computed per prompt, then shared by its G rows;
+    # completion tokens are embedded as plain text, never as image features.
+    prompt_x = repeat(model.embed(inputs.input_ids, model.image_features(inputs)))
+    x = jnp.concatenate([prompt_x, model.text.embed(completions_nl).astype(prompt_x.dtype)], axis=1)
+    mask = jnp.concatenate([repeat(inputs.attention_mask), completion_mask_nl.astype(inputs.attention_mask.dtype)],
+                           axis=1)
+    # Completion token k of prompt b sits at M-RoPE position (valid prompt tokens + k + rope delta).
+    start = jnp.sum(inputs.attention_mask, axis=1) + inputs.rope_deltas
+    completion_positions = repeat(start)[:, None] + jnp.arange(length)[None, :]
+    positions = jnp.concatenate(
+        [repeat(inputs.positions),
+         jnp.broadcast_to(completion_positions[..., None], (rows, length, 3)).astype(inputs.positions.dtype)], axis=1)
+    hidden, _ = model.text(x, positions, mask)
+    # Position T - 1 + k predicts completion token k.
+    hidden = jax.lax.dynamic_slice_in_dim(hidden, prompt_len - 1, length, axis=1)
+    return chunked_token_logprobs(model, hidden, completions_nl, temperature=temperature, chunk_size=chunk_size,
+                                  with_entropy=with_entropy)
+
+
+def chunked_token_logprobs(model: Qwen2VL, hidden_nld, targets_nl, *, temperature: float = 1.0,
+                           chunk_size: int = 32, with_entropy: bool = False) -> TokenScores:
+    """log softmax(hidden @ head / temperature)[target] for float[N, L, D] final-norm hidden states.
+
+    The LM head runs over `chunk_size` positions at a time inside a rematerialised `lax.map` body:
+    a chunk's float32 logits [N, chunk, V] are the largest vocabulary-sized buffer, and the backward
+    pass recomputes them instead of keeping all L positions' logits alive.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    rows, length, _ = hidden_nld.shape
+    chunk = max(1, min(chunk_size, length))
+    chunks = -(-length // chunk)
+    pad = chunks * chunk - length
+    hidden = jnp.pad(hidden_nld, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets_nl, ((0, 0), (0, pad)))
+    # [chunks, N, chunk, ...]: lax.map walks the chunks.
+    hidden = hidden.reshape(rows, chunks, chunk, -1).swapaxes(0, 1)
+    targets = targets.reshape(rows, chunks, chunk).swapaxes(0, 1)
+
+    text = model.text
+    config = model.config
+    tied = text.lm_head is None
+    weight = (text.embed_tokens if tied else text.lm_head)[...].astype(config.dtype)
+    spec = "NCD,VD->NCV" if tied else "NCD,DV->NCV"
+    vocab = weight.shape[0] if tied else weight.shape[1]
+
+    @jax.checkpoint
+    def score(args):
+        hidden_ncd, targets_nc = args
+        logits = jnp.einsum(spec, hidden_ncd.astype(config.dtype), weight, preferred_element_type=jnp.float32,
+                            precision=precision(config)) / temperature
+        logits = constrain(logits, ("batch", "length", "act_vocab"))
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        # A select-and-sum rather than a gather: it partitions over a vocabulary split across devices.
+        is_target = jnp.arange(vocab)[None, None, :] == targets_nc[..., None]
+        target = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+        logprobs = target - log_z
+        if not with_entropy:
+            return logprobs, None
+        # H = sum_v p_v (log Z - z_v): a sum of non-negative terms, no cancellation of two large ones.
+        surprisal = jax.lax.stop_gradient(log_z[..., None] - logits)
+        return logprobs, jnp.sum(jnp.exp(-surprisal) * surprisal, axis=-1)
+
+    logprobs, entropy = jax.lax.map(score, (hidden, targets))
+
+    def unchunk(x):
+        return None if x is None else x.swapaxes(0, 1).reshape(rows, chunks * chunk)[:, :length]
+
+    return TokenScores(logprobs=unchunk(logprobs), entropy=unchunk(entropy))
