@@ -316,3 +316,23 @@ def test_iterator_checkpoints_with_orbax_through_grains_handler(tmp_path, tiny_t
         manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
     assert [next(resumed).meta["id"] for _ in range(3)] == expected
     assert (tmp_path / "2" / "data" / "process_0-of-1.json").exists()
+
+
+def test_system_prompt_and_evaluation_prefix_reach_the_prompt(qwen_tokenizer, qwen_config):
+    from vrft_jax.data.preprocess import ExampleEncoder
+
+    record = next(synthetic.classification_records(1, seed=0))
+    cfg = config(system_prompt=prompts.R1_SYSTEM_PROMPT, problem_prefix="<image>\n")
+    batch = next(iterator(cfg, qwen_config, qwen_tokenizer, [record] * 2))
+    ids = batch.model_inputs.input_ids[0][batch.model_inputs.attention_mask[0].astype(bool)]
+    text = qwen_tokenizer.decode(ids)
+    assert text.startswith(f"<|im_start|>system\n{prompts.R1_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+                           "<|vision_start|><|image_pad|>")
+    assert f"<|vision_end|><image>\n{record.problem}<|im_end|>\n<|im_start|>assistant\n" in text
+    assert batch.meta["problem"][0] == "<image>\n" + record.problem
+    # Visual-RFT training: no system turn of ours; the template's default one.
+    plain = ExampleEncoder(qwen_tokenizer, qwen_config, min_pixels=3136, max_pixels=MAX_PIXELS, max_prompt_len=T,
+                           patch_bucket=132).prompt_ids("hi")
+    assert qwen_tokenizer.decode(plain) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>"
+                                            "user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n"
+                                            "<|im_start|>assistant\n")

@@ -34,7 +34,8 @@ from vrft_jax.data.image import write_patches
 from vrft_jax.data.preprocess import Example
 from vrft_jax.models.qwen2_vl import rope
 
-TEXT_COLUMNS = ("id", "task", "label", "problem", "solution")  # list[str] in `meta`
+# list[str] in `meta`; `problem` is the text as sent to the model (after DataConfig.problem_prefix).
+TEXT_COLUMNS = ("id", "task", "label", "problem", "solution")
 # Numeric meta columns: index int64[B] (position in the stored split), image_hw int32[B, 2] (height and
 # width of the resized image the model sees: the PIXELS box frame), source_hw int32[B, 2] (the stored
 # image), prompt_len int32[B] (real tokens), valid bool[B] (False on the padding rows of a final partial batch).

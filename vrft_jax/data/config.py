@@ -41,6 +41,8 @@ class DataConfig:
     Prompt:
       tokenizer_path:  a local HF tokenizer directory; None = the packaged Qwen2-VL tokenizer
       system_prompt:   None for Visual-RFT training (the template adds "You are a helpful assistant.")
+      problem_prefix:  text put before each problem; "<image>\n" reproduces Visual-RFT's evaluation
+                       prompts (its eval scripts send '<image>\n' + question), "" its training prompts
     """
 
     path: str = ""
@@ -62,6 +64,7 @@ class DataConfig:
     on_bad_record: str = "error"
     tokenizer_path: str | None = None
     system_prompt: str | None = None
+    problem_prefix: str = ""
 
     def __post_init__(self):
         check_policy(self.on_bad_record)

@@ -112,8 +112,8 @@ def build_dataset(config: DataConfig, model_config, *, tokenizer=None, source=No
     encoder = ExampleEncoder(
         tokenizer, model_config, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
         max_prompt_len=config.max_prompt_len, patch_bucket=resolve_patch_bucket(config, model_config),
-        on_bad_record=config.on_bad_record, source=name,
-        system_prompt=config.system_prompt)
+        on_bad_record=config.on_bad_record, source=name, system_prompt=config.system_prompt,
+        problem_prefix=config.problem_prefix)
     ds = grain.MapDataset.source(source).map_with_index(_with_index)  # before the shuffle: the stored index
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
@@ -138,7 +138,7 @@ def fingerprint(config: DataConfig, model_config, source_name: str, num_records:
                 process_index: int, process_count: int) -> dict[str, Any]:
     """What decides the stream; a saved state only restores into a pipeline with the same values."""
     keys = ("split", "batch_size", "max_prompt_len", "min_pixels", "max_pixels", "seed", "shuffle", "num_epochs",
-            "num_workers", "on_bad_record", "drop_remainder", "system_prompt")
+            "num_workers", "on_bad_record", "drop_remainder", "system_prompt", "problem_prefix")
     values = {k: getattr(config, k) for k in keys}
     values.update(source=source_name, records=num_records, patch_bucket=resolve_patch_bucket(config, model_config),
                   process_index=process_index, process_count=process_count)

@@ -58,11 +58,12 @@ class ExampleEncoder:
       patch_bucket: the patch bucket P; images with more patches are bad records.
       source: names the data in error messages.
       system_prompt: None for Visual-RFT training (the chat template adds "You are a helpful assistant.").
+      problem_prefix: put before every problem (Visual-RFT's evaluation uses "<image>\n").
     """
 
     def __init__(self, tokenizer, model_config, *, min_pixels: int, max_pixels: int, max_prompt_len: int,
                  patch_bucket: int, on_bad_record: str = "error", source: str = "data",
-                 system_prompt: str | None = None, chat_template: str | None = None):
+                 system_prompt: str | None = None, problem_prefix: str = "", chat_template: str | None = None):
         self.tokenizer = tokenizer
         self.geometry = image_lib.ImageGeometry.from_vision(model_config.vision, min_pixels=min_pixels,
                                                             max_pixels=max_pixels)
@@ -74,7 +75,7 @@ class ExampleEncoder:
                              f"image_token_id is {self.image_token_id}")
         self.max_prompt_len, self.patch_bucket = int(max_prompt_len), int(patch_bucket)
         self.on_bad_record = rec.check_policy(on_bad_record)
-        self.source, self.system_prompt = source, system_prompt
+        self.source, self.system_prompt, self.problem_prefix = source, system_prompt, problem_prefix
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or _default_chat_template()
 
     def __call__(self, item: tuple[int, Mapping[str, Any]] | rec.Padding) -> Example | rec.Rejected | rec.Padding:
@@ -96,13 +97,15 @@ class ExampleEncoder:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                                   chat_template=self.chat_template)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # The Rust tokenizer directly: the Python wrapper re-applies padding/truncation settings on every
+        # call, which races between the pipeline's reader threads. Same ids (the HF parity test checks).
+        return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode(self, record: Mapping[str, Any], index: int) -> Example:
         error = rec.record_error(record)
         if error:
             raise _Bad(*error)
-        problem = rec.text_field(record, "problem")
+        problem = self.problem_prefix + rec.text_field(record, "problem")
         ids = self.prompt_ids(problem)
         slots = [k for k, t in enumerate(ids) if t == self.image_token_id]
         if len(slots) != 1:  # the problem text itself spelled out an <|image_pad|>
