@@ -126,13 +126,14 @@ BAD = {
     "missing": dict(problem=""),
     "too_long": dict(problem=prompts.detection_problem("thing " * 400)),
     "malformed": dict(solution="<answer>[{'Position': [1, 2, 3]}]</answer>"),
+    "not_utf8": dict(problem=b"caf\xe9 is latin-1"),
 }
 REASON = {"corrupt": "bad_image", "garbage": "bad_image", "missing": "missing_field", "too_long": "prompt_too_long",
-          "malformed": "bad_solution"}
+          "malformed": "bad_solution", "not_utf8": "bad_text"}
 
 
 def records_with_bad_ones() -> list[Record]:
-    good = list(synthetic.detection_records(6, seed=5))[:8]
+    good = list(synthetic.detection_records(8, seed=5))[:10]
     records = []
     for k, (name, change) in enumerate(BAD.items()):
         records.append(good[k])
@@ -297,6 +298,10 @@ def test_data_config_rejects_unknown_keys_and_bad_values():
         DataConfig(min_pixels=5000, max_pixels=4000)
     with pytest.raises(ValueError, match="patch_dtype"):
         DataConfig(patch_dtype="float16")
+    with pytest.raises(TypeError, match="DataConfig.shuffle must be bool, got 1"):
+        DataConfig(shuffle=1)
+    with pytest.raises(TypeError, match="DataConfig.batch_size must be int, got 8.0"):
+        DataConfig.from_dict({"batch_size": 8.0})
 
 
 def test_iterator_checkpoints_with_orbax_through_grains_handler(tmp_path, tiny_tokenizer, tiny_config):

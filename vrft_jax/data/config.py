@@ -9,6 +9,8 @@ from typing import Any
 from vrft_jax.data.records import check_policy
 
 PATCH_DTYPES = ("float32", "bfloat16")
+_KINDS = {"str": (str,), "int": (int,), "bool": (bool,), "int | None": (int, type(None)),
+          "str | None": (str, type(None))}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,6 +69,11 @@ class DataConfig:
     problem_prefix: str = ""
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), _KINDS[f.type]
+            # bool is an int to Python; a recipe's `batch_size=True` or `shuffle=1` is still a mistake.
+            if not isinstance(value, kinds) or (isinstance(value, bool) != (bool in kinds) and value is not None):
+                raise TypeError(f"DataConfig.{f.name} must be {f.type}, got {value!r}")
         check_policy(self.on_bad_record)
         positive = {"batch_size": self.batch_size, "max_prompt_len": self.max_prompt_len,
                     "min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "read_threads": self.read_threads,

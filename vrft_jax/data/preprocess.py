@@ -85,7 +85,7 @@ class ExampleEncoder:
         try:
             return self.encode(record, index)
         except _Bad as bad:
-            where = rec.describe(rec.text_field(record, "id"), index, self.source)
+            where = rec.describe(rec.text_field(record, "id", errors="replace"), index, self.source)
             if self.on_bad_record == "error":
                 raise rec.BadRecordError(where, bad.reason, bad.detail) from None
             return rec.Rejected(where, bad.reason, bad.detail)

@@ -30,8 +30,9 @@ BAD_PROMPT = "bad_prompt"
 PROMPT_TOO_LONG = "prompt_too_long"
 TOO_MANY_PATCHES = "too_many_patches"
 DUPLICATE_ID = "duplicate_id"
+BAD_TEXT = "bad_text"
 REASONS = (MISSING_FIELD, BAD_IMAGE, BAD_SOLUTION, BAD_TASK, BAD_PROMPT, PROMPT_TOO_LONG, TOO_MANY_PATCHES,
-           DUPLICATE_ID)
+           DUPLICATE_ID, BAD_TEXT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,16 +111,16 @@ def check_policy(on_bad_record: str) -> str:
     return on_bad_record
 
 
-def text_field(record: Mapping[str, Any], name: str) -> str:
-    """A text field as str (TFDS returns bytes); KeyError-free: a missing field reads as ""."""
+def text_field(record: Mapping[str, Any], name: str, errors: str = "strict") -> str:
+    """A text field as str (TFDS returns bytes); a missing field reads as "". Bytes that are not UTF-8
+    raise UnicodeDecodeError (a BAD_TEXT record) unless `errors="replace"` (for naming a record)."""
     value = record.get(name)
     if value is None:
         return ""
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if hasattr(value, "item"):  # a numpy scalar from a data source
+    if hasattr(value, "item") and not isinstance(value, (bytes, str)):  # a numpy scalar from a data source
         value = value.item()
-        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors)
     return str(value)
 
 
@@ -199,6 +200,11 @@ def record_error(record: Mapping[str, Any]) -> tuple[str, str] | None:
     missing = missing_fields(record)
     if missing:
         return MISSING_FIELD, f"missing or empty field(s) {missing}"
+    for name in ("id", "problem", "solution", "task", "label"):
+        try:
+            text_field(record, name)
+        except UnicodeDecodeError as e:
+            return BAD_TEXT, f"field {name!r} is not UTF-8 ({e})"
     task = text_field(record, "task")
     if task not in TASKS:
         return BAD_TASK, f"task {task!r} is not one of {TASKS}"
@@ -254,7 +260,7 @@ def validated(candidates, *, split: str, on_bad_record: str, report: ConversionR
                 image = read_image(candidate.fields["image"])
             except (OSError, ValueError) as e:
                 problem = (BAD_IMAGE, str(e))
-        record_id = text_field(candidate.fields, "id") or candidate.where
+        record_id = text_field(candidate.fields, "id", errors="replace") or candidate.where
         if problem is None and record_id in seen:
             problem = (DUPLICATE_ID, f"id {record_id!r} is already used by {seen[record_id]}")
         if problem is not None:
