@@ -34,7 +34,7 @@ def main() -> None:
     if distributed:
         jax.distributed.initialize(coordinator_address=distributed["coordinator"],
                                    num_processes=distributed["processes"], process_id=distributed["process_id"])
-    from conftest import config_for
+    from sample_data import config_for
 
     from vrft_jax import sharding
     from vrft_jax.data.config import DataConfig

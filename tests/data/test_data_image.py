@@ -7,7 +7,7 @@ import io
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import png_bytes
+from sample_data import png_bytes
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import png_bytes
+from sample_data import png_bytes
 from PIL import Image
 from transformers import Qwen2VLConfig as HFConfig
 from transformers import Qwen2VLModel

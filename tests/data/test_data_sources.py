@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import png_bytes
+from sample_data import png_bytes
 from PIL import Image
 
 from vrft_jax.data import classification, coco, lisa, prompts, storage, synthetic, virft
