@@ -212,6 +212,8 @@ def test_classification_folders_and_lists_with_k_shot(tmp_path):
         counts[name] = counts.get(name, 0) + 1
     assert counts == {"737-200": 4, "A320": 2, "Cessna 172": 4}
     assert chosen == classification.k_shot(entries, 4, seed=0)
+    without_a320 = classification.k_shot([e for e in entries if e[1] != "A320"], 4, seed=0)
+    assert without_a320 == [e for e in chosen if e[1] != "A320"]  # independent of the other classes
     (tmp_path / "list.tsv").write_text("# image\tclass\n" + "".join(f"{p}\t{n}\n" for p, n in entries))
     assert classification.list_entries(str(tmp_path / "list.tsv")) == entries
     path, report = convert({"train": classification.classification_candidates(chosen, str(tmp_path / "cls"),

@@ -10,6 +10,7 @@ the 4-shot ViRFT_CLS sets.
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -53,16 +54,17 @@ def list_entries(path: str) -> list[tuple[str, str]]:
 
 
 def k_shot(entries: list[tuple[str, str]], shots: int, seed: int) -> list[tuple[str, str]]:
-    """`shots` entries of each class (all when fewer), chosen by (seed, class position in sorted order)."""
+    """`shots` entries of each class (all when fewer), drawn by a generator seeded with (seed, CRC-32 of
+    the class name): a class's subset does not change when other classes are added or removed."""
     if shots <= 0:
         raise ValueError(f"shots must be positive, got {shots}")
     by_class: dict[str, list[tuple[str, str]]] = {}
     for entry in entries:
         by_class.setdefault(entry[1], []).append(entry)
     chosen = []
-    for k, class_name in enumerate(sorted(by_class)):
+    for class_name in sorted(by_class):
         members = sorted(by_class[class_name])
-        order = np.random.default_rng([seed, k]).permutation(len(members))
+        order = np.random.default_rng([seed, zlib.crc32(class_name.encode("utf-8"))]).permutation(len(members))
         chosen.extend(sorted(members[i] for i in order[:shots]))
     return chosen
 

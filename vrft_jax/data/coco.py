@@ -8,6 +8,7 @@ underscores ("kitchen_table"), as in ViRFT_LVIS_few_shot.
 
 k-shot: for each category, k images drawn from those that contain it, by a generator seeded with
 (seed, category id), so a category's subset does not change when other categories are added or removed.
+LVIS's negative and not-exhaustive category lists are not used: Visual-RFT's records are positives only.
 """
 
 from __future__ import annotations

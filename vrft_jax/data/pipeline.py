@@ -15,6 +15,9 @@ The stream is a pure function of the dataset, `DataConfig` (minus pure throughpu
 from every num_workers-th record), so a state restores only into a pipeline with the same workers;
 `set_state` checks this and names any difference.
 
+Grain starts worker processes with "spawn", which re-imports the main module: a script that builds
+a pipeline with num_workers > 0 needs the usual `if __name__ == "__main__":` guard.
+
 A finite run (num_epochs set) is cut (drop_remainder) or padded with valid=False rows to whole global
 batches, so every process makes the same number of batches. Records skipped in lenient mode are
 replaced by the next ones, so a process that skips more may end a finite run a batch early: multi-host

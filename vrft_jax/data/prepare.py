@@ -73,6 +73,8 @@ def _splits(args) -> tuple[dict[str, Iterable[rec.Candidate]], dict[str, Any]]:
         notes["dropped_annotations"] = instances.dropped
         if (args.base is None) != (args.novel is None):
             raise SystemExit("give both --base and --novel, or neither")
+        if args.base is not None and args.categories is not None:
+            raise SystemExit("--categories restricts a single split; with --base/--novel list the categories there")
         if args.base is not None:
             groups = coco.split_categories(instances, parse_names(args.base), parse_names(args.novel))
         else:
