@@ -140,12 +140,13 @@ def write_patches(blocks: np.ndarray, out: np.ndarray, temporal_patch_size: int)
     (channel, time, row, column), the single frame repeated `temporal_patch_size` times, as HF does.
     """
     n, channels, area = blocks.shape
-    table = normalization_table(out.dtype)
-    view = out.reshape(n, channels, temporal_patch_size, area)
-    for channel in range(channels):
-        values = np.take(table[channel], blocks[:, channel], mode="clip")  # uint8 indices never clip
-        for t in range(temporal_patch_size):
-            view[:, channel, t] = values
+    if not out.flags.c_contiguous:  # reshape below must be a view, or the writes would be lost
+        raise ValueError("write_patches needs a C-contiguous output (e.g. a batch's `patches[row, :n]`)")
+    table = normalization_table(out.dtype).reshape(-1)  # channel c's level v at c * 256 + v
+    offsets = (np.arange(channels, dtype=np.uint16) * 256)[None, :, None]
+    values = np.take(table, blocks + offsets, mode="clip")  # one gather; indices are always in range
+    # One broadcast write in the output's memory order: ~2x faster than strided per-channel writes.
+    out.reshape(n, channels, temporal_patch_size, area)[...] = values[:, :, None, :]
 
 
 class PatchEncoder:
