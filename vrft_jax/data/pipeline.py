@@ -34,6 +34,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from jax.sharding import Mesh
 
 from vrft_jax.data import records as rec
 from vrft_jax.data import storage
@@ -41,6 +42,7 @@ from vrft_jax.data.batching import BatchLayout, StaticBatchDataset
 from vrft_jax.data.config import DataConfig
 from vrft_jax.data.image import ImageGeometry
 from vrft_jax.data.preprocess import ExampleEncoder
+from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 
 STATE_VERSION = 1
@@ -69,7 +71,8 @@ class Batch:
         return self.meta["solution"]
 
 
-def resolve_patch_bucket(config: DataConfig, model_config) -> int:
+def resolve_patch_bucket(config: DataConfig, model_config: Qwen2VLConfig) -> int:
+    """The patch bucket P: DataConfig.patch_bucket, or max_pixels / patch^2 in whole merged tokens."""
     geometry = ImageGeometry.from_vision(model_config.vision, min_pixels=config.min_pixels,
                                         max_pixels=config.max_pixels)
     bucket = geometry.max_patches if config.patch_bucket is None else config.patch_bucket
@@ -79,7 +82,7 @@ def resolve_patch_bucket(config: DataConfig, model_config) -> int:
     return bucket
 
 
-def batch_layout(config: DataConfig, model_config, pad_id: int) -> BatchLayout:
+def batch_layout(config: DataConfig, model_config: Qwen2VLConfig, pad_id: int) -> BatchLayout:
     v = model_config.vision
     return BatchLayout(batch_size=config.batch_size, text_len=config.max_prompt_len,
                        patch_bucket=resolve_patch_bucket(config, model_config), patch_dim=v.patch_dim,
@@ -98,7 +101,7 @@ def open_source(config: DataConfig, source=None) -> tuple[Any, str]:
     return storage.open_split(directory, config.split), f"{name}[{config.split}]"
 
 
-def build_dataset(config: DataConfig, model_config, *, tokenizer=None, source=None,
+def build_dataset(config: DataConfig, model_config: Qwen2VLConfig, *, tokenizer=None, source=None,
                   process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
     """The Grain pipeline of host batches (dicts of NumPy arrays; `DataIterator` wraps them).
 
@@ -137,7 +140,7 @@ def build_dataset(config: DataConfig, model_config, *, tokenizer=None, source=No
     return it
 
 
-def fingerprint(config: DataConfig, model_config, source_name: str, num_records: int,
+def fingerprint(config: DataConfig, model_config: Qwen2VLConfig, source_name: str, num_records: int,
                 process_index: int, process_count: int) -> dict[str, Any]:
     """What decides the stream; a saved state only restores into a pipeline with the same values."""
     keys = ("split", "batch_size", "max_prompt_len", "min_pixels", "max_pixels", "seed", "shuffle", "num_epochs",
@@ -249,9 +252,20 @@ class DataIterator(grain.DatasetIterator):
                              f"batch shards per process ({e})") from e
 
 
-def make_iterator(config: DataConfig, model_config, *, mesh=None, tokenizer=None, source=None,
-                  process_index: int | None = None, process_count: int | None = None, rules=None) -> DataIterator:
-    """The pipeline of `config` as a resumable iterator of `Batch`es (see the module docstring)."""
+def make_iterator(config: DataConfig, model_config: Qwen2VLConfig, *, mesh: Mesh | None = None, tokenizer=None,
+                  source=None, process_index: int | None = None, process_count: int | None = None,
+                  rules=None) -> DataIterator:
+    """The pipeline of `config` as a resumable iterator of `Batch`es (see the module docstring).
+
+    Args:
+      model_config: gives the vision geometry (patch, merge, temporal sizes) and the image token id.
+      mesh: place `model_inputs` on it as global arrays, batch over the rules' "batch" axes
+        (("data", "fsdp") by default); None keeps NumPy.
+      tokenizer: default `load_tokenizer(config.tokenizer_path)`.
+      source: a random-access source of record dicts instead of `config.path` (`storage.InMemorySource`).
+      process_index, process_count: default `jax.process_index()`, `jax.process_count()`.
+      rules: the logical-axis rules table of `vrft_jax.sharding` (default DEFAULT_RULES).
+    """
     tokenizer = _tokenizer(config, tokenizer)
     process_index, process_count = _process(process_index, process_count)
     opened, name = open_source(config, source)

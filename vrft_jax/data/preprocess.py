@@ -18,6 +18,7 @@ import numpy as np
 from vrft_jax.data import image as image_lib
 from vrft_jax.data import records as rec
 from vrft_jax.models.qwen2_vl import rope
+from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,7 @@ class ExampleEncoder:
       problem_prefix: put before every problem (Visual-RFT's evaluation uses "<image>\n").
     """
 
-    def __init__(self, tokenizer, model_config, *, min_pixels: int, max_pixels: int, max_prompt_len: int,
+    def __init__(self, tokenizer, model_config: Qwen2VLConfig, *, min_pixels: int, max_pixels: int, max_prompt_len: int,
                  patch_bucket: int, on_bad_record: str = "error", source: str = "data",
                  system_prompt: str | None = None, problem_prefix: str = "", chat_template: str | None = None):
         self.tokenizer = tokenizer
