@@ -145,8 +145,9 @@ def records_with_bad_ones() -> list[Record]:
 def test_strict_mode_names_the_bad_record(tiny_tokenizer, tiny_config, name):
     records = [Record(**{**r.as_dict(), **BAD[name]}) if k == 3 else r
                for k, r in enumerate(synthetic.detection_records(4, seed=5))]
-    it = iterator(config(shuffle=False, num_epochs=1, batch_size=2), tiny_config, tiny_tokenizer, records)
-    next(it)  # records 0 and 1
+    it = iterator(config(shuffle=False, num_epochs=1, batch_size=2, device_prefetch=1), tiny_config, tiny_tokenizer,
+                  records)
+    next(it)  # records 0 and 1: still delivered although the next batch, fetched ahead, failed
     with pytest.raises(BadRecordError) as error:
         next(it)
     assert error.value.reason == REASON[name]

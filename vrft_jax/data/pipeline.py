@@ -169,6 +169,7 @@ class DataIterator(grain.DatasetIterator):
         self._fingerprint = dict(fingerprint)
         self._mesh, self._rules, self._device_prefetch = mesh, rules, device_prefetch
         self._ahead: collections.deque = collections.deque()
+        self._failure: Exception | None = None
         self._batches = 0
         self._skipped: dict[str, int] = {}
         self._position = self._iterator.get_state()
@@ -185,13 +186,19 @@ class DataIterator(grain.DatasetIterator):
 
     def __next__(self) -> Batch:
         self._assert_not_closed()
-        while len(self._ahead) <= self._device_prefetch:
+        while self._failure is None and len(self._ahead) <= self._device_prefetch:
             try:
                 host = next(self._iterator)
             except StopIteration:
                 break
+            except Exception as e:  # e.g. a BadRecordError: raised at its own batch, after those before it
+                self._failure = e
+                break
             self._ahead.append((self._to_batch(host), self._iterator.get_state()))
         if not self._ahead:
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
             raise StopIteration
         batch, self._position = self._ahead.popleft()
         self._batches += 1
@@ -213,6 +220,7 @@ class DataIterator(grain.DatasetIterator):
             raise ValueError("the data iterator state was saved by a different pipeline; (saved, now) differ in: "
                              + ", ".join(f"{k}={v}" for k, v in differences.items()))
         self._ahead.clear()
+        self._failure = None
         self._iterator.set_state(state["pipeline"])
         self._position = state["pipeline"]
         self._batches = int(state["batches"])
