@@ -244,6 +244,25 @@ def test_lisa_folder_gives_one_grounding_record_per_instruction(tmp_path):
     # First polygon only; int(x / W * 1000): 333/640 -> 520, 10/480 -> 20, 639.9/640 -> 999, 479.9/480 -> 999.
     assert records[0].solution == "<answer> (520,20),(999,999) </answer>"
     assert records[1].problem == prompts.grounding_problem("what holds coffee")
+    # gen_box_ann.py's lisa_train.json gives the same records.
+    (tmp_path / "lisa_train.json").write_text(json.dumps([{"image_path": str(folder / "a.jpg"), "instruction": [
+        "the red cup", "what holds coffee"], "boxes": [[333, 10, 639.9, 479.9]]}]))
+    code = main(["lisa", "--input", str(tmp_path / "lisa_train.json"), "--output", str(tmp_path / "o3"),
+                 "--name", "lisa_json"])
+    assert code == 0
+    assert sorted(storage.read_records(str(tmp_path / "o3" / "lisa_json"), "train"), key=lambda r: r.id) == records
+
+
+def test_prepare_cli_writes_synthetic_sets_and_names_bad_records(tmp_path, capsys):
+    assert main(["synthetic", "--num-images", "3", "--task", "classification", "--output", str(tmp_path),
+                 "--name", "shapes"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == {"train": 3}
+    records = storage.read_records(str(tmp_path / "shapes"), "train")
+    assert sorted(r.id for r in records) == sorted(r.id for r in synthetic.classification_records(3))
+    (tmp_path / "d.json").write_text(json.dumps([{"image_path": "missing.png", "problem": "p",
+                                                  "solution": "<answer>a</answer>"}]))
+    assert main(["virft", "--json", str(tmp_path / "d.json"), "--output", str(tmp_path), "--name", "bad"]) == 1
+    assert "entry 0 of" in capsys.readouterr().err
 
 
 def test_synthetic_source_is_deterministic_with_exact_boxes():
