@@ -45,7 +45,7 @@ def main() -> None:
     from vrft_jax.data.prepare import convert
     from vrft_jax.data.records import Candidate
     from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
-    from vrft_jax.models.qwen2_vl.processor import load_tokenizer
+    from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.data

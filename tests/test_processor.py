@@ -75,3 +75,13 @@ def test_processor_expands_image_tokens_without_torchvision():
     assert (out["input_ids"] == qp.IMAGE_PAD_ID).sum() == grid.prod() // 4
     assert out["pixel_values"].shape == (grid.prod(), 1176)
     assert (out["mm_token_type_ids"] == (out["input_ids"] == qp.IMAGE_PAD_ID)).all()
+
+
+def test_tokenizer_module_does_not_import_torch():
+    """Data workers and the trainer load the tokenizer; torch would cost them seconds and memory."""
+    import subprocess
+    import sys
+
+    code = "import sys; from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

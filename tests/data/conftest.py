@@ -7,7 +7,7 @@ import pytest
 from sample_data import config_for, save_tiny_tokenizer
 
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
-from vrft_jax.models.qwen2_vl.processor import load_tokenizer
+from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="session")

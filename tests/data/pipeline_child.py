@@ -39,7 +39,7 @@ def main() -> None:
     from vrft_jax import sharding
     from vrft_jax.data.config import DataConfig
     from vrft_jax.data.pipeline import make_iterator
-    from vrft_jax.models.qwen2_vl.processor import load_tokenizer
+    from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(job["tokenizer"])
     mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1) if distributed else None

@@ -12,7 +12,7 @@ from PIL import Image
 
 from vrft_jax.data import prompts
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
-from vrft_jax.models.qwen2_vl.processor import SPECIAL_TOKENS
+from vrft_jax.models.qwen2_vl.tokenizer import SPECIAL_TOKENS
 
 _BPE_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 

@@ -321,7 +321,7 @@ def _with_index(index: int, record: Mapping[str, Any]) -> tuple[int, Mapping[str
 def _tokenizer(config: DataConfig, tokenizer):
     if tokenizer is not None:
         return tokenizer
-    from vrft_jax.models.qwen2_vl.processor import load_tokenizer
+    from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer
 
     return load_tokenizer(config.tokenizer_path)
 

