@@ -1,0 +1,401 @@
+"""The GRPO update: one jitted program from (TrainState, TrainBatch) to (TrainState, metrics).
+
+On a ("data", "fsdp", "tensor") mesh the parameters and the optimizer state are placed by the
+logical-axis rules (`vrft_jax.sharding`), the batch is split over data x fsdp on its prompt axis,
+and the state is donated. Inside, the batch is cut into `micro_batches` groups of whole prompts;
+a `lax.scan` sums each micro-batch's gradient of its loss numerator, its `grpo.LossTerms` and its
+entropy, and one division by the batch's count gives the loss and gradient of the whole batch,
+so the update does not depend on the split. AdamW (optax) with a warmup + linear-decay schedule and
+global-norm clipping follows; a non-finite loss or gradient leaves parameters and optimizer state
+untouched and is counted.
+
+Frozen parameters (the vision tower, with `freeze_vision`) are never differentiated and have no
+optimizer state. Parameters are kept in `param_dtype` (float32 master weights) and cast to
+`compute_dtype` where the model uses them.
+
+The reference model's logprobs (and the old policy's, for `num_iterations > 1`) are computed once
+per rollout by `make_score_fn`, with the same scoring code as the update, and travel in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vrft_jax import grpo, sharding
+from vrft_jax.models.qwen2_vl.inputs import ModelInputs
+from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
+from vrft_jax.scoring import score_completions
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One GRPO update's settings. Optimizer defaults are Visual-RFT's (visual-rft.md §10.2): AdamW,
+    no weight decay, global-norm clipping at 1, linear decay without warmup (set `decay_steps`).
+
+    decay_steps:      steps of linear decay to `end_learning_rate` after the warmup (HF's
+                      `num_training_steps - warmup`); None keeps the rate constant after warmup
+    micro_batches:    groups of whole prompts run one after another (gradient accumulation); must
+                      divide the prompts of a batch
+    num_iterations:   updates per rollout (TRL's mu); above 1 the batch must carry `old_logprobs`
+    temperature:      the sampler's; logits are divided by it before the log-softmax (as TRL)
+    logits_chunk_size: completion positions whose [rows, chunk, vocab] float32 logits exist at once
+    compute_dtype:    activations' dtype; None means param_dtype (bfloat16 over float32 parameters
+                      gives float32 master weights with bf16 compute)
+    remat:            the model's rematerialisation policy per layer: "none", "block", "save_dots"
+    freeze_vision:    train the language model only; the vision tower gets no gradient and no
+                      optimizer state
+    max_consecutive_nonfinite: how many skipped updates in a row the caller tolerates
+                      (`TrainState.nonfinite_streak`); the step itself only counts
+    """
+
+    grpo: grpo.GRPOConfig = grpo.GRPOConfig()
+    learning_rate: float = 1e-6
+    warmup_steps: int = 0
+    decay_steps: int | None = None
+    end_learning_rate: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    micro_batches: int = 1
+    num_iterations: int = 1
+    temperature: float = 1.0
+    logits_chunk_size: int = 32
+    param_dtype: Any = jnp.float32
+    compute_dtype: Any = None
+    remat: str = "none"
+    freeze_vision: bool = False
+    max_consecutive_nonfinite: int = 10
+
+    def __post_init__(self):
+        errors = []
+        for name in ("warmup_steps", "micro_batches", "num_iterations", "logits_chunk_size",
+                     "max_consecutive_nonfinite"):
+            minimum = 0 if name == "warmup_steps" else 1
+            if getattr(self, name) < minimum:
+                errors.append(f"{name}={getattr(self, name)} must be >= {minimum}")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            errors.append(f"decay_steps={self.decay_steps} must be >= 1 or None")
+        if self.learning_rate < 0 or self.end_learning_rate < 0 or self.weight_decay < 0:
+            errors.append("learning_rate, end_learning_rate and weight_decay must be >= 0")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            errors.append(f"max_grad_norm={self.max_grad_norm} must be > 0 or None")
+        if self.temperature <= 0:
+            errors.append(f"temperature={self.temperature} must be > 0")
+        if self.grpo.loss == "paper" and self.num_iterations != 1:
+            errors.append(f"num_iterations={self.num_iterations}: the paper loss makes one update per rollout; "
+                          "use grpo.loss='grpo' for clipped multi-iteration updates")
+        if errors:
+            raise ValueError("invalid TrainConfig: " + "; ".join(errors))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        if self.compute_dtype is not None:
+            object.__setattr__(self, "compute_dtype", jnp.dtype(self.compute_dtype))
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@flax.struct.dataclass
+class TrainBatch:
+    """One update's data: B prompts and G completions of each (row b*G + g is sample g of prompt b).
+
+    inputs:          the left-padded prompts with their images, [B, ...] (the rollout's ModelInputs)
+    completions:     int32[B*G, L] sampled tokens, padding after the first EOS
+    completion_mask: int32[B*G, L] 1 through the first EOS (included), 0 after
+    advantages:      float32[B*G] (`grpo.advantages` of the rewards)
+    old_logprobs:    float32[B*G, L] the policy's logprobs at rollout time; needed when num_iterations > 1
+    ref_logprobs:    float32[B*G, L] the reference's logprobs; needed when beta > 0, and gives the
+                     `kl` metric whenever present
+    """
+
+    inputs: ModelInputs
+    completions: jax.Array
+    completion_mask: jax.Array
+    advantages: jax.Array
+    old_logprobs: jax.Array | None = None
+    ref_logprobs: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class TrainState:
+    """params: every parameter (nnx.State) in param_dtype; opt_state: optax state of the trainable ones;
+    step: updates applied (the schedule's count); nonfinite_total / nonfinite_streak: updates skipped
+    for a non-finite loss or gradient, in all and in a row."""
+
+    params: nnx.State
+    opt_state: Any
+    step: jax.Array
+    nonfinite_total: jax.Array
+    nonfinite_streak: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+def trainable_filter(config: TrainConfig):
+    """The nnx filter of the parameters that get gradients and optimizer state."""
+    if config.freeze_vision:
+        return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("visual")))
+    return nnx.Param
+
+
+def split_params(params: nnx.State, config: TrainConfig) -> tuple[nnx.State, nnx.State]:
+    """(trainable, frozen) parts of `params`."""
+    return nnx.split_state(params, trainable_filter(config), ...)
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0, then linear decay to `end_learning_rate` over `decay_steps` (HF's linear
+    schedule) or constant; evaluated at the number of updates applied so far."""
+    peak = config.learning_rate
+    after = (optax.constant_schedule(peak) if config.decay_steps is None
+             else optax.linear_schedule(peak, config.end_learning_rate, config.decay_steps))
+    if not config.warmup_steps:
+        return after
+    warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
+    return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+def _decays(path, variable) -> nnx.Variable:
+    # As HF's Trainer: no weight decay on biases and normalisation weights.
+    name = str(path[-1])
+    return variable.replace(not (name.endswith("bias") or any("norm" in str(p) or p == "ln_q" for p in path)))
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on the schedule (weight decay skips biases and norms)."""
+    adamw = optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                        weight_decay=config.weight_decay, mask=lambda params: nnx.map_state(_decays, params))
+    if config.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+
+
+def prepare_model(model: Qwen2VL, config: TrainConfig) -> Qwen2VL:
+    """The model under the training dtypes and remat policy (parameters cast to param_dtype)."""
+    return with_config(model, param_dtype=config.param_dtype, dtype=config.compute_dtype or config.param_dtype,
+                       remat=config.remat)
+
+
+def tree_shardings(tree, mesh, rules=sharding.DEFAULT_RULES):
+    """NamedShardings for a tree holding nnx Variables (parameters, optimizer moments) by their logical
+    axes; every other leaf (counters, scalars) is replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x):
+        if isinstance(x, nnx.Variable):
+            return x.replace(sharding.variable_sharding(x, mesh, rules))
+        return replicated
+
+    return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_batch(batch: TrainBatch, mesh, rules=sharding.DEFAULT_RULES) -> TrainBatch:
+    """Place every array of `batch` split over the mesh's batch axes on its first (prompt or row) axis."""
+    return jax.device_put(batch, sharding.batch_sharding(mesh, 1, rules=rules))
+
+
+def split_micro_batches(tree, prompts: int, micro_batches: int, mesh=None, rules=sharding.DEFAULT_RULES):
+    """Leading axis [B*r, ...] -> [micro_batches, B/micro_batches*r, ...] (r = 1 for prompt arrays, G for
+    completion arrays). Micro-batch j takes prompts j, j+k, j+2k, ...: each device keeps its own rows."""
+    if prompts % micro_batches:
+        raise ValueError(f"TrainConfig.micro_batches={micro_batches} does not divide the batch's {prompts} prompts")
+    k = micro_batches
+
+    def split(x):
+        per_prompt = x.shape[0] // prompts
+        x = x.reshape(prompts // k, k, per_prompt, *x.shape[1:]).swapaxes(0, 1)
+        x = x.reshape(k, (prompts // k) * per_prompt, *x.shape[3:])
+        if mesh is not None:  # each micro-batch split like the batch (where the axes divide its rows)
+            names = (None, "batch") + (None,) * (x.ndim - 2)
+            x = jax.lax.with_sharding_constraint(
+                x, NamedSharding(mesh, sharding.logical_to_spec(names, x.shape, mesh, rules)))
+        return x
+
+    return jax.tree.map(split, tree)
+
+
+def merge_micro_batches(x, prompts: int):
+    """Inverse of `split_micro_batches` for one array [k, B/k*r, ...] -> [B*r, ...]."""
+    k, rows = x.shape[:2]
+    per_prompt = rows * k // prompts
+    x = x.reshape(k, prompts // k, per_prompt, *x.shape[2:]).swapaxes(0, 1)
+    return x.reshape(prompts * per_prompt, *x.shape[3:])
+
+
+# ---------------------------------------------------------------------------------------------- objective
+
+
+def _check_batch(batch: TrainBatch, config: TrainConfig) -> None:
+    if config.grpo.beta and batch.ref_logprobs is None:
+        raise ValueError(f"GRPOConfig.beta={config.grpo.beta} needs TrainBatch.ref_logprobs: score the completions "
+                         "with the reference parameters (make_score_fn), or set beta=0")
+    if config.num_iterations > 1 and batch.old_logprobs is None:
+        raise ValueError(f"TrainConfig.num_iterations={config.num_iterations} needs TrainBatch.old_logprobs: the "
+                         "policy's logprobs at rollout time (make_score_fn with the rollout's parameters)")
+
+
+def micro_batch_terms(model: Qwen2VL, batch: TrainBatch, config: TrainConfig):
+    """(LossTerms, entropy sum over real tokens) of one micro-batch under `model`."""
+    scores = score_completions(model, batch.inputs, batch.completions, batch.completion_mask,
+                               temperature=config.temperature, chunk_size=config.logits_chunk_size,
+                               with_entropy=True)
+    mask = batch.completion_mask.astype(jnp.float32)
+    # With one update per rollout the old policy is the current one: ratio exp(lp - sg(lp)) (TRL does the same).
+    old = batch.old_logprobs if config.num_iterations > 1 else None
+    terms = grpo.loss_terms(scores.logprobs, old, batch.ref_logprobs, batch.advantages, mask, config.grpo)
+    return terms, jnp.sum(scores.entropy * mask)
+
+
+def loss_and_grads(graphdef, trainable: nnx.State, frozen: nnx.State, batch: TrainBatch, config: TrainConfig,
+                   mesh=None, rules=sharding.DEFAULT_RULES):
+    """The batch's loss, its gradient w.r.t. `trainable`, its summed LossTerms and entropy sum.
+
+    Gradients of each micro-batch's `loss_sum` are summed over a `lax.scan`, then divided once by the
+    batch's `loss_count` (which does not depend on the parameters): exact gradient accumulation.
+    """
+    _check_batch(batch, config)
+
+    def numerator(trainable, micro_batch):
+        terms, entropy_sum = micro_batch_terms(nnx.merge(graphdef, trainable, frozen), micro_batch, config)
+        return terms.loss_sum, (terms, entropy_sum)
+
+    gradient = jax.value_and_grad(numerator, has_aux=True)
+    if config.micro_batches == 1:  # no accumulator: one gradient-sized buffer fewer
+        (_, (terms, entropy_sum)), grads = gradient(trainable, batch)
+    else:
+        def accumulate(carry, micro_batch):
+            grads, terms, entropy_sum = carry
+            (_, (new_terms, new_entropy)), new_grads = gradient(trainable, micro_batch)
+            return (jax.tree.map(jnp.add, grads, new_grads), terms + new_terms, entropy_sum + new_entropy), None
+
+        micro = split_micro_batches(batch, batch.inputs.input_ids.shape[0], config.micro_batches, mesh, rules)
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        (grads, terms, entropy_sum), _ = jax.lax.scan(
+            accumulate, (zeros, grpo.LossTerms.zeros(), jnp.zeros((), jnp.float32)), micro)
+    count = jnp.maximum(terms.loss_count, 1.0)
+    grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)
+    return terms.loss_sum / count, grads, terms, entropy_sum
+
+
+# ---------------------------------------------------------------------------------------------- programs
+
+
+def init_state(model: Qwen2VL, config: TrainConfig, *, mesh=None, rules=sharding.DEFAULT_RULES):
+    """(graphdef, TrainState): the model under the training dtypes, its parameters placed by the rules
+    on `mesh` (or the default device), and a fresh optimizer state born with the same layout.
+
+    The state owns a copy of the parameters (the step donates it): `model`, and a reference taken
+    from it, stay valid.
+    """
+    graphdef, params = nnx.split(prepare_model(model, config))
+    tx = make_optimizer(config)
+
+    def placement(tree):
+        if mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return tree_shardings(tree, mesh, rules)
+
+    # Every array is committed to its layout (a later call with committed arrays would otherwise
+    # compile the step again) and owned by the state: a device_put alone may alias `model`'s buffers.
+    params = jax.device_put(params, placement(params))
+    params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=placement(params))(params)
+    trainable, _ = split_params(params, config)
+    opt_state = jax.jit(tx.init, out_shardings=placement(jax.eval_shape(tx.init, trainable)))(trainable)
+    counters = jax.device_put([jnp.zeros((), jnp.int32) for _ in range(3)], placement(jnp.zeros(())))
+    return graphdef, TrainState(params=params, opt_state=opt_state, step=counters[0], nonfinite_total=counters[1],
+                                nonfinite_streak=counters[2])
+
+
+def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=None,
+                    rules=sharding.DEFAULT_RULES):
+    """The jitted update `(TrainState, TrainBatch) -> (TrainState, metrics)`; the state is donated.
+
+    `state` (concrete or abstract) fixes the parameter layout. With a mesh, the state keeps the
+    rules' layout in and out and the batch is split over the mesh's batch axes on its first axis
+    (B and B*G must be divisible by data x fsdp). Metrics are float32 scalars: loss, kl (when the
+    batch carries ref_logprobs), entropy, clip_low / clip_high / clip_region (token fractions),
+    grad_norm (before clipping), learning_rate, tokens, sequences, update_skipped,
+    nonfinite_streak, nonfinite_total.
+    """
+    tx = make_optimizer(config)
+    schedule = learning_rate_schedule(config)
+
+    def step(state: TrainState, batch: TrainBatch):
+        trainable, frozen = split_params(state.params, config)
+        loss, grads, terms, entropy_sum = loss_and_grads(graphdef, trainable, frozen, batch, config, mesh, rules)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        updated = optax.apply_updates(trainable, updates)
+
+        def keep_if_not_finite(new, old):
+            return jnp.where(finite, new, old)
+
+        trainable = jax.tree.map(keep_if_not_finite, updated, trainable)
+        opt_state = jax.tree.map(keep_if_not_finite, opt_state, state.opt_state)
+        skipped = (~finite).astype(jnp.int32)
+        new_state = TrainState(params=nnx.merge_state(trainable, frozen), opt_state=opt_state,
+                               step=state.step + 1 - skipped, nonfinite_total=state.nonfinite_total + skipped,
+                               nonfinite_streak=(state.nonfinite_streak + 1) * skipped)
+        tokens = jnp.maximum(terms.tokens, 1.0)
+        metrics = {"loss": loss, "entropy": entropy_sum / tokens, "grad_norm": grad_norm,
+                   "learning_rate": jnp.asarray(schedule(state.step), jnp.float32), "tokens": terms.tokens,
+                   "sequences": terms.sequences, "update_skipped": skipped.astype(jnp.float32),
+                   "nonfinite_streak": new_state.nonfinite_streak.astype(jnp.float32),
+                   "nonfinite_total": new_state.nonfinite_total.astype(jnp.float32), **terms.metrics()}
+        if batch.ref_logprobs is None:
+            del metrics["kl"]
+        return new_state, metrics
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    state_shardings = tree_shardings(state, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, 1, rules=rules)  # a prefix: every batch leaf on its axis 0
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def step_on_mesh(state, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(rules):
+            return step(state, batch)
+
+    return jax.jit(step_on_mesh, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def make_score_fn(graphdef, params: nnx.State, config: TrainConfig, *, mesh=None, rules=sharding.DEFAULT_RULES):
+    """The jitted `(params, TrainBatch) -> float32[B*G, L]` completion logprobs under `params`: the
+    reference's (frozen initial parameters) or the old policy's, with the update's exact scoring
+    (temperature, chunking, image features once per prompt), micro-batch by micro-batch."""
+
+    def score(params, batch: TrainBatch):
+        model = nnx.merge(graphdef, params)
+        prompts = batch.inputs.input_ids.shape[0]
+        parts = (batch.inputs, batch.completions, batch.completion_mask)
+        micro = split_micro_batches(parts, prompts, config.micro_batches, mesh, rules)
+
+        def one(part):
+            inputs, completions, mask = part
+            return score_completions(model, inputs, completions, mask, temperature=config.temperature,
+                                     chunk_size=config.logits_chunk_size).logprobs
+
+        return merge_micro_batches(jax.lax.map(one, micro), prompts)
+
+    if mesh is None:
+        return jax.jit(score)
+
+    def score_on_mesh(params, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(rules):
+            return score(params, batch)
+
+    return jax.jit(score_on_mesh, in_shardings=(tree_shardings(params, mesh, rules),
+                                                sharding.batch_sharding(mesh, 1, rules=rules)),
+                   out_shardings=sharding.batch_sharding(mesh, 2, rules=rules))
