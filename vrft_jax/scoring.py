@@ -1,10 +1,15 @@
 """Log-probabilities of sampled completions under a model: the policy's (with gradient) and the
 frozen reference's, by one function.
 
-The vision tower and the prompt's embedding run once per prompt ([B] rows) and are repeated for
-the prompt's G completions; the decoder then runs over prompt + completion ([B*G] rows). Only the
-L positions that predict completion tokens go through the LM head, in chunks of positions: one
-chunk's float32 logits `[B*G, chunk, V]` exist at a time, forward and backward (each chunk is
+Each prompt runs once ([B] rows): the vision tower, the embedding and the decoder, whose keys and
+values are kept as a KV cache, exactly as the sampler's prefill. The cache is repeated for the
+prompt's G completions, and only the completions' L tokens run through the decoder ([B*G] rows),
+attending to it. Teacher forcing this way is the same computation as a full forward over prompt +
+completion, with the prompt's share done once instead of G times (the gradient sums the G
+contributions through the repeat).
+
+Only the L positions that predict completion tokens go through the LM head, in chunks of positions:
+one chunk's float32 logits `[B*G, chunk, V]` exist at a time, forward and backward (each chunk is
 rematerialised), so the `[B*G, T, V]` logits of a full forward (V = 151,657 for Qwen2-VL) never do.
 """
 
@@ -17,6 +22,7 @@ import jax.numpy as jnp
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.layers import precision
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
+from vrft_jax.models.qwen2_vl.text import KVCache
 from vrft_jax.sharding import constrain
 
 
@@ -32,10 +38,11 @@ class TokenScores:
 
 def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, completion_mask_nl, *,
                       temperature: float = 1.0, chunk_size: int = 32, with_entropy: bool = False) -> TokenScores:
-    """Teacher-force B*G completions after their B left-padded prompts and score every completion token.
+    """Teacher-force B*G completions after their B prompts and score every completion token.
 
     Args:
-      inputs: the prompts, [B, T] tokens with their images (the rollout's `ModelInputs`).
+      inputs: the prompts, [B, T] tokens with their images (the rollout's `ModelInputs`), left-padded
+        as the sampler requires: slot T - 1 must be each prompt's last token.
       completions_nl: int32[B*G, L], row b*G + g a completion of prompt b.
       completion_mask_nl: [B*G, L], 1 for real tokens (through the first EOS), 0 for padding; padding
         is invisible to the real tokens, as in HF with TRL's attention mask.
@@ -49,24 +56,26 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
                          f"[B*G, L] for B={batch} prompts")
     group = rows // batch
 
-    def repeat(x):
-        return jnp.repeat(x, group, axis=0)
+    def repeat(x, axis=0):
+        return jnp.repeat(x, group, axis=axis)
 
-    # The image features and the prompt embedding are computed per prompt, then shared by its G rows;
-    # completion tokens are embedded as plain text, never as image features.
-    prompt_x = repeat(model.embed(inputs.input_ids, model.image_features(inputs)))
-    x = jnp.concatenate([prompt_x, model.text.embed(completions_nl).astype(prompt_x.dtype)], axis=1)
-    mask = jnp.concatenate([repeat(inputs.attention_mask), completion_mask_nl.astype(inputs.attention_mask.dtype)],
-                           axis=1)
-    # Completion token k of prompt b sits at M-RoPE position (valid prompt tokens + k + rope delta).
+    # Prompts: the vision tower, the embedding and the decoder run once per prompt, into a KV cache. The
+    # G completions of a prompt share it (causal attention: the prompt never sees its completions).
+    prompt_x = model.embed(inputs.input_ids, model.image_features(inputs))
+    cache = KVCache.zeros(model.config, batch, prompt_len + length)
+    prompt_hidden, cache = model.text(prompt_x, inputs.positions, inputs.attention_mask, cache)
+    cache = KVCache(k=repeat(cache.k, axis=1), v=repeat(cache.v, axis=1), valid=repeat(cache.valid),
+                    index=cache.index)
+    # Completions, embedded as plain text: token k sits in slot T + k at M-RoPE position
+    # (valid prompt tokens + k + rope delta) on all three axes, as HF's rope index puts it.
     start = jnp.sum(inputs.attention_mask, axis=1) + inputs.rope_deltas
-    completion_positions = repeat(start)[:, None] + jnp.arange(length)[None, :]
-    positions = jnp.concatenate(
-        [repeat(inputs.positions),
-         jnp.broadcast_to(completion_positions[..., None], (rows, length, 3)).astype(inputs.positions.dtype)], axis=1)
-    hidden, _ = model.text(x, positions, mask)
-    # Position T - 1 + k predicts completion token k.
-    hidden = jax.lax.dynamic_slice_in_dim(hidden, prompt_len - 1, length, axis=1)
+    positions = repeat(start)[:, None] + jnp.arange(length)[None, :]
+    positions = jnp.broadcast_to(positions[..., None], (rows, length, 3)).astype(inputs.positions.dtype)
+    completion_x = model.text.embed(completions_nl).astype(prompt_x.dtype)
+    completion_hidden, _ = model.text(completion_x, positions, completion_mask_nl.astype(inputs.attention_mask.dtype),
+                                      cache)
+    # Completion token 0 is predicted by the last prompt slot (prompts are left-padded), token k by token k - 1.
+    hidden = jnp.concatenate([repeat(prompt_hidden[:, -1:]), completion_hidden[:, :-1]], axis=1)
     return chunked_token_logprobs(model, hidden, completions_nl, temperature=temperature, chunk_size=chunk_size,
                                   with_entropy=with_entropy)
 
