@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vrft_jax import grpo, sharding
+from vrft_jax.models.qwen2_vl.config import REMAT_POLICIES
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
 from vrft_jax.scoring import score_completions
@@ -52,8 +53,8 @@ class TrainConfig:
     remat:            the model's rematerialisation policy per layer: "none", "block", "save_dots"
     freeze_vision:    train the language model only; the vision tower gets no gradient and no
                       optimizer state
-    max_consecutive_nonfinite: how many skipped updates in a row the caller tolerates
-                      (`TrainState.nonfinite_streak`); the step itself only counts
+    max_consecutive_nonfinite: this many updates skipped in a row stop the run: the step only
+                      counts them (`TrainState.nonfinite_streak`), `check_nonfinite` raises
     """
 
     grpo: grpo.GRPOConfig = grpo.GRPOConfig()
@@ -91,6 +92,8 @@ class TrainConfig:
             errors.append(f"max_grad_norm={self.max_grad_norm} must be > 0 or None")
         if self.temperature <= 0:
             errors.append(f"temperature={self.temperature} must be > 0")
+        if self.remat not in REMAT_POLICIES:
+            errors.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         if self.grpo.loss == "paper" and self.num_iterations != 1:
             errors.append(f"num_iterations={self.num_iterations}: the paper loss makes one update per rollout; "
                           "use grpo.loss='grpo' for clipped multi-iteration updates")
@@ -112,7 +115,8 @@ class TrainBatch:
     completions:     int32[B*G, L] sampled tokens, padding after the first EOS
     completion_mask: int32[B*G, L] 1 through the first EOS (included), 0 after
     advantages:      float32[B*G] (`grpo.advantages` of the rewards)
-    old_logprobs:    float32[B*G, L] the policy's logprobs at rollout time; needed when num_iterations > 1
+    old_logprobs:    float32[B*G, L] the policy's logprobs at rollout time, needed when num_iterations > 1:
+                     the sampler's `Rollout.logprobs` (same temperature) or `make_score_fn`'s
     ref_logprobs:    float32[B*G, L] the reference's logprobs; needed when beta > 0, and gives the
                      `kl` metric whenever present
     """
@@ -136,6 +140,21 @@ class TrainState:
     step: jax.Array
     nonfinite_total: jax.Array
     nonfinite_streak: jax.Array
+
+
+class NonFiniteUpdatesError(RuntimeError):
+    """Too many updates in a row were skipped for a non-finite loss or gradient."""
+
+
+def check_nonfinite(state: TrainState, config: TrainConfig) -> None:
+    """Raise NonFiniteUpdatesError once `config.max_consecutive_nonfinite` updates in a row were skipped.
+    The loop calls it after each step (it reads two scalars from the device)."""
+    streak = int(state.nonfinite_streak)
+    if streak >= config.max_consecutive_nonfinite:
+        raise NonFiniteUpdatesError(
+            f"{streak} updates in a row were skipped for a non-finite loss or gradient ({int(state.nonfinite_total)} "
+            f"in all, {int(state.step)} applied); TrainConfig.max_consecutive_nonfinite="
+            f"{config.max_consecutive_nonfinite}")
 
 
 # ---------------------------------------------------------------------------------------------- pieces

@@ -149,8 +149,11 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(policy, batch, single
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in
                zip(jax.tree.leaves(host(state.opt_state)), jax.tree.leaves(before.opt_state)))
     assert (int(state.step), int(state.nonfinite_total), int(state.nonfinite_streak)) == (0, 1, 1)
+    ts.check_nonfinite(state, CONFIG.replace(max_consecutive_nonfinite=2))  # one in a row: tolerated
     state, _ = single.step(state, poisoned)
     assert (int(state.step), int(state.nonfinite_total), int(state.nonfinite_streak)) == (0, 2, 2)
+    with pytest.raises(ts.NonFiniteUpdatesError, match="2 updates in a row were skipped .* 0 applied"):
+        ts.check_nonfinite(state, CONFIG.replace(max_consecutive_nonfinite=2))
     state, metrics = single.step(state, batch)
     assert float(metrics["update_skipped"]) == 0
     assert (int(state.step), int(state.nonfinite_total), int(state.nonfinite_streak)) == (1, 2, 0)
@@ -241,6 +244,8 @@ def test_batches_and_configs_that_cannot_work_are_refused_by_name(policy, batch,
         ts.TrainConfig(num_iterations=2)
     with pytest.raises(ValueError, match="invalid TrainConfig: micro_batches=0 must be >= 1"):
         ts.TrainConfig(micro_batches=0)
+    with pytest.raises(ValueError, match="remat='blocks' is not one of"):
+        ts.TrainConfig(remat="blocks")
     _, state = ts.init_state(policy, CONFIG)
     with pytest.raises(ValueError, match="beta=0.04 needs TrainBatch.ref_logprobs"):
         single.step(state, batch.replace(ref_logprobs=None))
