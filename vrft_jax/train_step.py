@@ -15,6 +15,19 @@ optimizer state. Parameters are kept in `param_dtype` (float32 master weights) a
 
 The reference model's logprobs (and the old policy's, for `num_iterations > 1`) are computed once
 per rollout by `make_score_fn`, with the same scoring code as the update, and travel in the batch.
+One step of a run:
+
+    graphdef, state = init_state(model, config, mesh=mesh)          # once
+    step = make_train_step(graphdef, state, config, mesh=mesh)      # once
+    score = make_score_fn(graphdef, reference_params, config, mesh=mesh)
+    ...
+    out = sampling.rollout(nnx.merge(graphdef, state.params), prompts, key, sampling_config)
+    rewards = ...                                                   # host, per completion
+    batch = shard_batch(TrainBatch(prompts, out.tokens, out.mask.astype(jnp.int32),
+                                   grpo.advantages(rewards, G, config.grpo)), mesh)
+    batch = batch.replace(ref_logprobs=score(reference_params, batch))
+    state, metrics = step(state, batch)
+    check_nonfinite(state, config)
 """
 
 from __future__ import annotations

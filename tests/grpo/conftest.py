@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from grpo.trl_reference import perturbed
 from hf_reference import TINY_CONFIGS, concat, mixed_batch, random_hf_model
 from model_port.hf_to_flax import load_hf
 from vrft_jax import grpo
@@ -21,8 +22,10 @@ def checkpoints(tmp_path_factory):
     """(policy, reference) checkpoint directories: the policy is the reference, slightly moved."""
     reference = tmp_path_factory.mktemp("grpo_reference")
     policy = tmp_path_factory.mktemp("grpo_policy")
-    random_hf_model(TINY, seed=21).save_pretrained(reference)
-    random_hf_model(TINY, seed=22).save_pretrained(policy)
+    model = random_hf_model(TINY, seed=21)
+    model.save_pretrained(reference)
+    perturbed(model, 0.1, seed=22)
+    model.save_pretrained(policy)
     return str(policy), str(reference)
 
 

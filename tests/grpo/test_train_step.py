@@ -91,7 +91,8 @@ def test_one_update_moves_the_parameters_and_reports_its_metrics(single):
 def test_four_micro_batches_give_the_update_of_one(policy, batch, single):
     four = run(policy, batch, CONFIG.replace(micro_batches=4))
     for name in ("loss", "kl", "entropy", "clip_low", "clip_high", "grad_norm", "tokens", "sequences"):
-        assert four.metrics[name] == pytest.approx(single.metrics[name], rel=1e-6, abs=1e-9), name
+        # abs: the loss is a small sum of O(1) per-token terms of both signs
+        assert four.metrics[name] == pytest.approx(single.metrics[name], rel=1e-6, abs=1e-7), name
     assert max_difference(four.after.params, single.after.params) <= 1e-6
     assert max_difference(four.after.opt_state, single.after.opt_state) <= 1e-6
 
