@@ -60,7 +60,8 @@ class Qwen2VL(nnx.Module):
 
 def with_config(model: Qwen2VL, **changes) -> Qwen2VL:
     """The same weights under a changed runtime config (e.g. `param_dtype`, `dtype`, `remat`);
-    parameters are cast when `param_dtype` changes."""
+    parameters are cast when `param_dtype` changes. Otherwise the new model shares the original's
+    buffers, so donating one model's state to a jitted function invalidates the other."""
     config = model.config.replace(**changes)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0))))
     state = jax.tree.map(lambda x: x.astype(config.param_dtype), nnx.state(model))
