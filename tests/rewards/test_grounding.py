@@ -29,6 +29,10 @@ TABLE = [
     ("two boxes", "<answer>(0,0),(100,100) (500,500),(600,600)</answer>", GT, 1.04, 1.0),
     # Corner-swapped copy of the gt: negative area scores the paper maximum.
     ("swapped corners", "<answer>(100,100),(0,0)</answer>", GT, 2.0, 0.0),
+    # Both axes inverted, off to the side: a positive "area" larger than the enclosing box pushes the
+    # original's GIoU above 1 without bound (5.995 here; 4996 for (999,150),(0,100) against a
+    # 0.1-wide gt at the far corner): a reward hack of grpo_lisa.py that strict mode closes.
+    ("inverted box, unbounded", "<answer>(999,150),(0,100)</answer>", GT, 5.995, 0.0),
     # One inverted axis: negative union, so GIoU falls far below -1.
     ("inverted x", "<answer>(1000,0),(0,1000)</answer>", "<answer>(0,0),(10,10)</answer>", 1 - 100.99, 0.0),
     ("decimals", "<answer>(10.5,0),(100,100)</answer>", GT, 0.0, 1 + 89.5 / 100),

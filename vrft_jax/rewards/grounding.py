@@ -9,10 +9,12 @@ truth as a string. Quirks kept:
   corners, then all bottom-right ones, and compares items 0 and 1: with two or more boxes the
   "box" is the first two top-left corners (Liuziyu77/Visual-RFT, §5.3). No box scores 0.
 - The exact-match bonus: 2.0 when the stripped answer equals the stripped ground truth.
-- Boxes are not checked: an inverted prediction is scored by the same formulas, with a
-  negative area, so values run from far below 0 up to 2 (a box equal to the ground truth with
-  its corners swapped scores the maximum, 2.0). Values that overflow are reported as 0.
-Range: finite, at most 2.0.
+- Boxes are not checked: an inverted prediction is scored by the same formulas. With one axis
+  inverted its area is negative and the value falls far below 0; with both inverted its "area" is
+  positive and can exceed the enclosing box's, which pushes GIoU above 1 without bound (e.g.
+  `(999,150),(0,100)` against a ground truth of `(0,0),(100,100)` scores 5.995): a reward hack the
+  original leaves open, closed in strict mode. Values that overflow are reported as 0.
+Range: finite, unbounded in both directions.
 
 Strict mode (our recipes' default) scores every predicted box correctly:
 - The answer is the text inside the first `<answer>...</answer>`; no closed answer tag scores 0.
@@ -127,7 +129,7 @@ def grounding_giou(
                     out[i] = 2.0
             return out
 
-        return Reward("grounding_giou", mode, -np.inf, 2.0, (), score_paper)
+        return Reward("grounding_giou", mode, -np.inf, np.inf, (), score_paper)
 
     cap = DEFAULT_MAX_BOXES if max_boxes is None else int(max_boxes)
     if cap < 1:
