@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     runs = [ours_once(seed + 1) for seed in range(args.repeats)]
     prefill_s = statistics.median(r[0] for r in runs)
     decode_s = statistics.median(r[1] for r in runs)
-    ours_tokens = statistics.median(r[2] for r in runs)
+    ours_tokens = int(statistics.median(r[2] for r in runs))
     ours_tps = ours_tokens / (prefill_s + decode_s)
 
     torch_inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     hf_once(0)
     hf_runs = [hf_once(seed + 1) for seed in range(args.repeats)]
     hf_s = statistics.median(r[0] for r in hf_runs)
-    hf_tokens = statistics.median(r[1] for r in hf_runs)
+    hf_tokens = int(statistics.median(r[1] for r in hf_runs))
     hf_tps = hf_tokens / hf_s
 
     rows = args.prompts * args.group

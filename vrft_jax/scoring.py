@@ -2,11 +2,11 @@
 frozen reference's, by one function.
 
 Each prompt runs once ([B] rows): the vision tower, the embedding and the decoder, whose keys and
-values are kept as a KV cache, exactly as the sampler's prefill. The cache is repeated for the
-prompt's G completions, and only the completions' L tokens run through the decoder ([B*G] rows),
-attending to it. Teacher forcing this way is the same computation as a full forward over prompt +
-completion, with the prompt's share done once instead of G times (the gradient sums the G
-contributions through the repeat).
+values are kept as a KV cache, exactly as the sampler's prefill. The prompt's G completions share
+that cache without copying it (`SharedPrefix`), and only the completions' L tokens run through the
+decoder ([B*G] rows), attending to it. Teacher forcing this way is the same computation as a full
+forward over prompt + completion, with the prompt's share done once instead of G times (the
+gradient sums the G completions' contributions into the shared keys and values).
 
 Only the L positions that predict completion tokens go through the LM head, in chunks of positions:
 one chunk's float32 logits `[B*G, chunk, V]` exist at a time, forward and backward (each chunk is
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.layers import precision
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
-from vrft_jax.models.qwen2_vl.text import KVCache
+from vrft_jax.models.qwen2_vl.text import KVCache, SharedPrefix
 from vrft_jax.sharding import constrain
 
 
@@ -59,13 +59,14 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
     def repeat(x, axis=0):
         return jnp.repeat(x, group, axis=axis)
 
-    # Prompts: the vision tower, the embedding and the decoder run once per prompt, into a KV cache. The
-    # G completions of a prompt share it (causal attention: the prompt never sees its completions).
+    # Prompts: the vision tower, the embedding and the decoder run once per prompt, into a KV cache that
+    # the G completions of the prompt share without copying it (causal attention: the prompt never
+    # sees its completions), exactly as the sampler decodes them.
     prompt_x = model.embed(inputs.input_ids, model.image_features(inputs))
-    cache = KVCache.zeros(model.config, batch, prompt_len + length)
-    prompt_hidden, cache = model.text(prompt_x, inputs.positions, inputs.attention_mask, cache)
-    cache = KVCache(k=repeat(cache.k, axis=1), v=repeat(cache.v, axis=1), valid=repeat(cache.valid),
-                    index=cache.index)
+    prompt_hidden, prompt_cache = model.text(prompt_x, inputs.positions, inputs.attention_mask,
+                                             KVCache.zeros(model.config, batch, prompt_len))
+    prefix = SharedPrefix.of(prompt_cache)
+    cache = KVCache.zeros(model.config, rows, length)
     # Completions, embedded as plain text: token k sits in slot T + k at M-RoPE position
     # (valid prompt tokens + k + rope delta) on all three axes, as HF's rope index puts it.
     start = jnp.sum(inputs.attention_mask, axis=1) + inputs.rope_deltas
@@ -73,7 +74,7 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
     positions = jnp.broadcast_to(positions[..., None], (rows, length, 3)).astype(inputs.positions.dtype)
     completion_x = model.text.embed(completions_nl).astype(prompt_x.dtype)
     completion_hidden, _ = model.text(completion_x, positions, completion_mask_nl.astype(inputs.attention_mask.dtype),
-                                      cache)
+                                      cache, prefix)
     # Completion token 0 is predicted by the last prompt slot (prompts are left-padded), token k by token k - 1.
     hidden = jnp.concatenate([repeat(prompt_hidden[:, -1:]), completion_hidden[:, :-1]], axis=1)
     return chunked_token_logprobs(model, hidden, completions_nl, temperature=temperature, chunk_size=chunk_size,
