@@ -141,3 +141,20 @@ def concat(*batches: Batch) -> Batch:
     """Stack batches of equal length along the batch axis (images keep their row order)."""
     return Batch(*(np.concatenate([getattr(b, f) for b in batches]) for f in
                    ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")))
+
+
+def count_vision_calls(monkeypatch) -> list[int]:
+    """Record the batch size of every run of the vision tower (at run time, from inside jit)."""
+    import jax
+
+    from vrft_jax.models.qwen2_vl.vision import VisionTower
+
+    calls: list[int] = []
+    original = VisionTower.__call__
+
+    def counted(self, patches, segments, positions):
+        jax.debug.callback(lambda n: calls.append(int(n)), patches.shape[0])
+        return original(self, patches, segments, positions)
+
+    monkeypatch.setattr(VisionTower, "__call__", counted)
+    return calls

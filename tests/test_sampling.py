@@ -10,11 +10,10 @@ import torch
 from flax import nnx
 from scipy import stats
 
-from hf_reference import TINY_CONFIGS, mixed_batch, random_hf_model
+from hf_reference import TINY_CONFIGS, count_vision_calls, mixed_batch, random_hf_model
 from model_port.hf_to_flax import load_hf
 from vrft_jax import sampling, sharding
 from vrft_jax.models.qwen2_vl import ModelInputs, forward
-from vrft_jax.models.qwen2_vl.vision import VisionTower
 from vrft_jax.sampling import SamplingConfig, rollout
 
 TINY = TINY_CONFIGS[0]
@@ -163,17 +162,10 @@ def test_group_samples_are_distinct_and_reproducible(pair):
 def test_vision_tower_and_prefill_run_once_per_prompt(pair, monkeypatch):
     _, model = pair
     inputs = inputs_of(model, left_batch(25))
-    calls = []
-    original = VisionTower.__call__
-
-    def counted(self, patches, segments, positions):
-        jax.debug.callback(lambda n: calls.append(int(n)), patches.shape[0])
-        return original(self, patches, segments, positions)
-
-    monkeypatch.setattr(VisionTower, "__call__", counted)
+    calls = count_vision_calls(monkeypatch)
     rollout(model, inputs, jax.random.key(0), config(group_size=8)).tokens.block_until_ready()
     assert calls == [4]  # one run over the 4 prompts, not 32 samples
-    monkeypatch.setattr(VisionTower, "__call__", original)
+    monkeypatch.undo()
 
     graphdef, state = nnx.split(model)
     prefilled = sampling.prefill(graphdef, state, inputs, config(group_size=8).resolve(model.config))

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from grpo.conftest import PATCH_BUCKET, PROMPT_LENGTH, completions, prompts
-from hf_reference import TINY_CONFIGS, mixed_batch, random_hf_model
+from hf_reference import TINY_CONFIGS, count_vision_calls, mixed_batch, random_hf_model
 from model_port.hf_to_flax import load_hf
 from vrft_jax.models.qwen2_vl import ModelInputs, forward
-from vrft_jax.models.qwen2_vl.vision import VisionTower
 from vrft_jax.scoring import score_completions
 
 G, L = 3, 10
@@ -83,14 +82,7 @@ def test_tokens_after_the_eos_are_invisible_to_the_real_ones(policy):
 def test_the_vision_tower_runs_once_per_prompt_not_per_completion(policy, monkeypatch):
     inputs = prompts(policy.config)
     tokens, mask = completions(4 * 8, L, seed=5)
-    calls = []
-    original = VisionTower.__call__
-
-    def counted(self, patches, segments, positions):
-        jax.debug.callback(lambda n: calls.append(int(n)), patches.shape[0])
-        return original(self, patches, segments, positions)
-
-    monkeypatch.setattr(VisionTower, "__call__", counted)
+    calls = count_vision_calls(monkeypatch)
     score(policy, inputs, tokens, mask).logprobs.block_until_ready()
     assert calls == [4]  # one run over the 4 prompts, for their 32 completions
 
