@@ -14,31 +14,17 @@ from vrft_jax.data import prompts
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.tokenizer import SPECIAL_TOKENS
 
-_BPE_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 def save_tiny_tokenizer(directory: str) -> str:
     """A 1000-token byte-level BPE with Qwen2-VL's special tokens, saved as an HF tokenizer directory
     (loads in milliseconds, so subprocess tests do not pay for the real vocabulary)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
+    from tiny_tokenizer import tiny_bpe_tokenizer
 
     corpus = [prompts.detection_problem("red circle"), prompts.classification_problem("aircraft"),
               prompts.grounding_problem("the thing on the left"), "You are a helpful assistant.",
               "system user assistant 0123456789 green blue yellow purple orange square triangle"] * 4
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_BPE_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=1000 - len(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[], show_progress=False))
-    bpe.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+    tokenizer = tiny_bpe_tokenizer(corpus, 1000 - len(SPECIAL_TOKENS))
     tokenizer.save_pretrained(directory)
     return directory
 

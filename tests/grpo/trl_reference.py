@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import Qwen2TokenizerFast
 
 from hf_reference import Tiny, image, image_processor
+from tiny_tokenizer import tiny_bpe_tokenizer
 from vrft_jax.models.qwen2_vl.processor import CHAT_TEMPLATE, SPECIAL_TOKENS, ImageOnlyQwen2VLProcessor
 
 _CORPUS = [
@@ -23,24 +23,11 @@ _CORPUS = [
     "Outline the position of each object and output all coordinates in JSON format.",
     '[{"Position": [120, 40, 388, 411], "Confidence": 0.92}]',
 ]
-# Qwen2's pre-tokenizer split (environment.md §3).
-_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 def tiny_tokenizer() -> Qwen2TokenizerFast:
     """A byte-level BPE of a few hundred tokens, Qwen2-VL's 14 special tokens appended in Qwen's order."""
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_CORPUS * 4, trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[], show_progress=False))
-    bpe.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+    tokenizer = tiny_bpe_tokenizer(_CORPUS * 4, 400)
     # TRL pads prompt ids on the left itself but takes `mm_token_type_ids` from the processor: with a
     # right-padding tokenizer the image positions of shorter prompts shift (huggingface/trl#5785).
     tokenizer.padding_side = "left"
