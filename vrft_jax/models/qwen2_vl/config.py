@@ -218,7 +218,7 @@ class Qwen2VLConfig:
         return cls(
             text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
                             num_heads=12, num_kv_heads=2, rms_norm_eps=1e-6),
-            vision=_REAL_VIT(out_dim=1536),
+            vision=_real_vit(out_dim=1536),
             tie_word_embeddings=True,
             eos_token_ids=(151645,),
             **runtime,
@@ -230,7 +230,7 @@ class Qwen2VLConfig:
         return cls(
             text=TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
                             num_heads=28, num_kv_heads=4, rms_norm_eps=1e-6),
-            vision=_REAL_VIT(out_dim=3584),
+            vision=_real_vit(out_dim=3584),
             tie_word_embeddings=False,
             eos_token_ids=(151645,),
             **runtime,
@@ -242,14 +242,14 @@ class Qwen2VLConfig:
         return cls(
             text=TextConfig(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_layers=80,
                             num_heads=64, num_kv_heads=8, rms_norm_eps=1e-6),
-            vision=_REAL_VIT(out_dim=8192),
+            vision=_real_vit(out_dim=8192),
             tie_word_embeddings=False,
             eos_token_ids=(151645,),
             **runtime,
         )
 
 
-def _REAL_VIT(out_dim: int) -> VisionConfig:
+def _real_vit(out_dim: int) -> VisionConfig:
     # The same 675M-parameter ViT serves every Qwen2-VL size; only the merger's output width changes.
     return VisionConfig(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, out_dim=out_dim)
 
