@@ -233,3 +233,12 @@ def test_bad_sampling_configs_name_the_field(pair):
                          dataclasses.replace(config(), eos_token_ids=(151645,)))
     with pytest.raises(sampling.InputError, match=r"rows \[1\] end in padding"):
         sampling.rollout(model, inputs_of(model, mixed_batch(TINY, seed=1)), jax.random.key(0), config())
+
+
+def test_right_padding_is_caught_shard_by_shard_on_the_mesh(pair):
+    _, model = pair
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    inputs = jax.tree.map(lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)),
+                          inputs_of(model, mixed_batch(TINY, seed=1)))
+    with pytest.raises(sampling.InputError, match=r"rows \[1\] end in padding"):
+        sampling.check_left_padded(inputs)

@@ -113,10 +113,17 @@ def reshard(model: Qwen2VL, mesh: jax.sharding.Mesh, rules=sharding.SAMPLING_RUL
 
 
 def check_left_padded(inputs: ModelInputs) -> None:
-    mask = np.asarray(inputs.attention_mask)
-    bad = np.flatnonzero(mask[:, -1] == 0)
-    if bad.size:
-        raise InputError(f"generation needs left-padded prompts: rows {bad.tolist()} end in padding")
+    """InputError naming the rows whose last slot is padding. Each process reads only the last column
+    of its own shards of the mask, so a global array on a multi-host mesh is checked without a gather."""
+    mask = inputs.attention_mask
+    if isinstance(mask, jax.Array):
+        pieces = [(shard.index[0].start or 0, np.asarray(shard.data)[:, -1]) for shard in mask.addressable_shards
+                  if shard.index[1].stop in (None, mask.shape[1])]
+    else:
+        pieces = [(0, np.asarray(mask)[:, -1])]
+    bad = sorted({start + int(i) for start, last in pieces for i in np.flatnonzero(last == 0)})
+    if bad:
+        raise InputError(f"generation needs left-padded prompts: rows {bad} end in padding")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -197,7 +204,7 @@ def sample_token(logits_bv, key, config: SamplingConfig):
         token = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     else:
         token = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-    chosen = jnp.take_along_axis(logits_bv.astype(jnp.float32) / temperature, token[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(logits_bv.astype(jnp.float32), token[:, None], axis=-1)[:, 0] / temperature
     return token, chosen - full_logprobs_norm
 
 

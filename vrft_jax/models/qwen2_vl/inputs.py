@@ -51,13 +51,14 @@ class ModelInputs:
         attention_mask = np.ones_like(input_ids) if attention_mask is None else _numpy(attention_mask)
         grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else _numpy(image_grid_thw).reshape(-1, 3)
         pixel_values = None if pixel_values is None else _numpy(pixel_values)
+        token_types = None if mm_token_type_ids is None else _numpy(mm_token_type_ids)
         sizes = grids.prod(axis=1)
         if pixel_values is not None and pixel_values.shape[0] != sizes.sum():
             raise InputError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw implies {sizes.sum()}")
         starts = np.concatenate([[0], np.cumsum(sizes)])
         rows, used = [], 0
         for b in range(batch):
-            types = None if mm_token_type_ids is None else _numpy(mm_token_type_ids)[b]
+            types = None if token_types is None else token_types[b]
             n = rope.count_images(input_ids[b], config.image_token_id, attention_mask[b], types)
             images = [pixel_values[starts[i]:starts[i + 1]] for i in range(used, used + n)]
             rows.append((images, grids[used:used + n], types))
