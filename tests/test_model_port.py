@@ -5,12 +5,9 @@ import json
 import os
 import tracemalloc
 
-import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 from transformers import Qwen2VLConfig as HFConfig
 from transformers import Qwen2VLForConditionalGeneration

@@ -71,7 +71,6 @@ def write_dataset(data_dir: str, name: str, splits: Mapping[str, Iterable[Record
     `metadata` (JSON-able) is stored with the dataset; the CLI puts the conversion report there, and
     fills it while the records stream, so it must be complete when the last split has been written.
     """
-    import tensorflow_datasets as tfds
 
     if not _NAME.match(name):
         raise ValueError(f"dataset name {name!r} must be lower-case letters, digits and underscores")
