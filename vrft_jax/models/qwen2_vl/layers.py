@@ -15,18 +15,25 @@ from flax import nnx
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 
 _INIT_STD = 0.02  # HF's initializer_range
+INITIALIZERS = ("normal", "ones", "zeros")  # the names `param(init=...)` accepts
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], config: Qwen2VLConfig,
           init: str = "normal") -> nnx.Param:
-    """A parameter with logical axis names; sharding is applied by the caller's rules, never eagerly."""
+    """A parameter with logical axis names; sharding is applied by the caller's rules, never eagerly.
+
+    init: "normal" (N(0, 0.02^2), as HF), "ones" or "zeros"; any other name is a ValueError.
+    """
     assert len(shape) == len(axes), (shape, axes)
     if init == "normal":
         value = _INIT_STD * jax.random.normal(rngs.params(), tuple(shape), config.param_dtype)
     elif init == "ones":
         value = jnp.ones(shape, config.param_dtype)
-    else:
+    elif init == "zeros":
         value = jnp.zeros(shape, config.param_dtype)
+    else:
+        raise ValueError(f"unknown initializer {init!r} for a parameter of shape {tuple(shape)}; "
+                         f"known: {', '.join(map(repr, INITIALIZERS))}")
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
