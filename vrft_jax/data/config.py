@@ -41,7 +41,8 @@ class DataConfig:
     Bad records (undecodable image, missing field, malformed solution, prompt over the bucket):
       on_bad_record:   "error" stops with an error naming the record; "skip" skips and counts it
     Prompt:
-      tokenizer_path:  a local HF tokenizer directory; None = the packaged Qwen2-VL tokenizer
+      tokenizer_path:  a local HF tokenizer directory; None = the tokenizer files of the model checkpoint
+                       (`make_iterator(checkpoint_dir=...)`) when it has them, else the packaged Qwen2-VL one
       system_prompt:   None for Visual-RFT training (the template adds "You are a helpful assistant.")
       problem_prefix:  text put before each problem; "<image>\n" reproduces Visual-RFT's evaluation
                        prompts (its eval scripts send '<image>\n' + question), "" its training prompts

