@@ -133,11 +133,17 @@ def combine_rewards(rewards_nf, weights_f=None):
 
 
 def advantages(rewards_n, group_size: int, config: GRPOConfig):
-    """float32[N] advantages of `rewards_n` (row b*G + g is sample g of prompt b) by `config.advantage`."""
+    """float32[N] advantages of `rewards_n` (row b*G + g is sample g of prompt b) by `config.advantage`.
+
+    A non-finite reward (NaN: unscorable; +-inf: a custom reward gone wrong) is left out of the
+    statistics and gets advantage 0; so does any advantage that overflows. An estimator sees every
+    non-finite reward as NaN, and any non-finite advantage it returns becomes 0.
+    """
     rewards = jnp.asarray(rewards_n, jnp.float32)
     if rewards.ndim != 1 or group_size < 1 or rewards.shape[0] % group_size:
         raise ValueError(f"rewards of shape {rewards.shape} do not split into groups of {group_size}")
-    return ADVANTAGES[config.advantage](rewards, group_size, config.advantage_eps)
+    rewards = jnp.where(jnp.isfinite(rewards), rewards, jnp.nan)
+    return _finite_or_zero(ADVANTAGES[config.advantage](rewards, group_size, config.advantage_eps))
 
 
 def _nanstd(x, axis=None, keepdims=False):
@@ -152,8 +158,16 @@ def _nanstd(x, axis=None, keepdims=False):
 
 
 def _centred(rewards, group_size):
+    """(rewards [N/G, G] with every non-finite one as NaN, each minus its group's mean over the finite)."""
     grouped = rewards.reshape(-1, group_size)
+    grouped = jnp.where(jnp.isfinite(grouped), grouped, jnp.nan)  # an inf would make every mean inf
     return grouped, grouped - jnp.nanmean(grouped, axis=1, keepdims=True)
+
+
+def _finite_or_zero(advantages):
+    """0 where an advantage is NaN (an unscorable reward, or a group without one) or +-inf (overflow).
+    Not `nan_to_num`, which would turn +-inf into +-3.4e38."""
+    return jnp.where(jnp.isfinite(advantages), advantages, 0.0)
 
 
 @register_advantage("group")
@@ -161,20 +175,20 @@ def group_scaled_advantages(rewards, group_size, eps):
     """(r - mean_G) / (std_G + eps), std unbiased over the G samples of a prompt.
 
     Visual-RFT (visual-rft.md §5.4 step 8) and TRL `scale_rewards="group"` (its `nanstd` applies
-    Bessel's correction too). NaN rewards are left out of the statistics and get advantage 0.
+    Bessel's correction too). Non-finite rewards are left out of the statistics and get advantage 0.
     """
     grouped, centred = _centred(rewards, group_size)
     scaled = centred / (_nanstd(grouped, axis=1, keepdims=True) + eps)
-    return jnp.nan_to_num(scaled.reshape(-1), nan=0.0)
+    return _finite_or_zero(scaled.reshape(-1))
 
 
 @register_advantage("batch")
 def batch_scaled_advantages(rewards, group_size, eps):
     """(r - mean_G) / (std_batch + eps): the group baseline, one unbiased std over the whole batch
     (TRL `scale_rewards="batch"`, after "Tricks or Traps? A Deep Dive into RL for LLM Reasoning")."""
-    _, centred = _centred(rewards, group_size)
-    scaled = centred.reshape(-1) / (_nanstd(rewards) + eps)
-    return jnp.nan_to_num(scaled, nan=0.0)
+    grouped, centred = _centred(rewards, group_size)
+    scaled = centred.reshape(-1) / (_nanstd(grouped) + eps)
+    return _finite_or_zero(scaled)
 
 
 @register_advantage("none")
@@ -182,7 +196,7 @@ def unscaled_advantages(rewards, group_size, eps):
     """r - mean_G, no division (Dr. GRPO, "Understanding R1-Zero-Like Training"; TRL `scale_rewards="none"`)."""
     del eps
     _, centred = _centred(rewards, group_size)
-    return jnp.nan_to_num(centred.reshape(-1), nan=0.0)
+    return _finite_or_zero(centred.reshape(-1))
 
 
 # ---------------------------------------------------------------------------------------------- KL

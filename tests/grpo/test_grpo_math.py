@@ -128,6 +128,27 @@ def test_nan_rewards_are_left_out_of_the_statistics_and_get_zero_advantage():
     assert ours[1] == 0 and (ours[4:] == 0).all()
 
 
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_infinite_and_nan_rewards_get_zero_advantage_and_are_left_out_of_the_statistics(scale):
+    """+inf, -inf and NaN each in its own group: that row's advantage is exactly 0 (not +-3.4e38), and
+    every other row's is what it would be without that row: the group mean (and the group's or the
+    batch's unbiased std) taken over the finite rewards only."""
+    rewards = np.array([1.0, np.inf, 3.0, 2.0, -np.inf, 0.0, 1.0, 0.5, 2.0, 2.0, np.nan, 5.0], np.float32)
+    ours = np.asarray(grpo.advantages(rewards, G, grpo.GRPOConfig(advantage=scale)))
+    bad = ~np.isfinite(rewards)
+    assert (ours[bad] == 0).all() and np.isfinite(ours).all()
+    grouped = np.where(np.isfinite(rewards), rewards, np.nan).astype(np.float64).reshape(-1, G)
+    expected = grouped - np.nanmean(grouped, axis=1, keepdims=True)
+    if scale == "group":
+        expected = expected / (np.nanstd(grouped, axis=1, ddof=1, keepdims=True) + 1e-4)
+    elif scale == "batch":
+        expected = expected / (np.nanstd(grouped, ddof=1) + 1e-4)
+    np.testing.assert_allclose(ours[~bad], expected.reshape(-1)[~bad], rtol=1e-6, atol=1e-6)
+    # The same numbers as the NaN (unscorable) reward gives: all three are "no reward".
+    as_nan = np.where(bad, np.nan, rewards).astype(np.float32)
+    np.testing.assert_array_equal(ours, np.asarray(grpo.advantages(as_nan, G, grpo.GRPOConfig(advantage=scale))))
+
+
 def test_a_group_of_equal_rewards_or_of_one_sample_has_zero_advantage():
     config = grpo.GRPOConfig()
     assert (np.asarray(grpo.advantages(np.full(8, 0.7, np.float32), G, config)) == 0).all()
