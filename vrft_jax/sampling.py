@@ -22,9 +22,11 @@ import numpy as np
 from flax import nnx
 
 from vrft_jax import sharding
-from vrft_jax.models.qwen2_vl.inputs import InputError, ModelInputs
+from vrft_jax.models.qwen2_vl.inputs import InputError as InputError  # re-exported: check_left_padded raises it
+from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
 from vrft_jax.models.qwen2_vl.text import KVCache, SharedPrefix
+from vrft_jax.padding import check_left_padded
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
@@ -110,20 +112,6 @@ def reshard(model: Qwen2VL, mesh: jax.sharding.Mesh, rules=sharding.SAMPLING_RUL
     tensor: decoding is bandwidth-bound and should not all-gather weights every token)."""
     graphdef, state = nnx.split(model)
     return nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
-
-
-def check_left_padded(inputs: ModelInputs) -> None:
-    """InputError naming the rows whose last slot is padding. Each process reads only the last column
-    of its own shards of the mask, so a global array on a multi-host mesh is checked without a gather."""
-    mask = inputs.attention_mask
-    if isinstance(mask, jax.Array):
-        pieces = [(shard.index[0].start or 0, np.asarray(shard.data)[:, -1]) for shard in mask.addressable_shards
-                  if shard.index[1].stop in (None, mask.shape[1])]
-    else:
-        pieces = [(0, np.asarray(mask)[:, -1])]
-    bad = sorted({start + int(i) for start, last in pieces for i in np.flatnonzero(last == 0)})
-    if bad:
-        raise InputError(f"generation needs left-padded prompts: rows {bad} end in padding")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

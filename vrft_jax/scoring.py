@@ -23,6 +23,7 @@ from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.layers import precision
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
 from vrft_jax.models.qwen2_vl.text import KVCache, SharedPrefix
+from vrft_jax.padding import check_left_padded
 from vrft_jax.sharding import constrain
 
 
@@ -42,7 +43,10 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
 
     Args:
       inputs: the prompts, [B, T] tokens with their images (the rollout's `ModelInputs`), left-padded
-        as the sampler requires: slot T - 1 must be each prompt's last token.
+        as the sampler requires: slot T - 1 must be each prompt's last token. A concrete batch whose
+        prompt ends in padding raises `InputError` naming the rows; under a trace the mask cannot be
+        read, so whoever jits this checks the concrete batch first (`padding.check_left_padded`, as
+        `train_step.make_train_step` and `make_score_fn` do).
       completions_nl: int32[B*G, L], row b*G + g a completion of prompt b.
       completion_mask_nl: [B*G, L], 1 for real tokens (through the first EOS), 0 for padding; padding
         is invisible to the real tokens, as in HF with TRL's attention mask.
@@ -55,6 +59,8 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
         raise ValueError(f"completions {completions_nl.shape} and mask {completion_mask_nl.shape} must be "
                          f"[B*G, L] for B={batch} prompts")
     group = rows // batch
+    if not isinstance(inputs.attention_mask, jax.core.Tracer):
+        check_left_padded(inputs, "scoring")
 
     def repeat(x, axis=0):
         return jnp.repeat(x, group, axis=axis)

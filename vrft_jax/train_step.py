@@ -6,8 +6,16 @@ and the state is donated. Inside, the batch is cut into `micro_batches` groups o
 a `lax.scan` sums each micro-batch's gradient of its loss numerator, its `grpo.LossTerms` and its
 entropy, and one division by the batch's count gives the loss and gradient of the whole batch,
 so the update does not depend on the split. AdamW (optax) with a warmup + linear-decay schedule and
-global-norm clipping follows; a non-finite loss or gradient leaves parameters and optimizer state
-untouched and is counted.
+global-norm clipping follows. Two kinds of batch skip the update, leaving parameters and optimizer
+state (Adam's moments and count) bit-identical and `TrainState.step` (the schedule's count) where
+it was: a non-finite loss or gradient (counted, see `check_nonfinite`), and a batch without a real
+completion token (`loss_count == 0`: its zero gradient would still move the parameters through
+Adam's momentum; reported as `empty_batch`, not counted as non-finite).
+
+The compiled programs read the prompts' last slot as each prompt's last token, so the callables
+that `make_train_step` and `make_score_fn` return check on the host, before dispatch, that the
+batch's prompts are left-padded (`padding.check_left_padded`: an `InputError` naming the rows otherwise;
+a device mask that passed, e.g. the rollout's, is not read again).
 
 Frozen parameters (the vision tower, with `freeze_vision`) are never differentiated and have no
 optimizer state. Parameters are kept in `param_dtype` (float32 master weights) and cast to
@@ -46,6 +54,7 @@ from vrft_jax import grpo, sharding
 from vrft_jax.models.qwen2_vl.config import REMAT_POLICIES
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
+from vrft_jax.padding import check_left_padded
 from vrft_jax.scoring import score_completions
 
 
@@ -145,8 +154,9 @@ class TrainBatch:
 @flax.struct.dataclass
 class TrainState:
     """params: every parameter (nnx.State) in param_dtype; opt_state: optax state of the trainable ones;
-    step: updates applied (the schedule's count); nonfinite_total / nonfinite_streak: updates skipped
-    for a non-finite loss or gradient, in all and in a row."""
+    step: updates applied (the schedule's count; a skipped update does not advance it);
+    nonfinite_total / nonfinite_streak: updates skipped for a non-finite loss or gradient, in all and
+    in a row (an empty batch changes neither)."""
 
     params: nnx.State
     opt_state: Any
@@ -322,6 +332,25 @@ def loss_and_grads(graphdef, trainable: nnx.State, frozen: nnx.State, batch: Tra
 # ---------------------------------------------------------------------------------------------- programs
 
 
+class LeftPaddedBatch:
+    """A jitted `(x, TrainBatch) -> ...` that checks, on the host and before dispatch, that the batch's
+    prompts are left-padded: inside the program the mask is a tracer. Attributes (`lower`, `trace`,
+    `_cache_size`, ...) are the jitted function's, and do not check."""
+
+    def __init__(self, jitted, what: str):
+        self.jitted = jitted
+        self.what = what
+
+    def __call__(self, first, batch: TrainBatch):
+        check_left_padded(batch.inputs, self.what)
+        return self.jitted(first, batch)
+
+    def __getattr__(self, name):  # only for names the instance lacks
+        if name == "jitted":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.jitted, name)
+
+
 def init_state(model: Qwen2VL, config: TrainConfig, *, mesh=None, rules=sharding.DEFAULT_RULES):
     """(graphdef, TrainState): the model under the training dtypes, its parameters placed by the rules
     on `mesh` (or the default device), and a fresh optimizer state born with the same layout.
@@ -354,9 +383,13 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
 
     `state` (concrete or abstract) fixes the parameter layout. With a mesh, the state keeps the
     rules' layout in and out and the batch is split over the mesh's batch axes on its first axis
-    (B and B*G must be divisible by data x fsdp). Metrics are float32 scalars: loss, kl (when the
-    batch carries ref_logprobs), entropy, clip_low / clip_high / clip_region (token fractions),
-    grad_norm (before clipping), learning_rate, tokens, sequences, update_skipped,
+    (B and B*G must be divisible by data x fsdp). Each call first checks on the host that the
+    batch's prompts are left-padded (`InputError` naming the rows); the returned callable forwards
+    everything else (`lower`, ...) to the jitted function, unchecked. Metrics are float32 scalars:
+    loss, kl (when the batch carries ref_logprobs), entropy, clip_low / clip_high / clip_region
+    (token fractions), grad_norm (before clipping), learning_rate, tokens, sequences,
+    update_skipped (1 when the state was left as it was: a non-finite loss or gradient, or an
+    empty batch), empty_batch (1 when no completion token was real: loss_count == 0),
     nonfinite_streak, nonfinite_total.
     """
     tx = make_optimizer(config)
@@ -366,23 +399,30 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
         trainable, frozen = split_params(state.params, config)
         loss, grads, terms, entropy_sum = loss_and_grads(graphdef, trainable, frozen, batch, config, mesh, rules)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # No real token: the zero gradient would still move the parameters through Adam's momentum, and
+        # advance its count. Empty takes precedence: padding's NaN is not counted as a non-finite update.
+        empty = terms.loss_count == 0
+        nonfinite = ~empty & ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+        apply = ~empty & ~nonfinite
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         updated = optax.apply_updates(trainable, updates)
 
-        def keep_if_not_finite(new, old):
-            return jnp.where(finite, new, old)
+        def keep_unless_applied(new, old):
+            return jnp.where(apply, new, old)
 
-        trainable = jax.tree.map(keep_if_not_finite, updated, trainable)
-        opt_state = jax.tree.map(keep_if_not_finite, opt_state, state.opt_state)
-        skipped = (~finite).astype(jnp.int32)
+        trainable = jax.tree.map(keep_unless_applied, updated, trainable)
+        opt_state = jax.tree.map(keep_unless_applied, opt_state, state.opt_state)
+        skipped = nonfinite.astype(jnp.int32)
+        # An empty batch leaves the streak as it was: it is neither a failed nor a successful update.
+        streak = jnp.where(empty, state.nonfinite_streak, (state.nonfinite_streak + 1) * skipped)
         new_state = TrainState(params=nnx.merge_state(trainable, frozen), opt_state=opt_state,
-                               step=state.step + 1 - skipped, nonfinite_total=state.nonfinite_total + skipped,
-                               nonfinite_streak=(state.nonfinite_streak + 1) * skipped)
+                               step=state.step + apply.astype(jnp.int32),
+                               nonfinite_total=state.nonfinite_total + skipped, nonfinite_streak=streak)
         tokens = jnp.maximum(terms.tokens, 1.0)
         metrics = {"loss": loss, "entropy": entropy_sum / tokens, "grad_norm": grad_norm,
                    "learning_rate": jnp.asarray(schedule(state.step), jnp.float32), "tokens": terms.tokens,
-                   "sequences": terms.sequences, "update_skipped": skipped.astype(jnp.float32),
+                   "sequences": terms.sequences, "update_skipped": (~apply).astype(jnp.float32),
+                   "empty_batch": empty.astype(jnp.float32),
                    "nonfinite_streak": new_state.nonfinite_streak.astype(jnp.float32),
                    "nonfinite_total": new_state.nonfinite_total.astype(jnp.float32), **terms.metrics()}
         if batch.ref_logprobs is None:
@@ -390,7 +430,7 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
         return new_state, metrics
 
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
+        return LeftPaddedBatch(jax.jit(step, donate_argnums=0), "training")
     state_shardings = tree_shardings(state, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, 1, rules=rules)  # a prefix: every batch leaf on its axis 0
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -399,14 +439,15 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(rules):
             return step(state, batch)
 
-    return jax.jit(step_on_mesh, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+    return LeftPaddedBatch(jax.jit(step_on_mesh, in_shardings=(state_shardings, batch_sharding),
+                                   out_shardings=(state_shardings, replicated), donate_argnums=0), "training")
 
 
 def make_score_fn(graphdef, params: nnx.State, config: TrainConfig, *, mesh=None, rules=sharding.DEFAULT_RULES):
     """The jitted `(params, TrainBatch) -> float32[B*G, L]` completion logprobs under `params`: the
     reference's (frozen initial parameters) or the old policy's, with the update's exact scoring
-    (temperature, chunking, image features once per prompt), micro-batch by micro-batch."""
+    (temperature, chunking, image features once per prompt), micro-batch by micro-batch. Each call
+    first checks on the host that the batch's prompts are left-padded, as the update does."""
 
     def score(params, batch: TrainBatch):
         model = nnx.merge(graphdef, params)
@@ -422,12 +463,12 @@ def make_score_fn(graphdef, params: nnx.State, config: TrainConfig, *, mesh=None
         return merge_micro_batches(jax.lax.map(one, micro), prompts)
 
     if mesh is None:
-        return jax.jit(score)
+        return LeftPaddedBatch(jax.jit(score), "scoring")
 
     def score_on_mesh(params, batch):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(rules):
             return score(params, batch)
 
-    return jax.jit(score_on_mesh, in_shardings=(tree_shardings(params, mesh, rules),
-                                                sharding.batch_sharding(mesh, 1, rules=rules)),
-                   out_shardings=sharding.batch_sharding(mesh, 2, rules=rules))
+    return LeftPaddedBatch(jax.jit(score_on_mesh, in_shardings=(tree_shardings(params, mesh, rules),
+                                                                sharding.batch_sharding(mesh, 1, rules=rules)),
+                                   out_shardings=sharding.batch_sharding(mesh, 2, rules=rules)), "scoring")

@@ -1,6 +1,7 @@
 """The jitted GRPO update: exact gradient accumulation, the same numbers on a sharded mesh, one
-compilation per run, skipped non-finite updates, a frozen vision tower, fp32 master weights with
-bf16 compute, and no [B*G, T, V] float32 logits anywhere in the compiled program.
+compilation per run, skipped non-finite updates and batches without a real token, right-padded prompts
+refused, a frozen vision tower, fp32 master weights with bf16 compute, and no [B*G, T, V] float32
+logits anywhere in the compiled program.
 
 The update under test is TRL's dapo with two iterations per rollout: old-policy logprobs shifted so
 ratios get clipped on both sides, a reference model and beta 0.04. Adam's first step is
@@ -22,7 +23,10 @@ from flax import nnx
 from grpo.conftest import train_batch
 from vrft_jax import grpo, sharding
 from vrft_jax import train_step as ts
-from vrft_jax.models.qwen2_vl import Qwen2VL
+from vrft_jax.models.qwen2_vl import InputError, Qwen2VL
+from vrft_jax.scoring import score_completions
+
+pytestmark = pytest.mark.parity
 
 G, L = 2, 8
 GROUPS_OF_FOUR = 4  # 16 prompts, 32 completions: 2 prompts and 4 completions per device on 8 devices
@@ -80,7 +84,7 @@ def single(policy, batch):
 
 def test_one_update_moves_the_parameters_and_reports_its_metrics(single):
     m = single.metrics
-    assert m["update_skipped"] == 0 and single.after.step == 1
+    assert m["update_skipped"] == 0 and m["empty_batch"] == 0 and single.after.step == 1
     assert max_difference(single.after.params, single.before.params) > 1e-3
     assert m["tokens"] > 0 and m["sequences"] == 32 and m["kl"] > 0 and m["entropy"] > 0
     assert 0 < m["clip_low"] < 1 and 0 < m["clip_high"] < 1
@@ -159,6 +163,63 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(policy, batch, single
     assert float(metrics["update_skipped"]) == 0
     assert (int(state.step), int(state.nonfinite_total), int(state.nonfinite_streak)) == (1, 2, 0)
     assert max_difference(state.params, single.after.params) == 0  # as if the poisoned batches never came
+
+
+def test_a_batch_without_a_real_token_leaves_the_state_bit_identical(policy, batch, single):
+    """All rows padding (loss_count == 0): the gradient is 0, but Adam's momentum from the step before
+    would still move the parameters and its count would advance. Nothing moves, and it is reported,
+    not counted as a non-finite update."""
+    _, state = ts.init_state(policy, CONFIG)
+    state, _ = single.step(state, batch)
+    empty = batch.replace(completion_mask=np.zeros_like(batch.completion_mask))
+
+    def unchanged_by(batch, state):
+        before = host(state)
+        state, metrics = single.step(state, batch)
+        after = host(state)
+        for name in ("params", "opt_state"):
+            a, b = getattr(after, name), getattr(before, name)
+            assert jax.tree.structure(a) == jax.tree.structure(b)
+            assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), name
+        return state, {k: float(v) for k, v in metrics.items()}
+
+    # The momentum is there: without the guard, the zero gradient would still move the parameters.
+    assert max(np.abs(m).max() for m in flat(state.opt_state[1][0].mu).values()) > 0
+    state, metrics = unchanged_by(empty, state)
+    assert metrics["empty_batch"] == 1 and metrics["update_skipped"] == 1
+    assert metrics["tokens"] == 0 and metrics["sequences"] == 0 and metrics["loss"] == 0
+    assert (int(state.step), int(state.nonfinite_total), int(state.nonfinite_streak)) == (1, 0, 0)
+    # Between two non-finite updates an empty batch neither breaks nor extends the streak.
+    advantages = np.array(batch.advantages)
+    advantages[5] = np.nan
+    state, _ = unchanged_by(batch.replace(advantages=advantages), state)
+    state, metrics = unchanged_by(empty, state)
+    assert metrics["empty_batch"] == 1 and metrics["nonfinite_streak"] == 1
+    assert (int(state.step), int(state.nonfinite_total), int(state.nonfinite_streak)) == (1, 1, 1)
+    state, metrics = single.step(state, batch)
+    assert metrics["empty_batch"] == 0 and int(state.step) == 2 and int(state.nonfinite_streak) == 0
+
+
+def test_prompts_that_end_in_padding_are_refused_by_row_before_dispatch(policy, batch, single, score):
+    """The update and the scoring programs read each prompt's last token from its last slot (review M8):
+    every entry that scores a batch checks it on the host first (before the step donates the state)."""
+    mask = np.array(batch.inputs.attention_mask)
+    mask[[3, 9], -1] = 0
+    right = batch.replace(inputs=batch.inputs.replace(attention_mask=mask))
+    for inputs in (right.inputs, jax.device_put(right.inputs)):  # called eagerly: NumPy or device mask
+        with pytest.raises(InputError, match=r"scoring needs left-padded prompts: rows \[3, 9\] end in padding"):
+            score_completions(policy, inputs, right.completions, right.completion_mask)
+    _, state = ts.init_state(policy, CONFIG)
+    with pytest.raises(InputError, match=r"training needs left-padded prompts: rows \[3, 9\] end in padding"):
+        single.step(state, right)
+    assert not state.step.is_deleted()  # not donated: the step never ran
+    with pytest.raises(InputError, match=r"scoring needs left-padded prompts: rows \[3, 9\] end in padding"):
+        score(nnx.state(policy), right)
+    mesh = sharding.make_mesh(1, 8, 1)
+    params = nnx.state(policy)
+    sharded_score = ts.make_score_fn(single.graphdef, params, CONFIG, mesh=mesh)
+    with pytest.raises(InputError, match=r"scoring needs left-padded prompts: rows \[3, 9\] end in padding"):
+        sharded_score(params, ts.shard_batch(right, mesh))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,48 @@
+"""The host-side check that prompts are left-padded, shared by the sampler and the scorer.
+
+Both read each prompt's last token from slot T - 1 (the sampler continues it, the scorer predicts
+the first completion token from it), so a prompt whose last slot is padding would be continued, or
+scored, from a pad token: wrong numbers, no error. Neither can check inside its compiled program
+without a host round trip per call, so the check runs on the host before dispatch.
+
+A device mask is read once: a `jax.Array` is immutable, so one that passed is remembered (weakly,
+by identity) and the rollout, the scoring and the updates of the same prompts pay for one read
+between them (review L6). A NumPy mask is read every time (no device sync, and it may be mutated).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import jax
+import numpy as np
+
+from vrft_jax.models.qwen2_vl.inputs import InputError, ModelInputs
+
+# id -> a device mask that passed; an entry goes when its array does, so a reused id never matches.
+_PASSED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def check_left_padded(inputs: ModelInputs, what: str = "generation") -> None:
+    """InputError naming the rows whose last slot is padding (`what` names the caller in the message).
+
+    Each process reads only the last column of its own shards of the mask, so a global array on a
+    multi-host mesh is checked without a gather. Needs a concrete mask: under a trace, check the
+    concrete batch before calling the jitted function.
+    """
+    mask = inputs.attention_mask
+    if isinstance(mask, jax.core.Tracer):
+        raise TypeError(f"check_left_padded needs a concrete attention mask, got a tracer {mask}")
+    device = isinstance(mask, jax.Array)
+    if device and _PASSED.get(id(mask)) is mask:
+        return
+    if device:
+        pieces = [(shard.index[0].start or 0, np.asarray(shard.data)[:, -1]) for shard in mask.addressable_shards
+                  if shard.index[1].stop in (None, mask.shape[1])]
+    else:
+        pieces = [(0, np.asarray(mask)[:, -1])]
+    bad = sorted({start + int(i) for start, last in pieces for i in np.flatnonzero(last == 0)})
+    if bad:
+        raise InputError(f"{what} needs left-padded prompts: rows {bad} end in padding")
+    if device:
+        _PASSED[id(mask)] = mask
