@@ -20,6 +20,8 @@ from vrft_jax.rewards import combine
 from vrft_jax.scoring import score_completions
 from vrft_jax.train_step import TrainBatch, TrainConfig, init_state, make_score_fn, make_train_step, shard_batch
 
+pytestmark = pytest.mark.parity
+
 PROMPTS, GROUP, NEW_TOKENS = 4, 2, 12
 
 

@@ -10,6 +10,8 @@ from hf_reference import TINY_CONFIGS, mixed_batch, random_hf_model
 from model_port.hf_to_flax import load_hf
 from vrft_jax.models.qwen2_vl import ModelInputs, with_config
 
+pytestmark = pytest.mark.parity
+
 TINY = TINY_CONFIGS[1]
 
 

@@ -10,6 +10,8 @@ from model_port.hf_to_flax import load_hf
 from vrft_jax.models.qwen2_vl import ModelInputs, forward_hf, get_rope_index
 from vrft_jax.sampling import greedy_generate
 
+pytestmark = pytest.mark.parity
+
 TOLERANCE = 2e-5  # max|ours - ref| / max|ref|
 
 

@@ -16,6 +16,8 @@ from vrft_jax import sampling, sharding
 from vrft_jax.models.qwen2_vl import ModelInputs, forward
 from vrft_jax.sampling import SamplingConfig, rollout
 
+pytestmark = pytest.mark.parity
+
 TINY = TINY_CONFIGS[0]
 EOS = TINY.hf["text_config"]["eos_token_id"]
 VISION_IDS = tuple(TINY.image_token_id + i for i in range(4))

@@ -12,6 +12,8 @@ from model_port.hf_to_flax import load_hf
 from vrft_jax import sharding
 from vrft_jax.models.qwen2_vl import ModelInputs, forward
 
+pytestmark = pytest.mark.parity
+
 TINY = TINY_CONFIGS[2]  # 6 heads, 1 kv head: exercises the divisibility fallback
 
 

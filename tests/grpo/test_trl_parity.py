@@ -25,7 +25,7 @@ from vrft_jax import train_step as ts
 from vrft_jax.models.qwen2_vl import ModelInputs
 
 # transformers 5.23 deprecates the `gradient_checkpointing` names that TRL 1.16 still uses.
-pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
+pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")]
 
 B, G, L = 2, 4, 6
 TEMPERATURE = 0.7
