@@ -39,7 +39,8 @@ def synthetic_batch(completions: int, max_boxes: int, group: int, seed: int) -> 
             entries = []
             for _ in range(rng.integers(0, max_boxes + 1)):
                 if rng.random() < 0.5:
-                    position = [int(np.clip(v + rng.integers(-15, 16), 0, 1000)) for v in truth[rng.integers(len(truth))]]
+                    position = [int(np.clip(v + rng.integers(-15, 16), 0, 1000))
+                                for v in truth[rng.integers(len(truth))]]
                 else:
                     position = _box(rng)
                 conf = "NaN" if rng.random() < 0.002 else f"{rng.random():.2f}"

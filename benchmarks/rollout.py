@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     from model_port.hf_to_flax import load_hf
     from vrft_jax import sampling
     from vrft_jax.models.qwen2_vl import ModelInputs
-    from vrft_jax.models.qwen2_vl.processor import EOS_TOKEN_IDS, ENDOFTEXT_ID, load_processor
+    from vrft_jax.models.qwen2_vl.processor import ENDOFTEXT_ID, EOS_TOKEN_IDS, load_processor
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
@@ -76,7 +76,8 @@ def main(argv=None) -> None:
     inputs = ModelInputs.from_hf(ours.config, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                  batch["image_grid_thw"])
     config = sampling.SamplingConfig(max_new_tokens=args.new_tokens, group_size=args.group, temperature=1.0,
-                                     top_k=50, eos_token_ids=EOS_TOKEN_IDS, pad_token_id=ENDOFTEXT_ID).resolve(ours.config)
+                                     top_k=50, eos_token_ids=EOS_TOKEN_IDS,
+                                     pad_token_id=ENDOFTEXT_ID).resolve(ours.config)
     graphdef, state = nnx.split(ours)
 
     def ours_once(seed):

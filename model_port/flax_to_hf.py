@@ -77,7 +77,8 @@ def main(argv=None) -> None:
     model, hf_config = checkpoint.load_model(args.ckpt, with_hf_config=True)
     files = save_hf(model, args.out, hf_config=hf_config, max_shard_bytes=int(args.max_shard_gb * 1024**3))
     copied = checkpoint.copy_hf_assets(args.ckpt, args.out)
-    print(f"exported {args.ckpt} -> {args.out}: {len(files)} safetensors file(s); assets: {', '.join(copied) or 'none'}")
+    print(f"exported {args.ckpt} -> {args.out}: {len(files)} safetensors file(s); "
+          f"assets: {', '.join(copied) or 'none'}")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,8 @@ def check_tensors(reader: SafetensorsReader, config: Qwen2VLConfig, entries) -> 
     if wrong:
         problems.append(f"mis-shaped tensors ({len(wrong)}): {'; '.join(wrong)}")
     if problems:
-        raise CheckpointMismatchError(f"checkpoint {reader.path} does not match its config:\n  " + "\n  ".join(problems))
+        raise CheckpointMismatchError(
+            f"checkpoint {reader.path} does not match its config:\n  " + "\n  ".join(problems))
 
 
 def main(argv=None) -> None:

@@ -86,7 +86,8 @@ class Batch:
     def torch(self, image_token_id: int) -> dict:
         ids = torch.from_numpy(self.input_ids).long()
         return dict(input_ids=ids, attention_mask=torch.from_numpy(self.attention_mask).long(),
-                    pixel_values=torch.from_numpy(self.pixel_values), image_grid_thw=torch.from_numpy(self.image_grid_thw),
+                    pixel_values=torch.from_numpy(self.pixel_values),
+                    image_grid_thw=torch.from_numpy(self.image_grid_thw),
                     mm_token_type_ids=(ids == image_token_id).long())
 
     def numpy(self) -> dict:

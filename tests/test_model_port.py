@@ -94,7 +94,8 @@ def test_tensors_stream_one_at_a_time(tmp_path):
     text = {**GQA.hf["text_config"], "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6,
             "num_attention_heads": 8, "num_key_value_heads": 2,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}}
-    wide = Tiny("wide", {**GQA.hf, "text_config": text, "vision_config": {**GQA.hf["vision_config"], "hidden_size": 256}})
+    vision = {**GQA.hf["vision_config"], "hidden_size": 256}
+    wide = Tiny("wide", {**GQA.hf, "text_config": text, "vision_config": vision})
     random_hf_model(wide).save_pretrained(tmp_path)
     reader = SafetensorsReader(str(tmp_path))
     sizes = [int(np.prod(reader.shape(n))) * 4 for n in reader.names()]
@@ -133,7 +134,8 @@ def test_missing_tensor_is_named(good_checkpoint, tmp_path):
     weights = dict(weights)
     del weights["model.layers.1.self_attn.k_proj.bias"]
     _write(tmp_path, weights, config)
-    with pytest.raises(CheckpointMismatchError, match=r"missing tensors \(1\): model\.layers\.1\.self_attn\.k_proj\.bias"):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"missing tensors \(1\): model\.layers\.1\.self_attn\.k_proj\.bias"):
         load_hf(str(tmp_path))
 
 
@@ -177,7 +179,8 @@ def test_transformers_5_in_memory_names_are_accepted(good_checkpoint, tmp_path):
 
 def test_unsupported_architecture_stops_with_a_clear_message(good_checkpoint, tmp_path):
     weights, config = good_checkpoint
-    _write(tmp_path, weights, {**config, "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]})
+    _write(tmp_path, weights,
+           {**config, "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]})
     with pytest.raises(UnsupportedConfigError, match="model_type='qwen2_5_vl'.*Qwen2-VL only"):
         load_hf(str(tmp_path))
     _write(tmp_path, weights, {**config, "text_config": {**config["text_config"], "use_sliding_window": True}})

@@ -9,7 +9,10 @@ from transformers import Qwen2TokenizerFast
 from vrft_jax.models.qwen2_vl.tokenizer import SPECIAL_TOKENS
 
 # Qwen2's pre-tokenizer split.
-QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 def tiny_bpe_tokenizer(corpus: list[str], bpe_vocab_size: int) -> Qwen2TokenizerFast:

@@ -44,7 +44,8 @@ def test_classification_prompt_takes_the_papers_nouns():
 
 
 def test_answers_have_virft_format():
-    assert prompts.detection_solution([[1, 364, 98, 649]]) == "<answer>[{'Position': [1, 364, 98, 649], 'Confidence': 1}]</answer>"
+    assert prompts.detection_solution([[1, 364, 98, 649]]) == (
+        "<answer>[{'Position': [1, 364, 98, 649], 'Confidence': 1}]</answer>")
     assert prompts.classification_solution("737-200") == "<answer>737-200</answer>"
     assert prompts.grounding_solution([696, 300, 999, 999]) == "<answer> (696,300),(999,999) </answer>"
 

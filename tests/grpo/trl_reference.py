@@ -58,7 +58,8 @@ def dataset_rows(questions, image_sizes, group_size: int) -> list[dict]:
     rows = []
     for b, (question, (height, width)) in enumerate(zip(questions, image_sizes)):
         for _ in range(group_size):
-            rows.append({"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            content = [{"type": "image"}, {"type": "text", "text": question}]
+            rows.append({"prompt": [{"role": "user", "content": content}],
                          "image": image(height, width, seed=b), "row": len(rows)})
     return rows
 

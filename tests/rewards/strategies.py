@@ -20,7 +20,9 @@ def examples(n: int) -> settings:
 
 
 TAGS = ["<answer>", "</answer>", "<think>", "</think>"]
-FRAGMENTS = TAGS + ["\n", " ", "\t", "a", "<", ">", "/", "answer", "[", "]", "{", "}", "},", "(", ")", ",", "'", '"', "1", "No Objects"]
+FRAGMENTS = TAGS + [
+    "\n", " ", "\t", "a", "<", ">", "/", "answer", "[", "]", "{", "}", "},", "(", ")", ",", "'", '"', "1", "No Objects",
+]
 
 # Strings made of tags and the characters that trip tag and list readers.
 tag_soup = st.lists(st.sampled_from(FRAGMENTS), max_size=24).map("".join)
@@ -106,7 +108,8 @@ def box_list_text(draw, positions=()) -> str:
 @st.composite
 def detection_completion(draw, positions=()) -> str:
     body = draw(box_list_text(positions))
-    head = draw(st.sampled_from(["<think> boxes </think> <answer>", "<answer>", "<think>\n</think><answer>\n", "", "<answer> "]))
+    head = draw(st.sampled_from(
+        ["<think> boxes </think> <answer>", "<answer>", "<think>\n</think><answer>\n", "", "<answer> "]))
     tail = draw(st.sampled_from(["</answer>", "</answer>\n", "", " </answer>", "</answer><answer>[]</answer>"]))
     return draw(st.sampled_from(["", "", "\n", "x"])) + head + body + tail
 

@@ -89,7 +89,8 @@ def test_empty_class_name_in_solution_raises(mode, bad):
 
 
 @pytest.mark.parametrize(
-    "name, key", [("F/A-18", "fa18"), ("Black-eyed Susan", "blackeyedsusan"), ("colt's foot", "coltsfoot"), ("Straße", "strasse")]
+    "name, key",
+    [("F/A-18", "fa18"), ("Black-eyed Susan", "blackeyedsusan"), ("colt's foot", "coltsfoot"), ("Straße", "strasse")],
 )
 def test_normalize_class_name(name, key):
     assert normalize_class_name(name) == key

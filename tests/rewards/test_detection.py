@@ -64,7 +64,9 @@ BOTH_MODES = [
     ),
     (
         "extra predictions",
-        completion(box(0, 0, 100, 100, 1), box(500, 500, 600, 600, 0.2), box(700, 0, 800, 50, 0), box(0, 700, 10, 800, 0.5)),
+        completion(
+            box(0, 0, 100, 100, 1), box(500, 500, 600, 600, 0.2), box(700, 0, 800, 50, 0), box(0, 700, 10, 800, 0.5)
+        ),
         GT,
         (1 / 4, (1 + 0.8 + 1 + 0.5) / 4),
     ),
@@ -74,7 +76,12 @@ BOTH_MODES = [
         solution((0, 0, 100, 100), (200, 200, 300, 300)),
         ((1 + 0.9) / 2, (0.6 + 0.7) / 2),
     ),
-    ("keys reversed, JSON quotes", '<answer>[{"Confidence": 0.9, "Position": [0, 0, 100, 100]}]</answer>', GT, (1.0, 0.9)),
+    (
+        "keys reversed, JSON quotes",
+        '<answer>[{"Confidence": 0.9, "Position": [0, 0, 100, 100]}]</answer>',
+        GT,
+        (1.0, 0.9),
+    ),
     ("empty list", completion(), GT, (0.0, 0.0)),
     ("no boxes", "<think>hm</think><answer>a dog</answer>", GT, (0.0, 0.0)),
     # A gt with no boxes: every prediction is a false positive, with confidence scored 1 - c.
@@ -102,12 +109,24 @@ DIFFERENCES = [
         (0.5, 0.45),  # strict: the NaN box adds 0 to the confidence sum and 1 to #pred
     ),
     ("degenerate box", completion(box(50, 50, 50, 80, 0.25)), GT, (0.0, 0.75), (0.0, 0.0)),
-    ("out of frame", completion(box(0, 0, 1001, 100, 0.5)), solution((0, 0, 1000, 100)), (1000 / 1001, 0.5), (0.0, 0.0)),
+    (
+        "out of frame",
+        completion(box(0, 0, 1001, 100, 0.5)),
+        solution((0, 0, 1000, 100)),
+        (1000 / 1001, 0.5),
+        (0.0, 0.0),
+    ),
     ("negative coordinate", completion(box(-1, 0, 100, 100, 0.5)), GT, (100 / 101, 0.5), (0.0, 0.0)),
     # The original reads a bare list without tags; strict wants an answer tag.
     ("no answer tag", f"[{box(0, 0, 100, 100, 0.9)}]", GT, (1.0, 0.9), (0.0, 0.0)),
     # Non-DOTALL: a newline inside the answer makes the whole completion the answer, which is not JSON.
-    ("newline in answer", f"<think>t</think><answer>\n[{box(0, 0, 100, 100, 0.9)}]\n</answer>", GT, (0.0, 0.0), (1.0, 0.9)),
+    (
+        "newline in answer",
+        f"<think>t</think><answer>\n[{box(0, 0, 100, 100, 0.9)}]\n</answer>",
+        GT,
+        (0.0, 0.0),
+        (1.0, 0.9),
+    ),
     # Cut off by the token limit: the original sees no answer; strict keeps the complete boxes.
     (
         "truncated completion",
@@ -128,12 +147,30 @@ DIFFERENCES = [
     ("trailing comma", f"<answer>[{box(0, 0, 100, 100, 0.9)},]</answer>", GT, (0.0, 0.0), (1.0, 0.9)),
     ("string confidence", completion(box(0, 0, 100, 100, "'0.9'")), GT, (0.0, 0.0), (0.0, 0.0)),
     # A Position that is not four numbers raises only if it meets an unmatched gt box.
-    ("bad Position after all gt matched", completion(box(0, 0, 100, 100, 0.9), "{'Position': [1, 2, 3], 'Confidence': 0.2}"), GT, (0.5, 0.85), (0.5, 0.45)),
-    ("bad Position first", completion(box(0, 0, 100, 100, 0.1), "{'Position': [1, 2, 3], 'Confidence': 0.2}"), GT, (0.0, 0.0), (0.5, 0.05)),
+    (
+        "bad Position after all gt matched",
+        completion(box(0, 0, 100, 100, 0.9), "{'Position': [1, 2, 3], 'Confidence': 0.2}"),
+        GT,
+        (0.5, 0.85),
+        (0.5, 0.45),
+    ),
+    (
+        "bad Position first",
+        completion(box(0, 0, 100, 100, 0.1), "{'Position': [1, 2, 3], 'Confidence': 0.2}"),
+        GT,
+        (0.0, 0.0),
+        (0.5, 0.05),
+    ),
     ("abstain, gt has boxes", "<answer>No Objects</answer>", GT, (0.0, 0.0), (0.0, 0.0)),
     ("abstain, gt []", "<answer>No Objects</answer>", "<answer>[]</answer>", (0.0, 0.0), (1.0, 1.0)),
     ("abstain [], gt No Objects", "<answer>[]</answer>", "<answer>No Objects</answer>", (0.0, 0.0), (1.0, 1.0)),
-    ("gt No Objects, a box", completion(box(0, 0, 10, 10, 0.25)), "<answer>No Objects</answer>", (0.0, 0.0), (0.0, 0.75)),
+    (
+        "gt No Objects, a box",
+        completion(box(0, 0, 10, 10, 0.25)),
+        "<answer>No Objects</answer>",
+        (0.0, 0.0),
+        (0.0, 0.75),
+    ),
 ]
 
 
@@ -225,7 +262,8 @@ def clean_pair(draw):
     boxes = []
     for _ in range(draw(st.integers(1, 6))):
         if positions and draw(st.booleans()):
-            x1, y1, x2, y2 = (min(max(v + draw(st.integers(-15, 15)), 0), 1000) for v in draw(st.sampled_from(positions)))
+            x1, y1, x2, y2 = (min(max(v + draw(st.integers(-15, 15)), 0), 1000)
+                              for v in draw(st.sampled_from(positions)))
             x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
         else:
             x1, y1 = draw(st.integers(0, 900)), draw(st.integers(0, 900))

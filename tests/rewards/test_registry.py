@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from vrft_jax.rewards import (
+    VISUAL_RFT_REWARDS,
     Reward,
     RewardSpec,
-    VISUAL_RFT_REWARDS,
     available_rewards,
     combine,
     get_reward,
@@ -34,12 +34,15 @@ def test_available_rewards():
     )
 
 
-@pytest.mark.parametrize("name", ["classification", "detection_confidence", "detection_iou", "format", "grounding_giou"])
+@pytest.mark.parametrize(
+    "name", ["classification", "detection_confidence", "detection_iou", "format", "grounding_giou"]
+)
 @pytest.mark.parametrize("mode", ["paper", "strict"])
 def test_every_reward_returns_float32_of_shape_n(name, mode):
     reward = get_reward(name, mode)
     assert isinstance(reward, Reward) and reward.name == name and reward.mode == mode
-    solution = {"classification": "<answer>cat</answer>", "grounding_giou": "<answer>(1,2),(3,4)</answer>"}.get(name, GT)
+    solutions = {"classification": "<answer>cat</answer>", "grounding_giou": "<answer>(1,2),(3,4)</answer>"}
+    solution = solutions.get(name, GT)
     out = reward(["", "x", DETECTION], [solution] * 3)
     assert out.dtype == np.float32 and out.shape == (3,)
     assert reward([], []).shape == (0,)

@@ -112,9 +112,9 @@ class StaticBatchDataset(grain.IterDataset):
     """Grain transform: a stream of `Example | Rejected | PADDING` -> a stream of static-shape host batches.
 
     `PADDING` items become valid=False rows. `drop_remainder` drops a final partial batch (and so loses
-    the count of records skipped in it); otherwise the final batch is padded with valid=False rows. `give_up_after` consecutive
-    rejections (e.g. the dataset size: every record was bad) stop the stream with an error rather than
-    spinning forever on an infinitely repeated, wholly bad dataset.
+    the count of records skipped in it); otherwise the final batch is padded with valid=False rows.
+    `give_up_after` consecutive rejections (e.g. the dataset size: every record was bad) stop the stream
+    with an error rather than spinning forever on an infinitely repeated, wholly bad dataset.
     """
 
     def __init__(self, parent: grain.IterDataset, layout: BatchLayout, *, drop_remainder: bool = True,

@@ -76,6 +76,7 @@ def grounding_candidates(items, *, image_root: str | None = None) -> Iterator[re
             yield rec.Candidate(where, {}, (rec.BAD_SOLUTION, f"box {boxes[0]!r}: {e}"))
             continue
         for k, instruction in enumerate(instructions):
-            fields = {"id": f"lisa:{stem}:{k}", "image": image_path, "problem": prompts.grounding_problem(str(instruction)),
+            fields = {"id": f"lisa:{stem}:{k}", "image": image_path,
+                      "problem": prompts.grounding_problem(str(instruction)),
                       "solution": solution, "task": "grounding", "label": ""}
             yield rec.Candidate(f"instruction {k} of {where}", fields)

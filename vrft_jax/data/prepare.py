@@ -32,7 +32,8 @@ from vrft_jax.data.image import load_encoded
 
 
 def convert(splits: dict[str, Iterable[rec.Candidate]], data_dir: str, name: str, *, on_bad_record: str = "error",
-            source: dict[str, Any] | None = None, notes: dict[str, Any] | None = None) -> tuple[str, rec.ConversionReport]:
+            source: dict[str, Any] | None = None,
+            notes: dict[str, Any] | None = None) -> tuple[str, rec.ConversionReport]:
     """Validate candidates and write them; returns (dataset directory, report). The library entry point
     behind the CLI: tests and notebooks call it directly."""
     report = rec.ConversionReport(notes=dict(notes or {}))

@@ -67,7 +67,8 @@ def classification_problem(noun: str) -> str:
     if noun not in CLASSIFICATION_NOUNS:
         raise ValueError(f"unknown classification noun {noun!r}; known: {sorted(CLASSIFICATION_NOUNS)}")
     article, asked = CLASSIFICATION_NOUNS[noun]
-    head = f"This is an image containing {article} {noun}. Please identify the {asked} of the {noun} based on the image.\n"
+    head = (f"This is an image containing {article} {noun}. "
+            f"Please identify the {asked} of the {noun} based on the image.\n")
     return head + _ANSWER_SUFFIX + _CLASSIFICATION_TAIL
 
 

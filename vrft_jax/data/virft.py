@@ -83,7 +83,8 @@ def json_candidates(path: str, *, task: str | None = None, image_root: str | Non
     with open(path, encoding="utf-8") as f:
         entries = json.load(f)
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a JSON list of {{image_path, problem, solution}}, got {type(entries).__name__}")
+        raise ValueError(
+            f"{path}: expected a JSON list of {{image_path, problem, solution}}, got {type(entries).__name__}")
     name = os.path.basename(path)
     root = image_root or os.path.dirname(os.path.abspath(path))
     for k, entry in enumerate(entries):

@@ -54,7 +54,8 @@ class ModelInputs:
         token_types = None if mm_token_type_ids is None else _numpy(mm_token_type_ids)
         sizes = grids.prod(axis=1)
         if pixel_values is not None and pixel_values.shape[0] != sizes.sum():
-            raise InputError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw implies {sizes.sum()}")
+            raise InputError(
+                f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw implies {sizes.sum()}")
         starts = np.concatenate([[0], np.cumsum(sizes)])
         rows, used = [], 0
         for b in range(batch):
