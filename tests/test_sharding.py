@@ -70,4 +70,6 @@ def test_converted_parameters_are_sharded_and_forward_matches_single_device(chec
     assert logits.sharding.spec[0] is not None or shape == (1, 1, 8)  # the batch stays split
     valid = batch.attention_mask.astype(bool)
     error = np.max(np.abs(np.asarray(logits) - reference)[valid]) / np.max(np.abs(reference[valid]))
+    # The bound issue 2 set: sharding only splits float32 reductions into per-device partial sums added
+    # in another order, ~sqrt(#terms) x 6e-8 relative, well under 1e-6 for these widths (<= 256 terms).
     assert error <= 1e-6, error

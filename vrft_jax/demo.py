@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     from model_port.safetensors_io import SafetensorsReader
     from vrft_jax import checkpoint
     from vrft_jax.models.qwen2_vl import ModelInputs
-    from vrft_jax.models.qwen2_vl.processor import EOS_TOKEN_IDS, ENDOFTEXT_ID, load_processor
+    from vrft_jax.models.qwen2_vl.processor import ENDOFTEXT_ID, EOS_TOKEN_IDS, load_processor
     from vrft_jax.sampling import greedy_generate
 
     hf_dir, flax_dir, back_dir = (os.path.join(args.out, n) for n in ("hf_tiny", "flax", "hf_back"))

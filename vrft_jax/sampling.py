@@ -28,6 +28,7 @@ from vrft_jax.models.qwen2_vl.model import Qwen2VL
 from vrft_jax.models.qwen2_vl.text import KVCache, SharedPrefix
 from vrft_jax.padding import check_left_padded
 
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
     max_new_tokens: int

@@ -15,7 +15,6 @@ from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.tokenizer import SPECIAL_TOKENS
 
 
-
 def save_tiny_tokenizer(directory: str) -> str:
     """A 1000-token byte-level BPE with Qwen2-VL's special tokens, saved as an HF tokenizer directory
     (loads in milliseconds, so subprocess tests do not pay for the real vocabulary)."""

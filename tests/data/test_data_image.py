@@ -7,8 +7,8 @@ import io
 import ml_dtypes
 import numpy as np
 import pytest
-from sample_data import png_bytes
 from PIL import Image
+from sample_data import png_bytes
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
 from vrft_jax.data.image import ImageError, ImageGeometry, PatchEncoder, load_encoded, open_image, to_rgb

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-from sample_data import png_bytes
 from PIL import Image
+from sample_data import png_bytes
 from transformers import Qwen2VLConfig as HFConfig
 from transformers import Qwen2VLModel
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sample_data import png_bytes
 from PIL import Image
+from sample_data import png_bytes
 
 from vrft_jax.data import classification, coco, lisa, prompts, storage, synthetic, virft
 from vrft_jax.data.config import DataConfig

@@ -73,6 +73,7 @@ def test_paper_loss_is_the_visual_rft_formula():
     logprobs, _, ref, rewards, mask = case(seed=1)
     config = grpo.GRPOConfig.visual_rft()
     advantages = grpo.advantages(rewards, G, config)
+    # float32 mean and std of 8 rewards against float64: a few roundoffs (6e-8) relative; atol for A ~ 0.
     np.testing.assert_allclose(np.asarray(advantages), numpy_advantages(rewards, "group"), rtol=1e-6, atol=1e-6)
     terms = loss_of(config, logprobs, None, ref, advantages, mask)
     expected = numpy_visual_rft_loss(logprobs, ref, numpy_advantages(rewards, "group"), mask)
@@ -90,6 +91,7 @@ def test_paper_gradient_is_advantage_times_grad_logprob_plus_the_kl_term():
     grad = jax.grad(lambda lp: loss_of(config, lp, None, ref, advantages, mask).loss)(jnp.asarray(logprobs))
     weight = mask / (mask.shape[0] * mask.sum(axis=1, keepdims=True))
     expected = weight * (-advantages[:, None] + BETA * (1 - np.exp(ref.astype(np.float64) - logprobs)))
+    # float32 exp(ref - lp) with |ref - lp| <= ~3 and the 1/(S n_i) weights against float64: ~10 roundoffs.
     np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-9)
 
 
@@ -103,11 +105,12 @@ def test_clipped_losses_are_trl_formulas(loss_type, bias_correction):
     terms = loss_of(config, logprobs, old, ref, advantages, mask)
     expected = numpy_trl_loss(loss_type, logprobs, old, ref, advantages, mask, bias_correction=bias_correction,
                               max_completion_length=9)
-    assert float(terms.loss) == pytest.approx(expected, rel=1e-6)
+    assert float(terms.loss) == pytest.approx(expected, rel=1e-6)  # the formula in float32 vs float64
     ratio = np.exp(logprobs.astype(np.float64) - old)
     low = (ratio < 0.8) & (advantages[:, None] < 0)
     high = (ratio > 1.28) & (advantages[:, None] > 0)
     metrics = terms.metrics()
+    # Equal integer counts over the same token count: only the float32 division rounds (pytest's rel 1e-6).
     assert float(metrics["clip_low"]) == pytest.approx((low * mask).sum() / mask.sum())
     assert float(metrics["clip_high"]) == pytest.approx((high * mask).sum() / mask.sum())
     assert (low * mask).sum() > 0 and (high * mask).sum() > 0
@@ -117,6 +120,7 @@ def test_clipped_losses_are_trl_formulas(loss_type, bias_correction):
 def test_advantage_estimators(scale):
     _, _, _, rewards, _ = case(seed=4, prompts=5)
     ours = grpo.advantages(rewards, G, grpo.GRPOConfig(advantage=scale))
+    # The batch std sums 40 rewards in float32: a few more roundoffs than the group's 8.
     np.testing.assert_allclose(np.asarray(ours), numpy_advantages(rewards, scale), rtol=1e-5, atol=1e-6)
 
 
@@ -174,6 +178,7 @@ def test_kl_estimators_k1_and_k3_are_unbiased_and_k3_is_never_negative():
     rp = jnp.asarray(np.log(ref)[samples], jnp.float32)
     for name in ("k1", "k3"):
         values = np.asarray(grpo.KL_ESTIMATORS[name](lp, rp), np.float64)
+        # A Monte-Carlo mean: 4 standard errors (a fixed seed; a chance failure would be p = 6e-5).
         assert abs(values.mean() - exact) < 4 * values.std() / np.sqrt(values.size), name
     assert (np.asarray(grpo.KL_ESTIMATORS["k3"](lp, rp)) >= 0).all()
     assert (np.asarray(grpo.KL_ESTIMATORS["k2"](lp, rp)) >= 0).all()
@@ -191,6 +196,7 @@ def test_clipping_removes_the_gradient_exactly_where_trl_clips():
     grad = jax.grad(lambda lp: loss_of(config, lp, old, None, advantages, mask).loss)(jnp.asarray(logprobs))
     ratio = np.exp(logprobs[:, 0])
     expected = np.array([0.0, ratio[1], 0.0, -ratio[3]]) / 4  # -A r / tokens where unclipped
+    # One float32 exp and a division by 4 (exact) against float32 NumPy: an ulp or two.
     np.testing.assert_allclose(np.asarray(grad)[:, 0], expected, rtol=1e-6)
     capped = grpo.GRPOConfig.trl("dapo", delta=1.4)
     grad = jax.grad(lambda lp: loss_of(capped, lp, old, None, advantages, mask).loss)(jnp.asarray(logprobs))
@@ -223,6 +229,7 @@ def test_an_empty_row_changes_no_loss():
         config = grpo.GRPOConfig(loss=loss)
         plain = loss_of(config, logprobs, old, ref, advantages, mask).loss
         extra = loss_of(config, *padded, np.concatenate([advantages, [3.0]]), padded_mask).loss
+        # The zero-masked row adds exact zeros; only a normaliser computed in another order may round.
         assert float(extra) == pytest.approx(float(plain), rel=1e-6), loss
 
 

@@ -95,8 +95,11 @@ def test_one_update_moves_the_parameters_and_reports_its_metrics(single):
 def test_four_micro_batches_give_the_update_of_one(policy, batch, single):
     four = run(policy, batch, CONFIG.replace(micro_batches=4))
     for name in ("loss", "kl", "entropy", "clip_low", "clip_high", "grad_norm", "tokens", "sequences"):
-        # abs: the loss is a small sum of O(1) per-token terms of both signs
+        # The same float32 per-token terms added as 4 partial sums instead of 1: a few roundoffs (6e-8)
+        # relative; abs for the loss, a small sum of O(1) terms of both signs.
         assert four.metrics[name] == pytest.approx(single.metrics[name], rel=1e-6, abs=1e-7), name
+    # With eps = 1 a parameter moves by ~lr x g (lr 0.1, |g| < 1): the gradients' reassociation error
+    # (~1e-7 of their size) moves parameters by ~1e-8; 1e-6 is also a few ulps of the O(1) parameters.
     assert max_difference(four.after.params, single.after.params) <= 1e-6
     assert max_difference(four.after.opt_state, single.after.opt_state) <= 1e-6
 
@@ -106,6 +109,9 @@ def test_the_sharded_update_equals_the_single_device_update(policy, reference, s
                                                             micro_batches):
     mesh = sharding.make_mesh(*shape)
     sharded = run(policy, batch, CONFIG.replace(micro_batches=micro_batches), mesh=mesh)
+    # The forward's sharded-vs-one-device error (1e-6 relative, test_sharding) compounds through the
+    # backward pass, the micro-batches and the scorer's logprobs (|z| < 16: 1e-5 is ~5 ulp(16)), and the
+    # update moves parameters by lr x g (lr 0.1): 1e-5 relative on the metrics, absolute on parameters.
     for name in ("loss", "kl", "entropy", "clip_low", "clip_high", "grad_norm", "tokens"):
         assert sharded.metrics[name] == pytest.approx(single.metrics[name], rel=1e-5), name
     assert max_difference(sharded.after.params, single.after.params) <= 1e-5
@@ -242,6 +248,8 @@ def test_a_frozen_vision_tower_gets_no_update_and_no_optimizer_state(frozen_bf16
 def test_bf16_compute_keeps_float32_master_weights_and_the_loss(frozen_bf16, single):
     assert all(x.dtype == np.float32 for x in flat(frozen_bf16.after.params).values())
     assert all(x.dtype == np.float32 for x in flat(frozen_bf16.after.opt_state[1][0].nu).values())
+    # A sanity bound for bf16 compute (unit roundoff 2^-9 = 0.2%, a few dozen roundings per logprob), not
+    # parity: the loss within 5% (abs for its O(0.1) size); KL, a small difference of logprobs, within 10%.
     assert frozen_bf16.metrics["loss"] == pytest.approx(single.metrics["loss"], rel=0.05, abs=0.01)
     assert frozen_bf16.metrics["kl"] == pytest.approx(single.metrics["kl"], rel=0.1)
 

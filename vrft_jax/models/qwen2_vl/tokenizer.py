@@ -19,6 +19,7 @@ import json
 import os
 
 from transformers import Qwen2TokenizerFast
+
 QWEN2VL_VOCAB = 151657  # ids 0..151656: 151,643 BPE tokens + 14 special tokens
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
