@@ -1,5 +1,5 @@
 """Format reward: re.fullmatch with DOTALL in paper mode, one think and one non-blank answer in strict."""
-import time
+import re
 
 import pytest
 from hypothesis import given
@@ -9,6 +9,7 @@ from vrft_jax.rewards.tag_format import paper_format_ok, strict_format_ok
 
 from . import visual_rft_oracle as oracle
 from .strategies import examples, tag_soup
+from .work import Metered, RegexModel, measure
 
 # (behaviour, completion, paper, strict)
 TABLE = [
@@ -46,10 +47,33 @@ def test_paper_format_is_the_originals_fullmatch(text):
     assert paper_format_ok(text) == bool(oracle.format_(text))
 
 
-def test_format_is_linear_on_repeated_tags():
-    # The original regex backtracks over every `</think>\s*<answer>` pair: quadratic here.
-    texts = ["<think>" + "</think><answer>" * 60_000 + "x", "<think>" + "</think> " * 100_000 + "</answer>"]
-    start = time.perf_counter()
-    for text in texts:
-        assert not paper_format_ok(text) and not strict_format_ok(text)
-    assert time.perf_counter() - start < 0.5
+# The original regex backtracks over every `</think>\s*<answer>` pair: quadratic on the first two.
+REPEATED_TAGS = {
+    "pairs, no close": "<think>" + "</think><answer>" * 4000 + "x",
+    "pairs, one close": "<think>" + "</think><answer>" * 4000 + "</answer> ",
+    "think closes": "<think>" + "</think> " * 4000 + "</answer>",
+    "think closes, then answers": "<think>" + "</think> " * 4000 + "<answer>" + "</answer> " * 4000 + "</answer>x",
+}
+
+
+@pytest.mark.parametrize("check", [paper_format_ok, strict_format_ok], ids=["paper", "strict"])
+@pytest.mark.parametrize("name", list(REPEATED_TAGS))
+def test_format_is_linear_on_repeated_tags(name, check):
+    # Counted work (tests/rewards/work.py), not seconds: a fixed number of regex steps and of
+    # characters scanned or copied per character of the completion, and no loop in Python.
+    text = REPEATED_TAGS[name]
+    work = measure(lambda: check(Metered(text)))
+    assert not check(text)
+    assert work.regex_steps <= 8 * len(text) and work.chars <= 8 * len(text) and work.lines <= 10, work
+
+
+def test_the_originals_format_regex_is_quadratic_in_the_same_units():
+    # The bound has teeth: counted the same way, the original's fullmatch takes 4 times the steps for
+    # twice the input, already 100 steps per character at 3,200 characters.
+    steps = []
+    for k in (100, 200):
+        model = RegexModel(re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL))
+        text = "<think>" + "</think><answer>" * k + "x"
+        assert model.match(text, 0, len(text), full=True) is None
+        steps.append(model.steps)
+    assert steps[1] > 3.9 * steps[0] and steps[1] > 100 * len(text)

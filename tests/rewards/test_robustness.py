@@ -1,17 +1,20 @@
-"""Any output at all: every reward, in both modes, returns a finite value in its range and never raises."""
-import time
+"""Any output at all: every reward, in both modes, returns a finite value in its range, never raises,
+and does work linear in the output's length."""
+import re
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vrft_jax.rewards import available_rewards, get_reward
+from vrft_jax.rewards import available_rewards, get_reward, parse
 
 from .strategies import any_text, examples
+from .work import Metered, Work, measure
 
 SOLUTIONS = {
-    "detection_iou": "<answer>[{'Position': [1, 364, 98, 649], 'Confidence': 1}, {'Position': [0, 0, 10, 10], 'Confidence': 1}]</answer>",
+    "detection_iou": "<answer>[{'Position': [1, 364, 98, 649], 'Confidence': 1},"
+                     " {'Position': [0, 0, 10, 10], 'Confidence': 1}]</answer>",
     "detection_confidence": "<answer>[{'Position': [0, 568, 1000, 985], 'Confidence': 1}]</answer>",
     "classification": "<answer>737-200</answer>",
     "grounding_giou": "<answer> (696,300),(999,999) </answer>",
@@ -35,37 +38,95 @@ def test_any_text_scores_finite_and_in_range(completions):
 
 
 _BOX = "{'Position': [1, 364, 98, 649], 'Confidence': 0.9}, "
-MEGABYTE = 1 << 20
-# 20,000 distinct boxes near the first gt box: every one is matched against it in paper mode.
-_DISTINCT = ", ".join(
-    f"{{'Position': [{1 + k % 7}, {364 - k % 5}, {98 + k % 11}, {649 + k // 77}], 'Confidence': 0.{k % 97:02d}}}"
-    for k in range(20_000)
-)
-HUGE = {
-    "distinct boxes": "<think>t</think><answer>[" + _DISTINCT + "]</answer>",
-    "many boxes": "<think>t</think><answer>[" + _BOX * (MEGABYTE // len(_BOX)) + "]</answer>",
-    "many boxes, unclosed": "<answer>[" + _BOX * (MEGABYTE // len(_BOX)),
-    "many boxes, no tags": "[" + _BOX * (MEGABYTE // len(_BOX)) + "]",
-    "digits": "<answer>[{'Position': [" + "9" * MEGABYTE + ", 1, 2, 3], 'Confidence': 1}]</answer>",
-    "NaN boxes": "<answer>[" + "{'Position': [NaN, NaN, NaN, NaN], 'Confidence': NaN}, " * 20_000 + "]</answer>",
-    "open tags": "<answer>" * (MEGABYTE // 8),
-    "open tags, one close": "<answer>" * (MEGABYTE // 8) + "</answer>",
-    "tag lines": "<answer>\n" * (MEGABYTE // 9) + "</answer>",
-    "think/answer pairs": "<think>" + "</think><answer>" * (MEGABYTE // 16),
-    "brackets": "<answer>" + "[" * MEGABYTE + "</answer>",
-    "braces": "<answer>" + "{" * MEGABYTE + "}" * MEGABYTE + "</answer>",
-    "parentheses": "<answer>" + "(1,2),(" * (MEGABYTE // 7) + "</answer>",
-    "point pairs": "<answer>" + "(1,2),(3,4) " * (MEGABYTE // 12) + "</answer>",
-    "unicode": "<think>" + "\u0663\u00df\U0001f600\u200b" * (MEGABYTE // 4) + "</think><answer>\u0130</answer>",
-    "long answer": "<think>t</think><answer>" + "737-200 " * (MEGABYTE // 8) + "</answer>",
+
+
+def _distinct_boxes(k: int) -> str:
+    # Distinct boxes near the first gt box: every one is matched against it in paper mode.
+    return ", ".join(
+        f"{{'Position': [{1 + i % 7}, {364 - i % 5}, {98 + i % 11}, {649 + i // 77}], 'Confidence': 0.{i % 97:02d}}}"
+        for i in range(k)
+    )
+
+
+# Adversarial outputs, each made of k repeated units.
+FAMILIES = {
+    "distinct boxes": lambda k: "<think>t</think><answer>[" + _distinct_boxes(k) + "]</answer>",
+    "many boxes": lambda k: "<think>t</think><answer>[" + _BOX * k + "]</answer>",
+    "many boxes, unclosed": lambda k: "<answer>[" + _BOX * k,
+    "many boxes, no tags": lambda k: "[" + _BOX * k + "]",
+    "digits": lambda k: "<answer>[{'Position': [" + "9" * k + ", 1, 2, 3], 'Confidence': 1}]</answer>",
+    "NaN boxes": lambda k: "<answer>[" + "{'Position': [NaN, NaN, NaN, NaN], 'Confidence': NaN}, " * k + "]</answer>",
+    "open tags": lambda k: "<answer>" * k,
+    "open tags, one close": lambda k: "<answer>" * k + "</answer>",
+    "tag lines": lambda k: "<answer>\n" * k + "</answer>",
+    "think/answer pairs": lambda k: "<think>" + "</think><answer>" * k,
+    "brackets": lambda k: "<answer>" + "[" * k + "</answer>",
+    "braces": lambda k: "<answer>" + "{" * k + "}" * k + "</answer>",
+    "parentheses": lambda k: "<answer>" + "(1,2),(" * k + "</answer>",
+    "point pairs": lambda k: "<answer>" + "(1,2),(3,4) " * k + "</answer>",
+    "unicode": lambda k: "<think>" + "\u0663\u00df\U0001f600\u200b" * k + "</think><answer>\u0130</answer>",
+    "long answer": lambda k: "<think>t</think><answer>" + "737-200 " * k + "</answer>",
 }
 
 
-@pytest.mark.parametrize("name", list(HUGE))
-def test_megabyte_outputs_are_scored_quickly(name):
-    text = HUGE[name]
+def _units(name: str, chars: int) -> int:
+    """How many of the family's units make about `chars` characters."""
+    family = FAMILIES[name]
+    return max(1, chars // (len(family(2)) - len(family(1))))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_megabyte_outputs_score_finite_and_in_range(name):
+    # How fast: `python benchmarks/rewards.py --adversarial`; that the work is linear: the test below.
+    text = FAMILIES[name](_units(name, 1 << 20))
     for reward in REWARDS:
-        start = time.perf_counter()
         _check(reward, [text])
-        elapsed = time.perf_counter() - start
-        assert elapsed < 3.0, f"{reward.name}/{reward.mode} took {elapsed:.1f}s on {name}"
+
+
+SMALL, GROWTH = 500, 16  # characters of the small input's repeated part; how many times more in the large
+
+
+def _work(reward, text: str) -> Work:
+    return measure(lambda: reward([Metered(text)], [SOLUTIONS[reward.name]]))
+
+
+def _grows_linearly(small: Work, large: Work) -> list[str]:
+    """The counts of `large` (GROWTH times the input of `small`) that grew faster than the input.
+
+    Linear work a + b*n grows at most GROWTH-fold, within the allowance GROWTH + 1; a quadratic part
+    that is a fifteenth of the work at the small size already grows past it.
+    """
+    return [
+        f"{what}: {before} -> {after}"
+        for (what, before), (_, after) in zip(small.items(), large.items())
+        if after > (GROWTH + 1) * before + 64
+    ]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_work_is_linear_in_the_output_length(name):
+    # Deterministic counts (tests/rewards/work.py), not seconds: Python lines run in the rewards, the
+    # backtracking steps of their regexes, characters their str calls scan or copy.
+    k = _units(name, SMALL)
+    small, large = FAMILIES[name](k), FAMILIES[name](GROWTH * k)
+    for reward in REWARDS:
+        reward([""], [SOLUTIONS[reward.name]])  # solutions are cached: count only the completion's work
+        small_work, large_work = _work(reward, small), _work(reward, large)
+        assert not _grows_linearly(small_work, large_work) and large_work.lines > 0, (
+            f"{reward.name}/{reward.mode} on {name}: {_grows_linearly(small_work, large_work)}")
+
+
+def test_the_linearity_check_catches_the_originals_quadratic_answer_search(monkeypatch):
+    # The same check, with the tag reader swapped for the original's regex, fails on unclosed tags
+    # (on shorter ones than above: the model pays for every quadratic step in Python).
+    monkeypatch.setattr(parse, "ORIGINAL_ANSWER", re.compile(r"<answer>(.*?)</answer>"), raising=False)
+    monkeypatch.setattr(parse, "answer_one_line", lambda text: _first_group(parse.ORIGINAL_ANSWER.search(text)))
+    reward = get_reward("detection_iou", "paper")
+    reward([""], [SOLUTIONS[reward.name]])
+    small, large = (_work(reward, FAMILIES["open tags"](k)) for k in (8, 8 * GROWTH))
+    assert [line.split(":")[0] for line in _grows_linearly(small, large)] == ["regex_steps"]
+    assert large.regex_steps > 10 * GROWTH * small.regex_steps
+
+
+def _first_group(match):
+    return match.group(1) if match else None
