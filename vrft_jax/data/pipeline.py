@@ -19,6 +19,14 @@ from every num_workers-th record), so a state restores only into a pipeline with
 Grain starts worker processes with "spawn", which re-imports the main module: a script that builds
 a pipeline with num_workers > 0 needs the usual `if __name__ == "__main__":` guard.
 
+Worker batches arrive in POSIX shared memory, one segment per array. Grain removes a segment when
+the array that maps it is garbage collected, from a background thread that dies with the process, so
+segments of batches still alive near exit used to outlive their process until the resource tracker
+removed them ("leaked shared_memory objects" warnings). The iterator therefore removes each segment's
+name as it receives the batch: the memory stays mapped, and is freed with the last array that uses it
+(or with the process, however it ends). `close()` also waits for the removal of the segments that were
+still buffered inside Grain.
+
 A finite run (num_epochs set) is cut (drop_remainder) or padded with valid=False rows to whole global
 batches, so every process makes the same number of batches. Records skipped in lenient mode are
 replaced by the next ones, so a process that skips more may end a finite run a batch early: multi-host
@@ -30,10 +38,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import grain
+import grain.multiprocessing
 import numpy as np
 from jax.sharding import Mesh
 
@@ -230,9 +240,19 @@ class DataIterator(grain.DatasetIterator):
         self._skipped = {str(k): int(v) for k, v in state["skipped"].items()}
 
     def close(self) -> None:
-        """Stop the worker processes (they also stop when the iterator is garbage collected)."""
+        """Stop the worker processes (they also stop when the iterator is garbage collected).
+
+        Returns once the shared-memory segments of batches that were still buffered are removed.
+        """
         self._ahead.clear()
         super().close()
+        _wait_for_shared_memory_removal()
+
+    def __del__(self) -> None:
+        # Collection can run on any thread, Grain's segment-removing one included: close, but never wait.
+        if hasattr(self, "_ahead"):
+            self._ahead.clear()
+            super().close()
 
     def __enter__(self) -> DataIterator:
         return self
@@ -241,6 +261,7 @@ class DataIterator(grain.DatasetIterator):
         self.close()
 
     def _to_batch(self, host: dict[str, Any]) -> Batch:
+        _unlink_shared_memory(host)
         arrays = host["inputs"]
         if self._mesh is not None:
             arrays = {name: self._to_global(value) for name, value in arrays.items()}
@@ -354,6 +375,35 @@ def _dtype(name: str):
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
+
+
+def _unlink_shared_memory(tree: Any) -> None:
+    """Remove the names of the shared-memory segments behind the arrays of a batch from the workers.
+
+    Only segments this process must remove (Grain marks them `unlink_on_del`): unlinking now instead
+    of when the array is collected. The mappings stay valid; the memory goes with the last of them.
+    """
+    if isinstance(tree, Mapping):
+        for value in tree.values():
+            _unlink_shared_memory(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            _unlink_shared_memory(value)
+    elif isinstance(tree, grain.multiprocessing.SharedMemoryArray) and getattr(tree, "_unlink_on_del", False):
+        tree._unlink_on_del = False  # Grain's __del__ now only closes the mapping
+        tree.shm.unlink()
+
+
+def _wait_for_shared_memory_removal() -> None:
+    """Wait until Grain's background thread has removed every segment whose array was collected.
+
+    Grain closes and unlinks collected arrays on a one-thread pool, in order, so a no-op task queued
+    after them finishes after they do. Without this, a program that ends right after `close()` ends
+    before that thread has removed the segments of the batches Grain still held.
+    """
+    pool = getattr(grain.multiprocessing.SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None and not sys.is_finalizing():
+        pool.apply(int)
 
 
 def _allow_grain_workers() -> None:
