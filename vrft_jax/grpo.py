@@ -19,7 +19,8 @@ Names follow TRL 1.16's `GRPOTrainer` (`loss_type`, `scale_rewards`, `epsilon`, 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -95,6 +96,15 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.advantage_eps={self.advantage_eps} must be >= 0")
         if self.max_completion_length is not None and self.max_completion_length < 1:
             raise ValueError(f"GRPOConfig.max_completion_length={self.max_completion_length} must be >= 1")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> GRPOConfig:
+        """From a plain mapping (a recipe's `grpo` block); unknown keys are errors."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KeyError(f"unknown GRPOConfig key(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(values))
 
     @property
     def upper_epsilon(self) -> float:

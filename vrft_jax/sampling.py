@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import flax.struct
 import jax
@@ -55,6 +57,15 @@ class SamplingConfig:
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         if self.suppressed_token_ids is not None:
             object.__setattr__(self, "suppressed_token_ids", tuple(self.suppressed_token_ids))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SamplingConfig:
+        """From a plain mapping (a recipe's `sampling` block); unknown keys are errors."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KeyError(f"unknown SamplingConfig key(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(values))
 
     def resolve(self, model_config) -> SamplingConfig:
         """This config with the model's vision tokens filled in, checked against its vocabulary."""

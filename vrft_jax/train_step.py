@@ -41,6 +41,7 @@ One step of a run:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
@@ -127,6 +128,19 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """From a plain mapping (a recipe's `train` block); unknown keys are errors, and a mapping
+        under "grpo" becomes a `GRPOConfig` by its own `from_dict`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KeyError(f"unknown TrainConfig key(s) {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("grpo"), Mapping):
+            values["grpo"] = grpo.GRPOConfig.from_dict(values["grpo"])
+        return cls(**values)
 
 
 @flax.struct.dataclass

@@ -1,0 +1,210 @@
+"""What every recipe shares: the argument parser, Visual-RFT's defaults and the links that make a shared
+value one field.
+
+Imports nothing but ml_collections: loading a recipe never imports JAX.
+
+A recipe's blocks are one-to-one with the frozen dataclasses that `vrft_jax.recipe` builds from them:
+
+    model     -> Qwen2VLConfig (a preset name, or "custom" with `text`/`vision` blocks) + the weights to load
+    data      -> DataConfig (all fields but batch_size, which is prompts_per_step / processes)
+    sampling  -> SamplingConfig
+    grpo      -> GRPOConfig
+    train     -> TrainConfig (its `grpo` is the block above)
+    rewards   -> rewards.combine(terms, mode) with the box frame given to every reward that takes one
+    mesh      -> sharding.make_mesh(data, fsdp, tensor)
+
+The other top-level fields are the run's: its name, length and cadence, and where things come from.
+"""
+
+from __future__ import annotations
+
+import types
+
+import ml_collections
+from ml_collections import config_dict
+
+MODELS = ("2b", "7b")
+SHOTS = (1, 2, 4, 8, 16)
+
+# Values that several blocks read, each set once at the top level: every path listed under a name is a
+# two-way reference to it (setting either sets both), and `vrft_jax.recipe` checks that they agree.
+SHARED = {
+    "temperature": ("sampling.temperature", "train.temperature"),
+    "eos_token_ids": ("sampling.eos_token_ids",),
+    "pad_token_id": ("sampling.pad_token_id",),
+    "param_dtype": ("train.param_dtype", "model.param_dtype"),
+    "compute_dtype": ("train.compute_dtype", "model.dtype"),
+    "remat": ("train.remat", "model.remat"),
+}
+
+# Per model size: the preset, Visual-RFT's group size (visual-rft.md §6: G 8 for 2B, 4 for the 7B
+# script), the Hugging Face checkpoint and the TPU slice the README's memory report fits it on.
+MODEL_SETTINGS = {
+    "2b": dict(preset="qwen2_vl_2b", group_size=8, hub_id="Qwen/Qwen2-VL-2B-Instruct", slice="v5e-8"),
+    "7b": dict(preset="qwen2_vl_7b", group_size=4, hub_id="Qwen/Qwen2-VL-7B-Instruct", slice="v4-16"),
+}
+
+
+def parse_arg(arg: str | None, **options: tuple) -> types.SimpleNamespace:
+    """`"model=7b,shots=8"` -> namespace(model="7b", shots=8).
+
+    Each option is `name=(default, allowed)`: a value is converted to the default's type and must be
+    one of `allowed` (None allows any). An unknown name, a repeated name or a value outside `allowed`
+    is a ValueError naming it.
+    """
+    values = {name: default for name, (default, _) in options.items()}
+    seen = set()
+    for item in (arg or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, text = (part.strip() for part in item.partition("="))
+        if not sep:
+            raise ValueError(f"recipe argument {item.strip()!r} is not name=value")
+        if name not in options:
+            raise ValueError(f"unknown recipe argument {name!r}; known: {sorted(options)}")
+        if name in seen:
+            raise ValueError(f"recipe argument {name!r} is given twice")
+        seen.add(name)
+        default, allowed = options[name]
+        value = _convert(name, text, type(default))
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"recipe argument {name}={text} is not one of {list(allowed)}")
+        values[name] = value
+    return types.SimpleNamespace(**values)
+
+
+def _convert(name: str, text: str, kind: type):
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"recipe argument {name}={text} must be true or false")
+        return text.lower() in ("true", "1")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"recipe argument {name}={text} must be {kind.__name__}") from None
+
+
+def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
+    """A whole recipe with Visual-RFT's settings (visual-rft.md §6) for `model` ("2b" or "7b"), every
+    dataclass field present so that any can be overridden. A recipe then sets its data, rewards and
+    length."""
+    settings = MODEL_SETTINGS[model]
+    c = ml_collections.ConfigDict()
+    c.name = name
+    c.slice = settings["slice"]  # the TPU slice it is sized for (README: "Will it fit on my TPU slice?")
+    c.mode = "grpo"  # "grpo", or "sft": cross-entropy on the solutions of the same records
+    c.seed = 0
+    c.categories = ()  # the categories a detection recipe trains on, for its reports
+
+    # Length and cadence (steps are optimizer updates). Visual-RFT logged every step and saved every 100.
+    c.total_steps = 200
+    c.log_every = 1
+    c.ckpt_every = 100
+    c.keep_checkpoints = 3
+    c.sample_every = 20
+    c.eval_every = 50
+    c.export_hf = False
+
+    # Shared values, set once (see SHARED). Sampling at temperature 1 (hard-coded in Visual-RFT); the
+    # Instruct models stop at <|im_end|> or <|endoftext|>; float32 master weights, bfloat16 compute.
+    c.temperature = 1.0
+    c.eos_token_ids = (151645, 151643)
+    c.pad_token_id = 151643
+    c.param_dtype = "float32"
+    c.compute_dtype = "bfloat16"
+    c.remat = "block"  # the README's memory report assumes per-layer remat for both sizes
+
+    # 16 prompts per optimizer step: 8 GPUs x 1 prompt x 2 accumulation steps in Visual-RFT.
+    c.prompts_per_step = 16
+
+    c.model = dict(
+        preset=settings["preset"],
+        checkpoint=f"checkpoints/{settings['hub_id'].split('/')[1]}",  # the HF directory the user brings
+        hub_id=settings["hub_id"],
+        precision=config_dict.placeholder(str),
+    )
+
+    c.source = dict(download="", prepare="")  # how the training data is made (see `vrft_jax.recipe`)
+    c.data = dict(
+        path="",
+        split="train",
+        max_prompt_len=1024,  # Visual-RFT's max_prompt_length
+        patch_bucket=config_dict.placeholder(int),  # None: max_pixels / 14^2 (2048 patches)
+        patch_dtype="float32",
+        drop_remainder=True,
+        min_pixels=3136,
+        max_pixels=401408,  # 512 x 28 x 28: at most 512 visual tokens
+        shuffle=True,
+        num_epochs=config_dict.placeholder(int),  # None: repeat; total_steps ends the run
+        num_workers=2,
+        worker_buffer=2,
+        read_threads=1,
+        device_prefetch=1,
+        on_bad_record="error",
+        tokenizer_path=config_dict.placeholder(str),  # None: the checkpoint's own tokenizer files
+        system_prompt=config_dict.placeholder(str),  # None: Visual-RFT's training prompts
+        problem_prefix="",
+    )
+    c.data.seed = c.get_oneway_ref("seed")  # the shuffle follows the run's seed unless set
+    c.eval = dict(path="", split="train", prepare="")  # a held-out set scored every eval_every steps; "" = none
+
+    c.sampling = dict(
+        max_new_tokens=256,  # TRL's max_completion_length default; Visual-RFT did not set it
+        group_size=settings["group_size"],
+        top_k=50,
+        top_p=1.0,
+        greedy=False,
+        suppressed_token_ids=config_dict.placeholder(tuple),  # None: the model's vision tokens
+    )
+
+    c.grpo = dict(
+        loss="paper",
+        advantage="group",
+        advantage_eps=1e-4,
+        beta=0.04,  # set explicitly: TRL's default became 0.0 in 2025-05, which silently drops the KL
+        kl="k3",
+        kl_bias_correction=False,
+        epsilon=0.2,
+        epsilon_high=config_dict.placeholder(float),
+        delta=config_dict.placeholder(float),
+        max_completion_length=config_dict.placeholder(int),
+    )
+
+    c.train = dict(
+        learning_rate=1e-6,  # TRL GRPOConfig's default, decaying linearly to 0 with no warmup (HF's)
+        warmup_steps=0,
+        end_learning_rate=0.0,
+        adam_b1=0.9,
+        adam_b2=0.999,
+        adam_eps=1e-8,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        micro_batches=1,
+        num_iterations=1,
+        logits_chunk_size=32,
+        freeze_vision=False,
+        max_consecutive_nonfinite=10,
+    )
+    # HF's linear schedule: warmup, then decay to 0 over the rest of the run. Follows total_steps and
+    # warmup_steps unless set itself (which leaves them alone).
+    c.train.decay_steps = c.get_oneway_ref("total_steps") - c.train.get_ref("warmup_steps")
+
+    c.rewards = dict(mode="paper", frame="qwen2_vl", terms={})
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.warm_start = dict(sft_steps=0, learning_rate=1e-5)  # SFT before GRPO (the demo's); 0 = none
+    link_shared(c)
+    return c
+
+
+def link_shared(c: ml_collections.ConfigDict) -> None:
+    """Point every path of SHARED at its top-level field (a two-way FieldReference)."""
+    for name, paths in SHARED.items():
+        ref = c.get_ref(name)
+        for path in paths:
+            block, field = path.split(".")
+            c[block][field] = ref
+
+
+def hf_download(repo: str, directory: str) -> str:
+    """The command that fetches a Hugging Face dataset repository into `directory`."""
+    return f"huggingface-cli download {repo} --repo-type dataset --local-dir {directory}"

@@ -1,0 +1,468 @@
+"""Recipes: find one, load it, override its fields, and build the frozen settings a run uses.
+
+    python -m vrft_jax.train --config=coco_fewshot:model=7b,shots=8 --config.total_steps=400
+
+`--config` names a recipe `vrft_jax/configs/NAME.py` (`NAME`, or `NAME:ARG`, ARG going to its
+`get_config(arg)`), or a Python file defining `get_config` (`PATH` or `PATH:ARG`). With no `--config`
+the `demo` recipe runs. `--config.a.b=value` overrides a field through ml_collections' `config_flags`
+on a locked config, after `parse_flags` has checked every override: an unknown or mistyped key, or a
+value of the wrong type, exits non-zero naming the key (and the type it needs).
+
+The loop's `train.py` uses it as:
+
+    recipe.define_flags()                                    # --config, --workdir
+    def main(argv):
+        config, workdir = recipe.from_flags()                # the locked ConfigDict, runs/NAME by default
+        settings = recipe.build(config)                      # TrainConfig, SamplingConfig, DataConfig, ...
+    app.run(main, flags_parser=recipe.parse_flags)
+
+and a library or a test as `recipe.load("lisa_grounding:model=7b", {"total_steps": 10})`.
+
+`build` turns each block into its dataclass by `from_dict` (unknown keys are errors naming them), and
+checks that every shared value (temperature, EOS ids, dtypes, remat: `configs._common.SHARED`) is the
+same wherever it is read. A dataset or checkpoint that is not there is an error saying which command
+makes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import importlib.util
+import os
+import re
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from vrft_jax import sharding
+from vrft_jax.configs._common import SHARED
+from vrft_jax.data import storage
+from vrft_jax.data.config import DataConfig
+from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig, TextConfig, VisionConfig
+from vrft_jax.rewards import RewardSpec, WeightedReward, combine, reward_options
+from vrft_jax.sampling import SamplingConfig
+from vrft_jax.train_step import TrainConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+DEFAULT_RECIPE = "demo"
+MODES = ("grpo", "sft")
+PRESETS = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_vl_72b", "custom")
+
+# A recipe's top-level fields. The blocks that are a dataclass's (data, sampling, grpo, train) are checked by
+# its `from_dict`; the others by BLOCK_KEYS.
+TOP_LEVEL_KEYS = frozenset({
+    "name", "slice", "mode", "seed", "total_steps", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
+    "eval_every", "export_hf", "prompts_per_step", "categories", "model", "source", "data", "eval", "sampling",
+    "grpo", "train", "rewards", "mesh", "warm_start", *SHARED})
+OPTIONAL_KEYS = frozenset({"categories"})
+BLOCK_KEYS = {
+    "model": frozenset({"preset", "checkpoint", "hub_id", "precision", "param_dtype", "dtype", "remat", "text",
+                        "vision", "tie_word_embeddings"}),
+    "source": frozenset({"download", "prepare"}),
+    "eval": frozenset({"path", "split", "prepare"}),
+    "rewards": frozenset({"mode", "frame", "terms"}),
+    "mesh": frozenset({"data", "fsdp", "tensor"}),
+    "warm_start": frozenset({"sft_steps", "learning_rate"}),
+}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be found, loaded or overridden as asked; the message names the culprit."""
+
+
+class MissingPathError(FileNotFoundError):
+    """A dataset or checkpoint the recipe names is not there; the message says how to make it."""
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def available_recipes() -> tuple[str, ...]:
+    """The recipe names under `vrft_jax/configs/`, sorted."""
+    return tuple(sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_")))
+
+
+def resolve(spec: str) -> tuple[str, str | None]:
+    """(file, arg) of `NAME`, `NAME:ARG`, `PATH.py` or `PATH.py:ARG`."""
+    target, sep, arg = spec.partition(":")
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        if not os.path.isfile(target):
+            raise RecipeError(f"--config={spec}: no recipe file {target}")
+        return target, arg if sep else None
+    if target not in available_recipes():
+        raise RecipeError(f"--config={spec}: unknown recipe {target!r}; recipes: {list(available_recipes())} "
+                          "(or give the path of a .py file with get_config)")
+    return os.path.join(CONFIG_DIR, f"{target}.py"), arg if sep else None
+
+
+def load(spec: str = DEFAULT_RECIPE, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The locked ConfigDict of recipe `spec` (see `resolve`), with `overrides` ({"train.learning_rate": 1e-5})
+    set as `--config.train.learning_rate=1e-5` would."""
+    config = _load_file(*resolve(spec), spec=spec)
+    for path, value in (overrides or {}).items():
+        _field_type(config, path)
+        parent, _, leaf = path.rpartition(".")
+        node = _node(config, parent) if parent else config
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise RecipeError(f"override {path}={value!r}: {path} is {_type_name(config, path)} ({e})") from None
+    return config
+
+
+def _load_file(path: str, arg: str | None, *, spec: str) -> ml_collections.ConfigDict:
+    module_name = "vrft_jax_recipe_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise RecipeError(f"--config={spec}: {path} defines no get_config")
+    try:  # as config_flags calls it: no argument unless one was given
+        config = module.get_config() if arg is None else module.get_config(arg)
+    except ValueError as e:
+        raise RecipeError(f"--config={spec}: {e}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise RecipeError(f"--config={spec}: get_config returned {type(config).__name__}, not a ConfigDict")
+    config.lock()
+    return config
+
+
+def _node(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _field_type(config: ml_collections.ConfigDict, path: str) -> type:
+    """The declared type of the field at dotted `path`; RecipeError naming the first missing key."""
+    node, walked = config, []
+    for part in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise RecipeError(f"unknown config key {path!r}: {'.'.join(walked)} is a value, not a block")
+        if part not in node:
+            where = ".".join(walked) or "the top level"
+            close = difflib.get_close_matches(part, list(node.keys()), n=1, cutoff=0.6)
+            hint = f"; did you mean {'.'.join([*walked, close[0]])!r}?" if close else ""
+            raise RecipeError(f"unknown config key {path!r}: no {part!r} at {where}{hint} "
+                              f"(keys there: {sorted(node.keys())})")
+        parent, node = node, node[part]
+        walked.append(part)
+    return parent.get_type(walked[-1])
+
+
+def _type_name(config: ml_collections.ConfigDict, path: str) -> str:
+    kind = _field_type(config, path)
+    return "a block" if issubclass(kind, ml_collections.ConfigDict) else kind.__name__
+
+
+# ---------------------------------------------------------------------------------------------- flags
+
+
+def define_flags() -> None:
+    """Define `--config` (ml_collections' config file flag, locked) and `--workdir`. Parse them with
+    `app.run(main, flags_parser=parse_flags)`, which resolves recipe names and checks the overrides."""
+    config_flags.DEFINE_config_file(
+        "config", None, f"a recipe NAME[:ARG] ({', '.join(available_recipes())}) or PATH.py[:ARG]; "
+        f"default {DEFAULT_RECIPE}", lock_config=True)
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard events, samples "
+                        "(default: runs/<the recipe's name>)")
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl `flags_parser` for `app.run`: resolve `--config` (default `demo`) to its file, check every
+    `--config.*` override against the recipe, then parse with absl. A bad recipe or override prints
+    one line naming it and exits 1 (as absl does for any flag error)."""
+    argv = list(argv)
+    index, spec = _config_argument(argv)
+    try:
+        if index is None:
+            spec, index = DEFAULT_RECIPE, 1
+            argv.insert(index, "")
+        path, arg = resolve(spec)
+        check_overrides(_load_file(path, arg, spec=spec), argv)
+    except RecipeError as e:
+        _exit_with(str(e))
+    if argv[index] in ("--config", "-config"):
+        del argv[index + 1]  # the two-word form
+    argv[index] = f"--config={path}" + ("" if arg is None else f":{arg}")
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _exit_with(str(e))
+
+
+def _config_argument(argv: Sequence[str]) -> tuple[int | None, str | None]:
+    """(index, value) of the last `--config=SPEC` or `--config SPEC` in argv; (None, None) without one."""
+    found = (None, None)
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg == "--":
+            break
+        match = re.fullmatch(r"--?config=(.*)", arg, re.S)
+        if match:
+            found = (i, match.group(1))
+        elif arg in ("--config", "-config") and i + 1 < len(argv):
+            found = (i, argv[i + 1])
+    return found
+
+
+def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str], name: str = "config") -> None:
+    """RecipeError for the first `--NAME.key=value` in argv whose key the config lacks, or whose value
+    does not parse as the field's type."""
+    pattern = re.compile(rf"--?(no)?{re.escape(name)}\.([^=]+)(?:=(.*))?", re.S)
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg == "--":
+            break
+        match = pattern.fullmatch(arg)
+        if not match:
+            continue
+        negated, path, text = match.groups()
+        kind = _field_type(config, path)
+        if kind is type(None):
+            raise RecipeError(f"--{name}.{path}: the recipe sets it to None without a type; declare it with "
+                              "ml_collections.config_dict.placeholder(type)")
+        if kind is bool and (negated or text is None):
+            continue
+        if negated:
+            raise RecipeError(f"--no{name}.{path}: only a bool field takes the --no form; {path} is {kind.__name__}")
+        if text is None:
+            if i + 1 >= len(argv):
+                raise RecipeError(f"--{name}.{path} needs a value ({kind.__name__})")
+            text = argv[i + 1]
+        if not _parses_as(text, kind):
+            raise RecipeError(f"--{name}.{path}={text}: {path} must be {kind.__name__}, got {text!r}")
+
+
+def _parses_as(text: str, kind: type) -> bool:
+    """Whether absl's parser for `kind` takes `text` (str, tuples and blocks: config_flags' own parsers decide)."""
+    if kind is bool:
+        return text.lower() in ("true", "false", "t", "f", "1", "0")
+    parse = {int: _int, float: float}.get(kind, str)
+    try:
+        parse(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _int(text: str) -> int:
+    return int(text, 16) if text.lower().lstrip("+-").startswith("0x") else int(text)
+
+
+def _exit_with(message: str) -> NoReturn:
+    print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def from_flags() -> tuple[ml_collections.ConfigDict, str]:
+    """(the parsed, locked config; the workdir, default `runs/<config.name>`) after `parse_flags`.
+    A config whose blocks do not build raises `app.UsageError` naming the field."""
+    config = flags.FLAGS.config
+    try:
+        build(config, check_paths=False, process_count=1)
+    except (KeyError, TypeError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # str(KeyError) adds quotes
+        raise app.UsageError(f"recipe {config.get('name', '?')}: {message}") from None
+    return config, flags.FLAGS.workdir or default_workdir(config)
+
+
+def default_workdir(config: ml_collections.ConfigDict) -> str:
+    return os.path.join("runs", config.name)
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a recipe builds: the frozen settings of every component of a run.
+
+    model:      the architecture with the run's parameter dtype, compute dtype and remat
+    train:      the update (its `grpo` is the GRPO loss); the temperature is the sampler's
+    sampling:   the rollout
+    data:       the training batches; batch_size is this process's share of prompts_per_step
+    eval_data:  a finite, unshuffled pass over the held-out set, or None
+    reward_fn:  texts, solutions, **columns -> RewardBreakdown
+    sampler_dtype: the rollout's parameter and compute dtype (the recipe's compute dtype)
+    """
+
+    model: Qwen2VLConfig
+    train: TrainConfig
+    sampling: SamplingConfig
+    data: DataConfig
+    eval_data: DataConfig | None
+    reward_fn: WeightedReward
+    sampler_dtype: Any
+
+
+def build(config: ml_collections.ConfigDict, *, process_count: int | None = None,
+          check_paths: bool = True) -> Settings:
+    """Every setting of the run `config` describes; with `check_paths`, MissingPathError if its
+    dataset or checkpoint is not there (the message says which command makes it)."""
+    check_structure(config)
+    settings = Settings(model=model_config(config), train=train_config(config), sampling=sampling_config(config),
+                        data=data_config(config, process_count), eval_data=eval_data_config(config, process_count),
+                        reward_fn=reward_fn(config), sampler_dtype=jnp.dtype(config.compute_dtype))
+    if config.prompts_per_step % settings.train.micro_batches:
+        raise ValueError(f"train.micro_batches={settings.train.micro_batches} does not divide prompts_per_step="
+                         f"{config.prompts_per_step}")
+    if check_paths:
+        check_inputs_exist(config)
+    return settings
+
+
+def check_structure(config: ml_collections.ConfigDict) -> None:
+    """Unknown top-level or block keys, shared values that disagree, and out-of-range run settings are
+    errors naming them."""
+    _reject_unknown("the top level", config.keys(), TOP_LEVEL_KEYS)
+    missing = sorted(TOP_LEVEL_KEYS - OPTIONAL_KEYS - set(config.keys()))
+    if missing:
+        raise KeyError(f"the recipe lacks {missing} (start from vrft_jax.configs._common.base_config)")
+    for block, known in BLOCK_KEYS.items():
+        _reject_unknown(block, config[block].keys(), known)
+    for name, paths in SHARED.items():
+        for path in paths:
+            value = _node(config, path)
+            if value != config[name]:
+                raise ValueError(f"{path}={value!r} but {name}={config[name]!r}: a shared value is set once, at the "
+                                 f"top level ({name}), and every block reads it")
+    if config.mode not in MODES:
+        raise ValueError(f"mode={config.mode!r} is not one of {list(MODES)}")
+    for key in ("total_steps", "log_every", "ckpt_every", "keep_checkpoints", "prompts_per_step"):
+        if config[key] < 1:
+            raise ValueError(f"{key}={config[key]} must be >= 1")
+    for key in ("sample_every", "eval_every"):
+        if config[key] < 0:
+            raise ValueError(f"{key}={config[key]} must be >= 0 (0: never)")
+
+
+def _reject_unknown(where: str, keys, known) -> None:
+    unknown = sorted(set(keys) - set(known))
+    if unknown:
+        raise KeyError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
+
+
+def model_config(config: ml_collections.ConfigDict) -> Qwen2VLConfig:
+    """The recipe's architecture (a preset, or "custom" from its `text` and `vision` blocks) with the
+    shared dtypes and remat."""
+    block = config.model
+    runtime = dict(param_dtype=block.param_dtype, dtype=block.dtype, remat=block.remat, precision=block.precision)
+    if block.preset not in PRESETS:
+        raise ValueError(f"model.preset={block.preset!r} is not one of {list(PRESETS)}")
+    if block.preset != "custom":
+        return getattr(Qwen2VLConfig, block.preset)(**runtime)
+    for part, cls in (("text", TextConfig), ("vision", VisionConfig)):
+        if part not in block:
+            raise ValueError(f"model.preset='custom' needs a model.{part} block ({cls.__name__}'s fields)")
+        _reject_unknown(f"model.{part}", block[part].keys(), {f.name for f in dataclasses.fields(cls)})
+    return Qwen2VLConfig(text=TextConfig(**block.text.to_dict()), vision=VisionConfig(**block.vision.to_dict()),
+                         tie_word_embeddings=block.get("tie_word_embeddings", False), **runtime)
+
+
+def train_config(config: ml_collections.ConfigDict) -> TrainConfig:
+    return TrainConfig.from_dict({**config.train.to_dict(), "grpo": config.grpo.to_dict()})
+
+
+def sampling_config(config: ml_collections.ConfigDict) -> SamplingConfig:
+    return SamplingConfig.from_dict(config.sampling.to_dict())
+
+
+def eval_sampling_config(config: ml_collections.ConfigDict) -> SamplingConfig:
+    """Greedy, one completion per prompt, otherwise the rollout's."""
+    return dataclasses.replace(sampling_config(config), greedy=True, group_size=1)
+
+
+def data_config(config: ml_collections.ConfigDict, process_count: int | None = None) -> DataConfig:
+    """The training pipeline: the `data` block, each process reading prompts_per_step / processes rows."""
+    processes = jax.process_count() if process_count is None else process_count
+    if config.prompts_per_step % processes:
+        raise ValueError(f"prompts_per_step={config.prompts_per_step} does not split over {processes} processes")
+    if "batch_size" in config.data:
+        raise KeyError("data.batch_size is set by prompts_per_step (global prompts per step), not in the data block")
+    return DataConfig.from_dict({**config.data.to_dict(), "batch_size": config.prompts_per_step // processes})
+
+
+def eval_data_config(config: ml_collections.ConfigDict, process_count: int | None = None) -> DataConfig | None:
+    """The held-out set (`eval.path`, `eval.split`) read once in stored order, a partial last batch
+    padded with valid=False rows; None when `eval.path` is empty."""
+    if not config.eval.path:
+        return None
+    return data_config(config, process_count).replace(path=config.eval.path, split=config.eval.split, num_epochs=1,
+                                                      drop_remainder=False, shuffle=False)
+
+
+def reward_fn(config: ml_collections.ConfigDict) -> WeightedReward:
+    """`rewards.combine` of `rewards.terms` ({name: weight}) in `rewards.mode`; every reward that reads
+    boxes gets the recipe's `rewards.frame`."""
+    block = config.rewards
+    specs = [RewardSpec(name, weight, {"frame": block.frame} if "frame" in reward_options(name) else {})
+             for name, weight in block.terms.items()]
+    return combine(specs, mode=block.mode)
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence | None = None):
+    """The recipe's ("data", "fsdp", "tensor") mesh over `devices` (default: all)."""
+    return sharding.make_mesh(**config.mesh.to_dict(), devices=devices)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _prepare_parts(config: ml_collections.ConfigDict, which: str) -> tuple[str, list[str]]:
+    """(the source's arguments as shell text, ["--output", DIR, "--name", NAME]) of the training or "eval" set."""
+    tail, path = (config.source.prepare, config.data.path) if which == "train" else (config.eval.prepare,
+                                                                                      config.eval.path)
+    if not tail:
+        raise ValueError(f"the recipe names no command that makes its {which} dataset {path}")
+    output, name = os.path.split(os.path.normpath(path))
+    return tail, ["--output", output or ".", "--name", name]
+
+
+def prepare_command(config: ml_collections.ConfigDict, which: str = "train") -> str:
+    """The shell command that writes the training (or "eval") dataset where the recipe reads it."""
+    tail, destination = _prepare_parts(config, which)
+    return f"python -m vrft_jax.data.prepare {tail} {shlex.join(destination)}"
+
+
+def prepare_argv(config: ml_collections.ConfigDict, which: str = "train") -> list[str]:
+    """`prepare_command`'s arguments, file patterns expanded as a shell would: `prepare.main(prepare_argv(c))`."""
+    tail, destination = _prepare_parts(config, which)
+    argv = []
+    for word in shlex.split(tail):
+        matches = sorted(glob.glob(word)) if any(ch in word for ch in "*?[") else []
+        argv.extend(matches or [word])
+    return argv + destination
+
+
+def check_inputs_exist(config: ml_collections.ConfigDict) -> None:
+    """MissingPathError naming the command that makes the first missing input: the training dataset,
+    the held-out one, or the initial checkpoint (a Hugging Face directory)."""
+    for which, path, download in (("train", config.data.path, config.source.download),
+                                  ("eval", config.eval.path, "")):
+        if which == "eval" and not path:
+            continue
+        try:
+            storage.dataset_dir(path)
+        except FileNotFoundError:
+            steps = ([f"fetch the source: {download}"] if download else []) + [f"run: {prepare_command(config, which)}"]
+            raise MissingPathError(f"the {which} dataset {path} is not there; to make it, " + "; then ".join(steps)
+                                   ) from None
+    checkpoint = config.model.checkpoint
+    if not checkpoint:
+        return
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        raise MissingPathError(f"the initial checkpoint {checkpoint} is not there (no config.json); fetch it with: "
+                               f"huggingface-cli download {config.model.hub_id} --local-dir {checkpoint}")
+    found, expected = Qwen2VLConfig.from_hf(checkpoint), model_config(config)
+    if (found.text, found.vision) != (expected.text, expected.vision):
+        raise ValueError(f"the checkpoint {checkpoint} is not a {config.model.preset} model: its text model is "
+                         f"{found.text}, the recipe's {expected.text}")
