@@ -18,22 +18,10 @@ from flax import nnx
 
 from model_port.mapping import tensor_map
 from model_port.safetensors_io import write_checkpoint
+from vrft_jax import model_dir
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-
-
-def hf_config_dict(model: Qwen2VL, base: dict | None = None) -> dict:
-    """The `config.json` to write: `base` (the source checkpoint's config, normalised by transformers, so
-    fields we do not model such as `initializer_range` survive) overridden by our architecture."""
-    ours = model.config.to_hf_dict()
-    if base is None:
-        return ours
-    import transformers
-
-    merged = transformers.Qwen2VLConfig(**base).to_dict()
-    merged.pop("transformers_version", None)
-    return _deep_update(merged, ours)
 
 
 def save_hf(model: Qwen2VL, path: str, *, hf_config: dict | None = None,
@@ -54,29 +42,19 @@ def save_hf(model: Qwen2VL, path: str, *, hf_config: dict | None = None,
     os.makedirs(path, exist_ok=True)
     files = write_checkpoint(path, plan, tensors(), max_shard_bytes)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf_config_dict(model, hf_config), f, indent=2, sort_keys=True)
+        json.dump(model.config.to_hf_dict(hf_config), f, indent=2, sort_keys=True)
     return files
-
-
-def _deep_update(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
-    return out
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="Flax checkpoint directory (from hf_to_flax or training)")
+    parser.add_argument("--ckpt", required=True, help="Flax model directory (from hf_to_flax or training)")
     parser.add_argument("--out", required=True, help="output HF directory")
     parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1024**3)
     args = parser.parse_args(argv)
-    from vrft_jax import checkpoint
-
-    model, hf_config = checkpoint.load_model(args.ckpt, with_hf_config=True)
+    model, hf_config = model_dir.load_model(args.ckpt, with_hf_config=True)
     files = save_hf(model, args.out, hf_config=hf_config, max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    copied = checkpoint.copy_hf_assets(args.ckpt, args.out)
+    copied = model_dir.copy_hf_assets(args.ckpt, args.out)
     print(f"exported {args.ckpt} -> {args.out}: {len(files)} safetensors file(s); "
           f"assets: {', '.join(copied) or 'none'}")
 

@@ -21,7 +21,7 @@ from flax import nnx
 
 from model_port.mapping import TIED_HEAD, canonical_name, tensor_map
 from model_port.safetensors_io import SafetensorsReader
-from vrft_jax import sharding
+from vrft_jax import model_dir, sharding
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
 
@@ -131,13 +131,11 @@ def check_tensors(reader: SafetensorsReader, config: Qwen2VLConfig, entries) -> 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf", required=True, help="HF checkpoint directory (config.json + safetensors)")
-    parser.add_argument("--out", required=True, help="output directory for the Flax (orbax) checkpoint")
+    parser.add_argument("--out", required=True, help="output Flax model directory (vrft_jax.model_dir)")
     parser.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
     args = parser.parse_args(argv)
-    from vrft_jax import checkpoint
-
     model = load_hf(args.hf, dtype=args.dtype)
-    checkpoint.save_model(model, args.out, hf_source=args.hf)
+    model_dir.save_model(model, args.out, hf_source=args.hf)
     count = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     print(f"converted {args.hf} -> {args.out}: {count:,} parameters in {model.config.param_dtype.name}")
 

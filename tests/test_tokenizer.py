@@ -129,7 +129,7 @@ def tokenizer_files(directory, names=("tokenizer.json", "tokenizer_config.json")
 
 
 def test_a_checkpoints_tokenizer_files_are_preferred(tmp_path):
-    ours = tmp_path / "ours"  # a vrft_jax.checkpoint directory: the files are in hf_assets/
+    ours = tmp_path / "ours"  # a vrft_jax.model_dir directory: the files are in hf_assets/
     tokenizer_files(ours / "hf_assets")
     hf = tmp_path / "hf"  # an HF checkpoint: the files are at the top, here the slow pair only
     tokenizer_files(hf, ("vocab.json", "merges.txt"))
@@ -148,8 +148,8 @@ def test_an_explicit_tokenizer_wins_and_the_packaged_one_is_the_last_resort(tmp_
     assert qt.resolve_tokenizer_path() is None
 
 
-def test_checkpoint_assets_directory_is_the_checkpoints():
-    from vrft_jax import checkpoint
+def test_model_dir_assets_directory_is_the_model_dirs():
+    from vrft_jax import model_dir
 
-    assert qt.CHECKPOINT_ASSETS_DIR == checkpoint.ASSETS_DIR
-    assert {name for names in qt.TOKENIZER_FILES for name in names} <= set(checkpoint.HF_ASSETS)
+    assert qt.MODEL_DIR_ASSETS_DIR == model_dir.ASSETS_DIR
+    assert {name for names in qt.TOKENIZER_FILES for name in names} <= set(model_dir.HF_ASSETS)

@@ -59,7 +59,7 @@ def main(argv=None) -> None:
 
     from model_port import flax_to_hf, hf_to_flax
     from model_port.safetensors_io import SafetensorsReader
-    from vrft_jax import checkpoint
+    from vrft_jax import model_dir
     from vrft_jax.models.qwen2_vl import ModelInputs
     from vrft_jax.models.qwen2_vl.processor import ENDOFTEXT_ID, EOS_TOKEN_IDS, load_processor
     from vrft_jax.sampling import greedy_generate
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     print(f"[1] random HF checkpoint: {sum(p.numel() for p in reference.parameters()):,} parameters -> {hf_dir}")
 
     hf_to_flax.main(["--hf", hf_dir, "--out", flax_dir])
-    model = checkpoint.load_model(flax_dir)
+    model = model_dir.load_model(flax_dir)
     print("[2] loaded the Flax checkpoint back from orbax")
 
     processor = load_processor(min_pixels=56 * 56, max_pixels=224 * 224)

@@ -160,8 +160,23 @@ class Qwen2VLConfig:
             **runtime,
         )
 
-    def to_hf_dict(self) -> dict:
-        """The transformers-5 nested `config.json` of this architecture."""
+    def to_hf_dict(self, base: dict | None = None) -> dict:
+        """The transformers-5 nested `config.json` of this architecture.
+
+        `base`, the source checkpoint's `config.json`, is normalised by transformers and then
+        overridden by our architecture, so the fields we do not model (`initializer_range`, ...)
+        survive a round trip through our format.
+        """
+        ours = self._architecture_dict()
+        if base is None:
+            return ours
+        import transformers  # only the config class; no torch needed
+
+        merged = transformers.Qwen2VLConfig(**base).to_dict()
+        merged.pop("transformers_version", None)
+        return _deep_update(merged, ours)
+
+    def _architecture_dict(self) -> dict:
         t, v = self.text, self.vision
         eos = list(self.eos_token_ids)
         return {
@@ -247,6 +262,14 @@ class Qwen2VLConfig:
             eos_token_ids=(151645,),
             **runtime,
         )
+
+
+def _deep_update(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _deep_update(out[key], value) if nested else value
+    return out
 
 
 def _real_vit(out_dim: int) -> VisionConfig:

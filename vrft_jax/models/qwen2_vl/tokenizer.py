@@ -31,7 +31,7 @@ EOS_TOKEN_IDS = (IM_END_ID, ENDOFTEXT_ID)  # what Qwen2-VL-Instruct's generation
 PACKAGED_TOKENIZER_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
 # A directory holds a tokenizer if it has the fast file or the slow pair (HF hub layout).
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
-CHECKPOINT_ASSETS_DIR = "hf_assets"  # `vrft_jax.checkpoint.ASSETS_DIR`, not imported: that module imports JAX
+MODEL_DIR_ASSETS_DIR = "hf_assets"  # `vrft_jax.model_dir.ASSETS_DIR`, not imported: that module imports JAX
 
 # Qwen2-VL-Instruct's chat template (the hub's chat_template.json): a default system turn when the
 # first message is not a system message, one vision block per image part, and the assistant header.
@@ -69,7 +69,7 @@ def resolve_tokenizer_path(tokenizer_path: str | None = None, checkpoint_dir: st
     """The tokenizer directory a run should load (None: the packaged tokenizer).
 
     An explicit `tokenizer_path` wins. Else a model checkpoint's own tokenizer files, so that the ids a model
-    is trained or evaluated on are those its checkpoint came with: a checkpoint of `vrft_jax.checkpoint` keeps
+    is trained or evaluated on are those its checkpoint came with: a `vrft_jax.model_dir` directory keeps
     them in `hf_assets/`, an HF checkpoint directory at its top. A checkpoint without any (e.g. a random
     initialisation saved without an HF source) falls back to the packaged tokenizer.
     """
@@ -77,7 +77,7 @@ def resolve_tokenizer_path(tokenizer_path: str | None = None, checkpoint_dir: st
         return tokenizer_path
     if checkpoint_dir is None:
         return None
-    for directory in (os.path.join(checkpoint_dir, CHECKPOINT_ASSETS_DIR), checkpoint_dir):
+    for directory in (os.path.join(checkpoint_dir, MODEL_DIR_ASSETS_DIR), checkpoint_dir):
         if has_tokenizer_files(directory):
             return directory
     return None
