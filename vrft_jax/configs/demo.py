@@ -33,7 +33,7 @@ def get_config(arg=None):
     c.model.hub_id = ""
     c.model.text = dict(vocab_size=151936, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                         num_kv_heads=2, mrope_section=(4, 6, 6))
-    c.model.vision = dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2.0, out_dim=128)
+    c.model.vision = dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2, out_dim=128)
     c.model.tie_word_embeddings = True
 
     c.source.prepare = "synthetic --task classification --num-images 256 --seed 0"

@@ -1,0 +1,296 @@
+"""`python -m vrft_jax.train --config=NAME[:ARG] [--config.key=value ...] [--workdir=DIR]`
+
+Runs a recipe of `vrft_jax/configs` (or a recipe file) to its `total_steps`: GRPO by default,
+`--config.mode=sft` for the paper's SFT baseline on the same records. With no `--config` the
+`demo` recipe runs. The workdir (default `runs/NAME`) holds:
+
+    config.json      the resolved config
+    metrics.jsonl    one row per logged step; TensorBoard events beside it; samples.jsonl
+    checkpoints/     orbax steps: train state, data position, config (resumed automatically)
+    model/           the final model directory (`vrft_jax.model_dir`); hf/ with `export_hf=True`
+    warm_start/      the demo's SFT warm start, a run of its own (reused by a second run)
+
+SIGTERM (a TPU VM's preemption notice) saves the step and exits 0; the same command resumes it and
+ends bit for bit where a straight run would. The initial weights are the recipe's `model.checkpoint`:
+a model directory, or a Hugging Face one, converted once into `workdir/initial` by `model_port`
+(run as its own process: the library never imports the converter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, logging
+from flax import nnx
+
+from vrft_jax import checkpoints, grpo_loop, model_dir, recipe, sft
+from vrft_jax.data import make_iterator
+from vrft_jax.metrics import MetricWriter, every
+from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
+from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
+from vrft_jax.progress import Reporter, Timer
+from vrft_jax.train_step import check_nonfinite, init_state, make_score_fn, make_train_step
+
+TIMING_KEYS = ("time/", "rollout_tokens_per_s")  # the only metrics that differ between identical runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What a finished (or preempted) run leaves: its last step, the final model directory, and the
+    held-out reward before and after training (mean, standard error, examples), when measured."""
+
+    step: int
+    preempted: bool
+    model_dir: str | None
+    heldout_before: tuple[float, float, int] | None = None
+    heldout_after: tuple[float, float, int] | None = None
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def initial_model(config: ml_collections.ConfigDict, settings: recipe.Settings,
+                  workdir: str) -> tuple[Qwen2VL, str | None]:
+    """(model, its directory): the SFT warm start's result when the recipe asks for one, else the
+    recipe's checkpoint (an HF directory is converted once), else random weights from the seed."""
+    if config.mode == "grpo" and config.warm_start.sft_steps > 0:
+        result = train(warm_start_config(config), os.path.join(workdir, "warm_start"))
+        if result.preempted:
+            raise SystemExit(0)
+        directory = result.model_dir
+    elif config.model.checkpoint:
+        directory = _model_directory(config.model.checkpoint, os.path.join(workdir, "initial"))
+    else:
+        return Qwen2VL(settings.model, rngs=nnx.Rngs(config.seed)), None
+    model = model_dir.load_model(directory, dtype=settings.model.param_dtype)
+    return _with_run_settings(model, settings), directory
+
+
+def _with_run_settings(model: Qwen2VL, settings: recipe.Settings) -> Qwen2VL:
+    m = settings.model
+    return with_config(model, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+
+
+def _model_directory(checkpoint: str, converted: str) -> str:
+    """`checkpoint` itself when it is a model directory; an HF directory is converted into `converted`."""
+    if os.path.isdir(os.path.join(checkpoint, model_dir.PARAMS_DIR)):
+        return checkpoint
+    if not os.path.isdir(os.path.join(converted, model_dir.PARAMS_DIR)):
+        logging.info("converting the HF checkpoint %s into %s", checkpoint, converted)
+        subprocess.run([sys.executable, "-m", "model_port.hf_to_flax", "--hf", checkpoint, "--out", converted],
+                       check=True)
+    return converted
+
+
+def warm_start_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The recipe as an SFT run of `warm_start.sft_steps` at `warm_start.learning_rate`."""
+    sft_run = ml_collections.ConfigDict(config.to_dict())
+    sft_run.mode = "sft"
+    sft_run.total_steps = config.warm_start.sft_steps
+    sft_run.warm_start.sft_steps = 0
+    sft_run.train.learning_rate = config.warm_start.learning_rate
+    sft_run.train.decay_steps = config.warm_start.sft_steps
+    sft_run.export_hf = False
+    sft_run.eval_every = 0
+    return sft_run
+
+
+def make_synthetic_data(config: ml_collections.ConfigDict) -> None:
+    """Write a recipe's synthetic datasets when they are missing (the demo's: nothing to download). Any
+    other missing dataset is the user's to make: `recipe.build` names the command."""
+    from vrft_jax.data import prepare, storage
+
+    for which, path, command in (("train", config.data.path, config.source.prepare),
+                                 ("eval", config.eval.path, config.eval.prepare)):
+        if not path or not command.startswith("synthetic"):
+            continue
+        try:
+            storage.dataset_dir(path)
+        except FileNotFoundError:
+            if jax.process_index() == 0:
+                prepare.main(recipe.prepare_argv(config, which))
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+# ------------------------------------------------------------------------------------------- held-out
+
+
+def heldout_reward(config: ml_collections.ConfigDict, settings: recipe.Settings, graphdef, params, mesh,
+                   tokenizer) -> tuple[float, float, int] | None:
+    """(mean, standard error, examples) of the reward of greedy answers on the held-out set, or None
+    without one. Every example once: the set's size must be a multiple of the batch (a finite
+    stream's padded rows are refused by the sampler until the evaluation issue lands)."""
+    if settings.eval_data is None:
+        return None
+    sampling = recipe.eval_sampling_config(config)
+    cast = grpo_loop.make_sampler_cast(params, settings.sampler_dtype, mesh)
+    phases = grpo_loop.Phases(graphdef=graphdef, train=settings.train, sampling=sampling,
+                              reward_fn=settings.reward_fn, tokenizer=tokenizer, step=None, score=None,
+                              reference=None, sampler_graphdef=grpo_loop.sampler_graphdef(settings.model,
+                                                                                           settings.sampler_dtype),
+                              sampler_cast=cast, mesh=mesh)
+    weights = cast(params)
+    values = []
+    for batch in make_iterator(settings.eval_data, settings.model, mesh=mesh, tokenizer=tokenizer):
+        out = grpo_loop.sample(phases, weights, batch.model_inputs, jax.random.key(0))
+        tokens, mask = grpo_loop.local_rows(out)
+        rewards, valid = grpo_loop.score_rewards(phases, grpo_loop.detokenize(tokenizer, tokens, mask), batch.meta)
+        values.append(rewards.total[valid])
+    values = np.concatenate(values).astype(np.float64)
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values))), len(values)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
+    """Run `config` in `workdir` from its latest checkpoint (or the start) to `total_steps`."""
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(config, workdir)
+    make_synthetic_data(config)
+    settings = recipe.build(config)
+    mesh = recipe.make_mesh(config)
+    model, source_dir = initial_model(config, settings, workdir)
+    tokenizer = load_tokenizer(resolve_tokenizer_path(checkpoint_dir=source_dir))
+    sft_mode = config.mode == "sft"
+    train_config = settings.train.replace(grpo=sft.sft_config()) if sft_mode else settings.train
+    graphdef, state = init_state(model, train_config, mesh=mesh)
+    del model
+    step_fn = make_train_step(graphdef, state, train_config, mesh=mesh)
+    reference = None
+    if not sft_mode and train_config.grpo.beta > 0:  # the initial weights, a copy the donated step never sees
+        reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(state.params)
+    phases = grpo_loop.Phases(
+        graphdef=graphdef, train=train_config, sampling=settings.sampling, reward_fn=settings.reward_fn,
+        tokenizer=tokenizer, step=step_fn, score=make_score_fn(graphdef, state.params, train_config, mesh=mesh),
+        reference=reference, sampler_graphdef=grpo_loop.sampler_graphdef(settings.model, settings.sampler_dtype),
+        sampler_cast=grpo_loop.make_sampler_cast(state.params, settings.sampler_dtype, mesh), mesh=mesh)
+
+    data = make_iterator(settings.data, settings.model, mesh=mesh, tokenizer=tokenizer, checkpoint_dir=source_dir)
+    manager = checkpoints.make_manager(os.path.join(workdir, "checkpoints"), save_interval_steps=config.ckpt_every,
+                                       max_to_keep=config.keep_checkpoints)
+    restored = checkpoints.restore_latest(manager, checkpoints.abstract_state(state), data)
+    start = 0
+    if restored is not None:
+        start, state = restored
+        logging.info("resumed %s at step %d", workdir, start)
+    before = None
+    if start == 0 and not sft_mode and config.eval_every:
+        before = heldout_reward(config, settings, graphdef, state.params, mesh, tokenizer)
+        _report_heldout("before", before)
+
+    total = config.total_steps
+    writer = MetricWriter(workdir, start_step=start)
+    reporter = Reporter(total, start_step=start)
+    timer = Timer()
+    key = jax.random.key(config.seed)
+    resolved = json.loads(config.to_json_best_effort())
+    preempted = False
+    with checkpoints.PreemptionGuard() as guard:
+        for step in range(start + 1, total + 1):
+            timer.reset()
+            with timer.timed("data"):
+                batch = next(data)
+            if sft_mode:
+                state, outcome = sft_iteration(phases, state, batch, config, timer)
+            else:
+                state, outcome = grpo_loop.iteration(
+                    phases, state, batch, jax.random.fold_in(key, step), timer,
+                    samples=4 if every(step, config.sample_every, total) else 0)
+            scalars = None
+            if every(step, config.log_every, total):
+                scalars = {**{k: float(v) for k, v in jax.device_get(outcome.device).items()}, **outcome.host,
+                           **timer.scalars(), "skipped_records": float(sum(batch.skipped.values()))}
+                writer.write(step, scalars)
+                check_nonfinite(state, train_config)
+            if outcome.samples:
+                writer.write_samples(step, outcome.samples)
+            reporter.update(step, scalars)
+            preempted = guard.should_stop(step)
+            checkpoints.save(manager, step, state, data, config=resolved, force=preempted or step == total)
+            if preempted:
+                break
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    reporter.close()
+    if preempted:
+        logging.warning("preempted: saved step %d of %s; the same command resumes it", step, workdir)
+        return Result(step=step, preempted=True, model_dir=None)
+    final_dir = os.path.join(workdir, "model")
+    final_model = nnx.merge(graphdef, state.params)
+    model_dir.save_model(final_model, final_dir, hf_source=source_dir if source_dir and _is_hf(source_dir) else None)
+    after = None
+    if not sft_mode and config.eval_every:
+        after = heldout_reward(config, settings, graphdef, state.params, mesh, tokenizer)
+        _report_heldout("after", after)
+    if config.export_hf:
+        export_hf(final_dir, os.path.join(workdir, "hf"))
+    return Result(step=total, preempted=False, model_dir=final_dir, heldout_before=before, heldout_after=after)
+
+
+def sft_iteration(phases: grpo_loop.Phases, state, batch, config, timer: Timer):
+    """One SFT update on the batch's solutions (G = 1, no rollout)."""
+    with timer.timed("update"):
+        train_batch = sft.sft_batch(batch.model_inputs, batch.solution, phases.tokenizer,
+                                    length=phases.sampling.max_new_tokens, eos_id=phases.sampling.eos_token_ids[0],
+                                    pad_id=phases.sampling.pad_token_id, valid=batch.meta.get("valid"))
+        if phases.mesh is not None:
+            from vrft_jax.train_step import shard_batch
+
+            train_batch = shard_batch(train_batch, phases.mesh)
+        state, metrics = phases.step(state, train_batch)
+    return state, grpo_loop.Outcome(metrics, {}, [])
+
+
+def _is_hf(directory: str) -> bool:
+    return not os.path.isdir(os.path.join(directory, model_dir.PARAMS_DIR))
+
+
+def _report_heldout(when: str, value) -> None:
+    if value is not None and jax.process_index() == 0:
+        mean, se, n = value
+        print(f"held-out reward {when}: {mean:.4f} ± {se:.4f} (standard error, {n} examples)", flush=True)
+
+
+def export_hf(directory: str, out: str) -> None:
+    """The model directory as a Hugging Face checkpoint, by `model_port` in its own process."""
+    subprocess.run([sys.executable, "-m", "model_port.flax_to_hf", "--ckpt", directory, "--out", out], check=True)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO; the Reporter shows progress
+    config, workdir = recipe.from_flags()
+    result = train(config, workdir)
+    if result.preempted:
+        sys.exit(0)
+    print(f"finished {config.name}: {result.step} steps; model {result.model_dir}; metrics "
+          f"{os.path.join(workdir, 'metrics.jsonl')}", flush=True)
+    if result.heldout_before and result.heldout_after:
+        (b, b_se, _), (a, a_se, _) = result.heldout_before, result.heldout_after
+        gain = (a - b) / math.hypot(a_se, b_se) if a_se or b_se else math.copysign(math.inf, a - b) if a != b else 0.0
+        print(f"held-out reward: {b:.4f} ± {b_se:.4f} before GRPO, {a:.4f} ± {a_se:.4f} after "
+              f"({gain:+.1f} standard errors)", flush=True)
+
+
+if __name__ == "__main__":
+    recipe.define_flags()
+    app.run(main, flags_parser=recipe.parse_flags)
