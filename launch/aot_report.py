@@ -46,15 +46,9 @@ def main(argv=None) -> None:
 
     from vrft_jax import grpo, sampling, sharding
     from vrft_jax.models.qwen2_vl import ModelInputs, Qwen2VL, Qwen2VLConfig
-    from vrft_jax.train_step import (
-        TrainBatch,
-        TrainConfig,
-        TrainState,
-        make_optimizer,
-        make_score_fn,
-        make_train_step,
-        split_params,
-    )
+    from vrft_jax.optimizer import make_optimizer
+    from vrft_jax.scoring import make_score_fn
+    from vrft_jax.train_step import TrainBatch, TrainConfig, TrainState, make_train_step, split_params
 
     chip = args.topology.split(":")[0]
     # v4 chips have two TensorCores; "megacore" presents each chip as one device, as a v4 VM does.

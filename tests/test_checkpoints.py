@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tiny_model import tiny_model
-from vrft_jax import checkpoints, sharding, train_step
+from vrft_jax import checkpoints, placement, sharding, train_step
 from vrft_jax.data import synthetic
 from vrft_jax.data.config import DataConfig
 from vrft_jax.data.pipeline import make_iterator
@@ -88,7 +88,7 @@ def test_resume_is_bitwise_onto_another_mesh_with_the_same_next_batch(tmp_path, 
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     abstract = jax.eval_shape(lambda: {"train": train_step.init_state(tiny_model(), TRAIN, mesh=mesh)[1],
                                        "rng": jax.random.key(0)})
-    target = checkpoints.abstract_state(abstract, train_step.tree_shardings(abstract, mesh))
+    target = checkpoints.abstract_state(abstract, placement.tree_shardings(abstract, mesh))
     resumed = data_iterator_factory()
     with checkpoints.make_manager(tmp_path) as manager:
         step, state = checkpoints.restore_latest(manager, target, resumed)

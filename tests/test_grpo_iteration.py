@@ -16,9 +16,10 @@ from vrft_jax.data import DataConfig, InMemorySource, make_iterator
 from vrft_jax.data.synthetic import detection_records
 from vrft_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, TextConfig, VisionConfig
 from vrft_jax.models.qwen2_vl.tokenizer import ENDOFTEXT_ID, EOS_TOKEN_IDS, load_tokenizer
+from vrft_jax.placement import shard_batch
 from vrft_jax.rewards import combine
-from vrft_jax.scoring import score_completions
-from vrft_jax.train_step import TrainBatch, TrainConfig, init_state, make_score_fn, make_train_step, shard_batch
+from vrft_jax.scoring import make_score_fn, score_completions
+from vrft_jax.train_step import TrainBatch, TrainConfig, init_state, make_train_step
 
 pytestmark = pytest.mark.parity
 

@@ -24,17 +24,10 @@ from vrft_jax.data import prepare
 from vrft_jax.data.pipeline import resolve_patch_bucket
 from vrft_jax.grpo import GRPOConfig
 from vrft_jax.models.qwen2_vl import ModelInputs, Qwen2VL, Qwen2VLConfig
+from vrft_jax.optimizer import make_optimizer
 from vrft_jax.sampling import SamplingConfig
-from vrft_jax.train_step import (
-    TrainBatch,
-    TrainConfig,
-    TrainState,
-    make_optimizer,
-    make_score_fn,
-    make_train_step,
-    prepare_model,
-    split_params,
-)
+from vrft_jax.scoring import make_score_fn
+from vrft_jax.train_step import TrainBatch, TrainConfig, TrainState, make_train_step, prepare_model, split_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(REPO, "tests", "recipe_cli.py")

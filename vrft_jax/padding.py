@@ -1,9 +1,10 @@
-"""The host-side check that prompts are left-padded, shared by the sampler and the scorer.
+"""The host-side check that prompts are left-padded, shared by the sampler, the scorer and the update.
 
-Both read each prompt's last token from slot T - 1 (the sampler continues it, the scorer predicts
-the first completion token from it), so a prompt whose last slot is padding would be continued, or
-scored, from a pad token: wrong numbers, no error. Neither can check inside its compiled program
-without a host round trip per call, so the check runs on the host before dispatch.
+Each reads each prompt's last token from slot T - 1 (the sampler continues it, the scorer and the
+update predict the first completion token from it), so a prompt whose last slot is padding would be
+continued, or scored, from a pad token: wrong numbers, no error. None can check inside its compiled
+program without a host round trip per call, so the check runs on the host before dispatch
+(`LeftPaddedBatch` wraps a jitted batch program with it).
 
 A device mask is read once: a `jax.Array` is immutable, so one that passed is remembered (weakly,
 by identity) and the rollout, the scoring and the updates of the same prompts pay for one read
@@ -46,3 +47,23 @@ def check_left_padded(inputs: ModelInputs, what: str = "generation") -> None:
         raise InputError(f"{what} needs left-padded prompts: rows {bad} end in padding")
     if device:
         _PASSED[id(mask)] = mask
+
+
+class LeftPaddedBatch:
+    """A jitted `(x, batch) -> ...` (the update's or the scorer's; `batch.inputs` the prompts) that checks,
+    on the host and before dispatch, that the batch's prompts are left-padded: inside the program the
+    mask is a tracer. Attributes (`lower`, `trace`, `_cache_size`, ...) are the jitted function's, and
+    do not check."""
+
+    def __init__(self, jitted, what: str):
+        self.jitted = jitted
+        self.what = what
+
+    def __call__(self, first, batch):
+        check_left_padded(batch.inputs, self.what)
+        return self.jitted(first, batch)
+
+    def __getattr__(self, name):  # only for names the instance lacks
+        if name == "jitted":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.jitted, name)

@@ -11,20 +11,32 @@ gradient sums the G completions' contributions into the shared keys and values).
 Only the L positions that predict completion tokens go through the LM head, in chunks of positions:
 one chunk's float32 logits `[B*G, chunk, V]` exist at a time, forward and backward (each chunk is
 rematerialised), so the `[B*G, T, V]` logits of a full forward (V = 151,657 for Qwen2-VL) never do.
+
+`make_score_fn` jits this scoring for a whole `TrainBatch`: the reference model's logprobs for the
+KL term, and the old policy's when one rollout feeds several updates (the update itself scores with
+`score_completions` too, so the three agree exactly).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from vrft_jax import sharding
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.layers import precision
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
 from vrft_jax.models.qwen2_vl.text import KVCache, SharedPrefix
-from vrft_jax.padding import check_left_padded
+from vrft_jax.padding import LeftPaddedBatch, check_left_padded
+from vrft_jax.placement import jit_on_mesh, merge_micro_batches, split_micro_batches, tree_shardings
 from vrft_jax.sharding import constrain
+
+if TYPE_CHECKING:  # only for annotations: train_step imports this module
+    from vrft_jax.train_step import TrainBatch, TrainConfig
 
 
 @flax.struct.dataclass
@@ -137,3 +149,31 @@ def chunked_token_logprobs(model: Qwen2VL, hidden_nld, targets_nl, *, temperatur
         return None if x is None else x.swapaxes(0, 1).reshape(rows, chunks * chunk)[:, :length]
 
     return TokenScores(logprobs=unchunk(logprobs), entropy=unchunk(entropy))
+
+
+def make_score_fn(graphdef, params: nnx.State, config: TrainConfig, *, mesh=None, rules=sharding.DEFAULT_RULES):
+    """The jitted `(params, TrainBatch) -> float32[B*G, L]` completion logprobs under `params`: the
+    reference's (frozen initial parameters) or the old policy's, with the update's exact scoring
+    (`config`'s temperature and logits chunking, image features once per prompt), micro-batch by
+    micro-batch. `params` (concrete or abstract) fixes the parameter layout on a mesh. Each call first
+    checks on the host that the batch's prompts are left-padded, as the update does."""
+
+    def score(params, batch: TrainBatch):
+        model = nnx.merge(graphdef, params)
+        prompts = batch.inputs.input_ids.shape[0]
+        parts = (batch.inputs, batch.completions, batch.completion_mask)
+        micro = split_micro_batches(parts, prompts, config.micro_batches, mesh, rules)
+
+        def one(part):
+            inputs, completions, mask = part
+            return score_completions(model, inputs, completions, mask, temperature=config.temperature,
+                                     chunk_size=config.logits_chunk_size).logprobs
+
+        return merge_micro_batches(jax.lax.map(one, micro), prompts)
+
+    shardings = {}
+    if mesh is not None:  # the batch sharding is a prefix: every batch leaf on its axis 0
+        batch_layout = sharding.batch_sharding(mesh, 1, rules=rules)
+        shardings = dict(in_shardings=(tree_shardings(params, mesh, rules), batch_layout),
+                         out_shardings=sharding.batch_sharding(mesh, 2, rules=rules))
+    return LeftPaddedBatch(jit_on_mesh(score, mesh, rules, **shardings), "scoring")

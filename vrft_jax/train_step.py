@@ -1,41 +1,56 @@
 """The GRPO update: one jitted program from (TrainState, TrainBatch) to (TrainState, metrics).
 
 On a ("data", "fsdp", "tensor") mesh the parameters and the optimizer state are placed by the
-logical-axis rules (`vrft_jax.sharding`), the batch is split over data x fsdp on its prompt axis,
+logical-axis rules (`vrft_jax.placement`), the batch is split over data x fsdp on its prompt axis,
 and the state is donated. Inside, the batch is cut into `micro_batches` groups of whole prompts;
 a `lax.scan` sums each micro-batch's gradient of its loss numerator, its `grpo.LossTerms` and its
 entropy, and one division by the batch's count gives the loss and gradient of the whole batch,
-so the update does not depend on the split. AdamW (optax) with a warmup + linear-decay schedule and
-global-norm clipping follows. Two kinds of batch skip the update, leaving parameters and optimizer
-state (Adam's moments and count) bit-identical and `TrainState.step` (the schedule's count) where
-it was: a non-finite loss or gradient (counted, see `check_nonfinite`), and a batch without a real
-completion token (`loss_count == 0`: its zero gradient would still move the parameters through
-Adam's momentum; reported as `empty_batch`, not counted as non-finite).
+so the update does not depend on the split. The optimizer (`vrft_jax.optimizer`: global-norm
+clipping, AdamW on a warmup + linear-decay schedule) follows. Two kinds of batch skip the update,
+leaving parameters and optimizer state (Adam's moments and count) bit-identical and
+`TrainState.step` (the schedule's count) where it was: a non-finite loss or gradient (counted, see
+`check_nonfinite`), and a batch without a real completion token (`loss_count == 0`: its zero
+gradient would still move the parameters through Adam's momentum; reported as `empty_batch`, not
+counted as non-finite).
 
 The compiled programs read the prompts' last slot as each prompt's last token, so the callables
-that `make_train_step` and `make_score_fn` return check on the host, before dispatch, that the
-batch's prompts are left-padded (`padding.check_left_padded`: an `InputError` naming the rows otherwise;
-a device mask that passed, e.g. the rollout's, is not read again).
+that `make_train_step` and `scoring.make_score_fn` return check on the host, before dispatch, that
+the batch's prompts are left-padded (`padding.LeftPaddedBatch`: an `InputError` naming the rows
+otherwise; a device mask that passed, e.g. the rollout's, is not read again).
 
 Frozen parameters (the vision tower, with `freeze_vision`) are never differentiated and have no
 optimizer state. Parameters are kept in `param_dtype` (float32 master weights) and cast to
 `compute_dtype` where the model uses them.
 
-The reference model's logprobs (and the old policy's, for `num_iterations > 1`) are computed once
-per rollout by `make_score_fn`, with the same scoring code as the update, and travel in the batch.
-One step of a run:
+The reference model's logprobs, and the old policy's when `num_iterations > 1`, come from the policy
+scorer (`scoring.make_score_fn`, the update's own scoring code in float32), computed once per rollout
+and carried in the batch. `old_logprobs` are never the sampler's `Rollout.logprobs`: those come from
+another program in the sampler's dtype, from a top-k-filtered distribution (review M2). The sampler
+does not decode from the train state's float32 training-layout parameters either: each iteration
+makes a fresh copy in the compute dtype and the sampling layout (`grpo_loop.make_sampler_cast`),
+dropped before the update donates the state (review M1). One step of a run, as
+`vrft_jax.grpo_loop.iteration` does it (`vrft_jax.train` builds everything once):
 
     graphdef, state = init_state(model, config, mesh=mesh)          # once
     step = make_train_step(graphdef, state, config, mesh=mesh)      # once
     score = make_score_fn(graphdef, reference_params, config, mesh=mesh)
+    cast = grpo_loop.make_sampler_cast(state.params, compute_dtype, mesh)
     ...
-    out = sampling.rollout(nnx.merge(graphdef, state.params), prompts, key, sampling_config)
+    weights = cast(state.params)                                    # the sampler's copy
+    out = sampling.rollout(nnx.merge(sampler_graphdef, weights), prompts, key, sampling_config)
+    del weights
     rewards = ...                                                   # host, per completion
     batch = shard_batch(TrainBatch(prompts, out.tokens, out.mask.astype(jnp.int32),
                                    grpo.advantages(rewards, G, config.grpo)), mesh)
     batch = batch.replace(ref_logprobs=score(reference_params, batch))
-    state, metrics = step(state, batch)
-    check_nonfinite(state, config)
+    if config.num_iterations > 1:
+        batch = batch.replace(old_logprobs=score(state.params, batch))
+    for _ in range(config.num_iterations):
+        state, metrics = step(state, batch)
+    check_nonfinite(state, config)                                  # at log steps: it syncs the host
+
+`make_score_fn` and `shard_batch` are importable from here too (they live in `vrft_jax.scoring` and
+`vrft_jax.placement`).
 """
 
 from __future__ import annotations
@@ -55,7 +70,11 @@ from vrft_jax import grpo, sharding
 from vrft_jax.models.qwen2_vl.config import REMAT_POLICIES
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
-from vrft_jax.padding import check_left_padded
+from vrft_jax.optimizer import learning_rate_schedule, make_optimizer
+from vrft_jax.padding import LeftPaddedBatch
+from vrft_jax.placement import jit_on_mesh, placements, split_micro_batches, tree_shardings
+from vrft_jax.placement import shard_batch as shard_batch  # re-exported: part of a step's API (see above)
+from vrft_jax.scoring import make_score_fn as make_score_fn  # re-exported, as shard_batch
 from vrft_jax.scoring import score_completions
 
 
@@ -152,7 +171,7 @@ class TrainBatch:
     completion_mask: int32[B*G, L] 1 through the first EOS (included), 0 after
     advantages:      float32[B*G] (`grpo.advantages` of the rewards)
     old_logprobs:    float32[B*G, L] the policy's logprobs at rollout time, needed when num_iterations > 1:
-                     the sampler's `Rollout.logprobs` (same temperature) or `make_score_fn`'s
+                     `make_score_fn`'s under the rollout's parameters, never the sampler's `Rollout.logprobs`
     ref_logprobs:    float32[B*G, L] the reference's logprobs; needed when beta > 0, and gives the
                      `kl` metric whenever present
     """
@@ -185,7 +204,7 @@ class NonFiniteUpdatesError(RuntimeError):
 
 def check_nonfinite(state: TrainState, config: TrainConfig) -> None:
     """Raise NonFiniteUpdatesError once `config.max_consecutive_nonfinite` updates in a row were skipped.
-    The loop calls it after each step (it reads two scalars from the device)."""
+    It reads two scalars from the device (a host sync), so the loop calls it at log steps only."""
     streak = int(state.nonfinite_streak)
     if streak >= config.max_consecutive_nonfinite:
         raise NonFiniteUpdatesError(
@@ -209,83 +228,10 @@ def split_params(params: nnx.State, config: TrainConfig) -> tuple[nnx.State, nnx
     return nnx.split_state(params, trainable_filter(config), ...)
 
 
-def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0, then linear decay to `end_learning_rate` over `decay_steps` (HF's linear
-    schedule) or constant; evaluated at the number of updates applied so far."""
-    peak = config.learning_rate
-    after = (optax.constant_schedule(peak) if config.decay_steps is None
-             else optax.linear_schedule(peak, config.end_learning_rate, config.decay_steps))
-    if not config.warmup_steps:
-        return after
-    warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
-    return optax.join_schedules([warmup, after], [config.warmup_steps])
-
-
-def _decays(path, variable) -> nnx.Variable:
-    # As HF's Trainer: no weight decay on biases and normalisation weights.
-    name = str(path[-1])
-    return variable.replace(not (name.endswith("bias") or any("norm" in str(p) or p == "ln_q" for p in path)))
-
-
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW on the schedule (weight decay skips biases and norms)."""
-    adamw = optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                        weight_decay=config.weight_decay, mask=lambda params: nnx.map_state(_decays, params))
-    if config.max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
-
-
 def prepare_model(model: Qwen2VL, config: TrainConfig) -> Qwen2VL:
     """The model under the training dtypes and remat policy (parameters cast to param_dtype)."""
     return with_config(model, param_dtype=config.param_dtype, dtype=config.compute_dtype or config.param_dtype,
                        remat=config.remat)
-
-
-def tree_shardings(tree, mesh, rules=sharding.DEFAULT_RULES):
-    """NamedShardings for a tree holding nnx Variables (parameters, optimizer moments) by their logical
-    axes; every other leaf (counters, scalars) is replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def place(x):
-        if isinstance(x, nnx.Variable):
-            return x.replace(sharding.variable_sharding(x, mesh, rules))
-        return replicated
-
-    return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def shard_batch(batch: TrainBatch, mesh, rules=sharding.DEFAULT_RULES) -> TrainBatch:
-    """Place every array of `batch` split over the mesh's batch axes on its first (prompt or row) axis."""
-    return jax.device_put(batch, sharding.batch_sharding(mesh, 1, rules=rules))
-
-
-def split_micro_batches(tree, prompts: int, micro_batches: int, mesh=None, rules=sharding.DEFAULT_RULES):
-    """Leading axis [B*r, ...] -> [micro_batches, B/micro_batches*r, ...] (r = 1 for prompt arrays, G for
-    completion arrays). Micro-batch j takes prompts j, j+k, j+2k, ...: each device keeps its own rows."""
-    if prompts % micro_batches:
-        raise ValueError(f"TrainConfig.micro_batches={micro_batches} does not divide the batch's {prompts} prompts")
-    k = micro_batches
-
-    def split(x):
-        per_prompt = x.shape[0] // prompts
-        x = x.reshape(prompts // k, k, per_prompt, *x.shape[1:]).swapaxes(0, 1)
-        x = x.reshape(k, (prompts // k) * per_prompt, *x.shape[3:])
-        if mesh is not None:  # each micro-batch split like the batch (where the axes divide its rows)
-            names = (None, "batch") + (None,) * (x.ndim - 2)
-            x = jax.lax.with_sharding_constraint(
-                x, NamedSharding(mesh, sharding.logical_to_spec(names, x.shape, mesh, rules)))
-        return x
-
-    return jax.tree.map(split, tree)
-
-
-def merge_micro_batches(x, prompts: int):
-    """Inverse of `split_micro_batches` for one array [k, B/k*r, ...] -> [B*r, ...]."""
-    k, rows = x.shape[:2]
-    per_prompt = rows * k // prompts
-    x = x.reshape(k, prompts // k, per_prompt, *x.shape[2:]).swapaxes(0, 1)
-    return x.reshape(prompts * per_prompt, *x.shape[3:])
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -346,25 +292,6 @@ def loss_and_grads(graphdef, trainable: nnx.State, frozen: nnx.State, batch: Tra
 # ---------------------------------------------------------------------------------------------- programs
 
 
-class LeftPaddedBatch:
-    """A jitted `(x, TrainBatch) -> ...` that checks, on the host and before dispatch, that the batch's
-    prompts are left-padded: inside the program the mask is a tracer. Attributes (`lower`, `trace`,
-    `_cache_size`, ...) are the jitted function's, and do not check."""
-
-    def __init__(self, jitted, what: str):
-        self.jitted = jitted
-        self.what = what
-
-    def __call__(self, first, batch: TrainBatch):
-        check_left_padded(batch.inputs, self.what)
-        return self.jitted(first, batch)
-
-    def __getattr__(self, name):  # only for names the instance lacks
-        if name == "jitted":  # not set yet (copy, unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.jitted, name)
-
-
 def init_state(model: Qwen2VL, config: TrainConfig, *, mesh=None, rules=sharding.DEFAULT_RULES):
     """(graphdef, TrainState): the model under the training dtypes, its parameters placed by the rules
     on `mesh` (or the default device), and a fresh optimizer state born with the same layout.
@@ -376,9 +303,7 @@ def init_state(model: Qwen2VL, config: TrainConfig, *, mesh=None, rules=sharding
     tx = make_optimizer(config)
 
     def placement(tree):
-        if mesh is None:
-            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return tree_shardings(tree, mesh, rules)
+        return placements(tree, mesh, rules)  # the default device without a mesh
 
     # Every array is committed to its layout (a later call with committed arrays would otherwise
     # compile the step again) and owned by the state: a device_put alone may alias `model`'s buffers.
@@ -443,46 +368,9 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
             del metrics["kl"]
         return new_state, metrics
 
-    if mesh is None:
-        return LeftPaddedBatch(jax.jit(step, donate_argnums=0), "training")
-    state_shardings = tree_shardings(state, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh, 1, rules=rules)  # a prefix: every batch leaf on its axis 0
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def step_on_mesh(state, batch):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(rules):
-            return step(state, batch)
-
-    return LeftPaddedBatch(jax.jit(step_on_mesh, in_shardings=(state_shardings, batch_sharding),
-                                   out_shardings=(state_shardings, replicated), donate_argnums=0), "training")
-
-
-def make_score_fn(graphdef, params: nnx.State, config: TrainConfig, *, mesh=None, rules=sharding.DEFAULT_RULES):
-    """The jitted `(params, TrainBatch) -> float32[B*G, L]` completion logprobs under `params`: the
-    reference's (frozen initial parameters) or the old policy's, with the update's exact scoring
-    (temperature, chunking, image features once per prompt), micro-batch by micro-batch. Each call
-    first checks on the host that the batch's prompts are left-padded, as the update does."""
-
-    def score(params, batch: TrainBatch):
-        model = nnx.merge(graphdef, params)
-        prompts = batch.inputs.input_ids.shape[0]
-        parts = (batch.inputs, batch.completions, batch.completion_mask)
-        micro = split_micro_batches(parts, prompts, config.micro_batches, mesh, rules)
-
-        def one(part):
-            inputs, completions, mask = part
-            return score_completions(model, inputs, completions, mask, temperature=config.temperature,
-                                     chunk_size=config.logits_chunk_size).logprobs
-
-        return merge_micro_batches(jax.lax.map(one, micro), prompts)
-
-    if mesh is None:
-        return LeftPaddedBatch(jax.jit(score), "scoring")
-
-    def score_on_mesh(params, batch):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(rules):
-            return score(params, batch)
-
-    return LeftPaddedBatch(jax.jit(score_on_mesh, in_shardings=(tree_shardings(params, mesh, rules),
-                                                                sharding.batch_sharding(mesh, 1, rules=rules)),
-                                   out_shardings=sharding.batch_sharding(mesh, 2, rules=rules)), "scoring")
+    shardings = {}
+    if mesh is not None:  # the batch sharding is a prefix: every batch leaf on its axis 0
+        state_shardings = tree_shardings(state, mesh, rules)
+        shardings = dict(in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1, rules=rules)),
+                         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
+    return LeftPaddedBatch(jit_on_mesh(step, mesh, rules, donate_argnums=0, **shardings), "training")

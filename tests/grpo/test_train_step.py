@@ -24,7 +24,9 @@ from grpo.conftest import train_batch
 from vrft_jax import grpo, sharding
 from vrft_jax import train_step as ts
 from vrft_jax.models.qwen2_vl import InputError, Qwen2VL
-from vrft_jax.scoring import score_completions
+from vrft_jax.optimizer import learning_rate_schedule, make_optimizer
+from vrft_jax.placement import shard_batch
+from vrft_jax.scoring import make_score_fn, score_completions
 
 pytestmark = pytest.mark.parity
 
@@ -59,7 +61,7 @@ def with_logprobs(score, policy, reference, batch):
 @pytest.fixture(scope="module")
 def score(policy):
     graphdef, params = nnx.split(policy)
-    return ts.make_score_fn(graphdef, params, CONFIG)
+    return make_score_fn(graphdef, params, CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,7 @@ def run(policy, batch, config, mesh=None):
     graphdef, state = ts.init_state(policy, config, mesh=mesh)
     step = ts.make_train_step(graphdef, state, config, mesh=mesh)
     before = host(state)
-    placed = batch if mesh is None else ts.shard_batch(batch, mesh)
+    placed = batch if mesh is None else shard_batch(batch, mesh)
     after, metrics = step(state, placed)
     return types.SimpleNamespace(graphdef=graphdef, step=step, before=before, state=after, after=host(after),
                                  metrics={k: float(v) for k, v in metrics.items()})
@@ -124,14 +126,14 @@ def test_the_sharded_update_equals_the_single_device_update(policy, reference, s
     q = nnx.to_flat_state(sharded.state.params)
     assert any(v.get_raw_value().addressable_shards[0].data.size < v.get_raw_value().size for _, v in q)
     # The scoring program shards the same way and gives the same logprobs.
-    sharded_score = ts.make_score_fn(sharded.graphdef, sharded.state.params, CONFIG, mesh=mesh)
-    single_score = ts.make_score_fn(single.graphdef, single.state.params, CONFIG)
-    np.testing.assert_allclose(np.asarray(sharded_score(sharded.state.params, ts.shard_batch(batch, mesh))),
+    sharded_score = make_score_fn(sharded.graphdef, sharded.state.params, CONFIG, mesh=mesh)
+    single_score = make_score_fn(single.graphdef, single.state.params, CONFIG)
+    np.testing.assert_allclose(np.asarray(sharded_score(sharded.state.params, shard_batch(batch, mesh))),
                                np.asarray(single_score(single.state.params, batch)), atol=1e-5)
     # The next rollout's batch runs the same compiled program.
     other = with_logprobs(score, policy, reference, train_batch(policy.config, G, L, groups_of_four=GROUPS_OF_FOUR,
                                                                 seed=1))
-    state, metrics = sharded.step(sharded.state, ts.shard_batch(other, mesh))
+    state, metrics = sharded.step(sharded.state, shard_batch(other, mesh))
     assert int(state.step) == 2 and float(metrics["update_skipped"]) == 0
     assert sharded.step._cache_size() == 1
 
@@ -223,9 +225,9 @@ def test_prompts_that_end_in_padding_are_refused_by_row_before_dispatch(policy, 
         score(nnx.state(policy), right)
     mesh = sharding.make_mesh(1, 8, 1)
     params = nnx.state(policy)
-    sharded_score = ts.make_score_fn(single.graphdef, params, CONFIG, mesh=mesh)
+    sharded_score = make_score_fn(single.graphdef, params, CONFIG, mesh=mesh)
     with pytest.raises(InputError, match=r"scoring needs left-padded prompts: rows \[3, 9\] end in padding"):
-        sharded_score(params, ts.shard_batch(right, mesh))
+        sharded_score(params, shard_batch(right, mesh))
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +292,7 @@ def test_learning_rate_schedule_is_hf_linear_with_warmup():
     config = CONFIG.replace(learning_rate=3e-4, warmup_steps=5, decay_steps=15)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
     hf = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=5, num_training_steps=20)
-    schedule = ts.learning_rate_schedule(config)
+    schedule = learning_rate_schedule(config)
     for step in range(22):
         assert float(schedule(step)) == pytest.approx(hf.get_last_lr()[0], rel=1e-6, abs=1e-12), step
         optimizer.step()
@@ -300,7 +302,7 @@ def test_learning_rate_schedule_is_hf_linear_with_warmup():
 def test_weight_decay_skips_biases_and_norm_weights(policy):
     config = CONFIG.replace(weight_decay=0.1, max_grad_norm=None)
     _, params = nnx.split(policy)
-    tx = ts.make_optimizer(config)
+    tx = make_optimizer(config)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(tx.update)(zeros, jax.jit(tx.init)(params), params)
     decayed = {path for path, value in flat(updates).items() if np.abs(value).max() > 0}

@@ -31,6 +31,7 @@ from model_port.hf_to_flax import load_hf
 from vrft_jax import grpo
 from vrft_jax import train_step as ts
 from vrft_jax.models.qwen2_vl import ModelInputs
+from vrft_jax.scoring import make_score_fn
 
 # transformers 5.23 deprecates the `gradient_checkpointing` names that TRL 1.16 still uses.
 pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")]
@@ -147,7 +148,7 @@ def scored(world, trl_runs):
     inputs = trl_runs["paper"].inputs
     batch = our_batch(world, inputs, inputs["advantages"].numpy())
     graphdef, params = nnx.split(world.policy)
-    score = ts.make_score_fn(graphdef, params, train_config("paper"))
+    score = make_score_fn(graphdef, params, train_config("paper"))
     mask = batch.completion_mask.astype(bool)
     return types.SimpleNamespace(logprobs=np.asarray(score(params, batch)), mask=mask,
                                  ref_logprobs=np.asarray(score(nnx.state(world.reference), batch)))
