@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-avx2 lint demo install clean
+.PHONY: test test-avx2 lint demo convert-demo install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -26,8 +26,13 @@ test-avx2: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The main job with no flags: the demo recipe (vrft_jax/configs/demo.py), its workdir runs/demo.
 demo: $(STAMP)
-	$(BIN)/python -m vrft_jax.demo
+	$(BIN)/python -m vrft_jax.train
+
+# The conversion path: a random HF checkpoint -> Flax -> greedy decode (HF generate agrees) -> HF, bit-identical.
+convert-demo: $(STAMP)
+	$(BIN)/python launch/convert_demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

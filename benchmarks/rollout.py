@@ -22,8 +22,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vrft_jax.demo import DETECTION_PROMPT, scene  # noqa: E402
-
 
 def hf_config(vocab: int) -> dict:
     return dict(
@@ -52,6 +50,8 @@ def main(argv=None) -> None:
 
     from model_port.hf_to_flax import load_hf
     from vrft_jax import sampling
+    from vrft_jax.data.prompts import detection_problem
+    from vrft_jax.data.synthetic import render
     from vrft_jax.models.qwen2_vl import ModelInputs
     from vrft_jax.models.qwen2_vl.processor import ENDOFTEXT_ID, EOS_TOKEN_IDS, load_processor
 
@@ -67,10 +67,10 @@ def main(argv=None) -> None:
 
     processor = load_processor(min_pixels=224 * 224, max_pixels=224 * 224)
     categories = ["red square", "dog", "bus", "stop sign", "cat", "train", "bed", "toilet"]
-    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DETECTION_PROMPT.format(
-        category=categories[i % len(categories)])}]}] for i in range(args.prompts)]
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": detection_problem(
+        categories[i % len(categories)])}]}] for i in range(args.prompts)]
     texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
-    images = [scene(i)[0].resize((224, 224)) for i in range(args.prompts)]
+    images = [render(np.random.default_rng(i), 224, 224, 2)[0] for i in range(args.prompts)]
     processor.tokenizer.padding_side = "left"
     batch = processor(text=texts, images=images, return_tensors="np", padding=True)
     inputs = ModelInputs.from_hf(ours.config, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],

@@ -12,9 +12,6 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 UPPER_LAYERS = ("model_port", "launch", "benchmarks")
-# The conversion demo drives model_port; it leaves the library package (issue 10, item 9). Delete the
-# entry when it has: nothing else may join it.
-NOT_LIBRARY = {"vrft_jax/demo.py"}
 
 
 def imported_modules(tree: ast.AST, package: str) -> list[tuple[int, str]]:
@@ -38,8 +35,6 @@ def test_vrft_jax_imports_nothing_from_the_layers_above_it():
     offending = []
     for path in sources:
         relative = path.relative_to(ROOT)
-        if relative.as_posix() in NOT_LIBRARY:
-            continue
         package = ".".join(relative.parent.parts)
         for line, module in imported_modules(ast.parse(path.read_text(encoding="utf-8")), package):
             if module.split(".")[0] in UPPER_LAYERS:

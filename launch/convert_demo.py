@@ -1,27 +1,27 @@
-"""`make demo`: the model path end to end on a tiny random Qwen2-VL with the real tokenizer.
+"""`make convert-demo`: the conversion path end to end on a tiny random Qwen2-VL with the real tokenizer.
+
+    python launch/convert_demo.py [--out demo_out] [--new-tokens 32]
 
 1. write a random Hugging Face checkpoint (PyTorch, the hub layout),
 2. convert it to Flax with `python -m model_port.hf_to_flax`,
 3. greedily decode a Visual-RFT detection prompt about an image, and check HF's `generate` agrees,
 4. convert back with `python -m model_port.flax_to_hf` and check every tensor is bit-identical.
+
+It drives `model_port` and needs torch and transformers, so it lives above the library (`make demo`
+is the training demo, `python -m vrft_jax.train`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-DETECTION_PROMPT = (
-    "Detect all objects belonging to the category '{category}' in the image, and provide the bounding boxes "
-    "(between 0 and 1000, integer) and confidence (between 0 and 1, with two decimal places).\nIf no object "
-    "belonging to the category '{category}' in the image, return 'No Objects'.\nOutput the thinking process in "
-    "<think> </think> and final answer in <answer> </answer> tags.The output answer format should be as follows:\n"
-    "<think> ... </think> <answer>[{{'Position': [x1, y1, x2, y2], 'Confidence': number}}, ...]</answer>\n"
-    "Please strictly follow the format.")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_hf_config() -> dict:
@@ -60,6 +60,7 @@ def main(argv=None) -> None:
     from model_port import flax_to_hf, hf_to_flax
     from model_port.safetensors_io import SafetensorsReader
     from vrft_jax import model_dir
+    from vrft_jax.data.prompts import detection_problem
     from vrft_jax.models.qwen2_vl import ModelInputs
     from vrft_jax.models.qwen2_vl.processor import ENDOFTEXT_ID, EOS_TOKEN_IDS, load_processor
     from vrft_jax.sampling import greedy_generate
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
     processor = load_processor(min_pixels=56 * 56, max_pixels=224 * 224)
     image, box = scene()
     messages = [{"role": "user", "content": [{"type": "image"},
-                                             {"type": "text", "text": DETECTION_PROMPT.format(category="red square")}]}]
+                                             {"type": "text", "text": detection_problem("red square")}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     batch = processor(text=[text], images=[image], return_tensors="np")
     inputs = ModelInputs.from_hf(model.config, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
