@@ -181,7 +181,7 @@ def reference_logprobs(phases: Phases, batch: TrainBatch) -> TrainBatch:
         return batch
     if phases.reference is None:
         raise ValueError(f"GRPOConfig.beta={phases.train.grpo.beta} needs reference parameters")
-    return batch.replace(ref_logprobs=phases.score(phases.reference, batch))
+    return batch.replace(ref_logprobs=phases.score(phases.reference, scored_part(batch)))
 
 
 def old_logprobs(phases: Phases, state: TrainState, batch: TrainBatch) -> TrainBatch:
@@ -189,7 +189,13 @@ def old_logprobs(phases: Phases, state: TrainState, batch: TrainBatch) -> TrainB
     several updates; with one update the ratio is exp(lp - stop_gradient(lp)) and they are not needed."""
     if phases.train.num_iterations == 1:
         return batch
-    return batch.replace(old_logprobs=phases.score(state.params, batch))
+    return batch.replace(old_logprobs=phases.score(state.params, scored_part(batch)))
+
+
+def scored_part(batch: TrainBatch) -> TrainBatch:
+    """The batch without the logprobs it carries: what the scorer reads, in one pytree structure whichever
+    logprobs were filled already, so the reference and the old policy share one compiled scorer."""
+    return batch.replace(old_logprobs=None, ref_logprobs=None)
 
 
 def update(phases: Phases, state: TrainState, batch: TrainBatch) -> tuple[TrainState, dict[str, jax.Array]]:
