@@ -1,0 +1,427 @@
+"""The training loop (issue 10): exact resume across a real SIGTERM, non-finite updates, SFT, the seams of
+`grpo_loop` (review M1, M2), and no recompilation after the first step.
+
+Every run uses `tests/train_recipe.py`: the demo recipe shrunk to a 1-layer width-32 model over the real
+vocabulary, 4 prompts x G 2, 8 new tokens, and a length reward that a random model's samples already
+spread (so GRPO's updates are not zero). The session has 8 fake CPU devices (conftest); the loop's runs
+here use one of them, as the child processes do: a mesh over 8 fake devices would triple each step on
+2 cores and is tested elsewhere.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vrft_jax import grpo_loop, model_dir, recipe, sampling, sft, sharding, train
+from vrft_jax.data import make_iterator
+from vrft_jax.metrics import read_metrics
+from vrft_jax.models.qwen2_vl.model import Qwen2VL
+from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer
+from vrft_jax.progress import Timer
+from vrft_jax.train_step import NonFiniteUpdatesError, TrainConfig, init_state, make_score_fn, make_train_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(REPO, "tests", "train_recipe.py")
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The recipe's synthetic datasets (16 training images, 8 held-out), written once for the module."""
+    directory = str(tmp_path_factory.mktemp("train_data"))
+    train.make_synthetic_data(tiny_config(directory))
+    return directory
+
+
+def tiny_config(data: str, overrides=None):
+    return recipe.load(RECIPE, {"data.path": os.path.join(data, "train"), "eval.path": os.path.join(data, "heldout"),
+                                **(overrides or {})})
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+    """`train.train` meshes over the first device only (see the module docstring)."""
+    monkeypatch.setattr(recipe, "make_mesh", functools.partial(recipe.make_mesh, devices=jax.devices()[:1]))
+    return sharding.make_mesh(devices=jax.devices()[:1])
+
+
+@contextlib.contextmanager
+def counting_compiles():
+    """A list that collects the name of every XLA compilation in the block (cache hits compile nothing)."""
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event == BACKEND_COMPILE:
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def compiles_per_step(monkeypatch, module, name):
+    """Wrap `module.name` (the loop's per-step function) to note the compilations seen so far at the
+    start of each call; use inside `counting_compiles`. Returns (that list, the compile list setter)."""
+    marks, state = [], {"names": None}
+    real = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        marks.append(list(state["names"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return marks, state
+
+
+def without_timings(row):
+    return {k: v for k, v in row.items() if not k.startswith(train.TIMING_KEYS)}
+
+
+def canonical(rows):
+    """Rows as JSON text: NaN equals NaN, and a difference prints readably."""
+    return [json.dumps(row, sort_keys=True) for row in rows]
+
+
+def params_of(directory, mesh):
+    return nnx.state(model_dir.load_model(directory, mesh=mesh), nnx.Param)
+
+
+def assert_bitwise_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+    assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+    for (path, x), (_, y) in zip(leaves_a, leaves_b):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"{jax.tree_util.keystr(path)} differs"
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def _child_env(cache_dir):
+    """One CPU device (the conftest's 8 fake ones dropped) and a persistent compilation cache shared by the
+    three runs: the first compiles (~25 s of the tiny model's programs), the others load its executables."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    return env
+
+
+def _command(workdir, data):
+    return [sys.executable, "-m", "vrft_jax.train", f"--config={RECIPE}", f"--workdir={workdir}",
+            f"--config.data.path={os.path.join(data, 'train')}", f"--config.eval.path={os.path.join(data, 'heldout')}",
+            "--config.total_steps=6"]
+
+
+def _run(command, env, log):
+    with open(log, "w") as out:
+        done = subprocess.run(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=300)
+    text = open(log).read()
+    assert done.returncode == 0, text[-3000:]
+    return text
+
+
+def _rows_so_far(workdir):
+    return read_metrics(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else []
+
+
+def _checkpoint_steps(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def test_sigterm_then_the_same_command_ends_bitwise_where_a_straight_run_does(data_dir, tmp_path, one_device):
+    env = _child_env(str(tmp_path / "jax_cache"))
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+
+    log = _run(_command(straight, data_dir), env, tmp_path / "straight.log")
+    assert "finished test_train: 6 steps" in log
+
+    # The same command, stopped by a real SIGTERM once the step-3 row is on disk. The loop writes a
+    # step's row, then asks the guard: the signal is seen at step 3, or at step 4 if it lands after that
+    # check (a step takes ~0.5 s here, so it cannot miss both).
+    with open(tmp_path / "preempted.log", "w") as out:
+        proc = subprocess.Popen(_command(resumed, data_dir), env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not any(row["step"] >= 3 for row in _rows_so_far(resumed)):
+            assert proc.poll() is None, open(tmp_path / "preempted.log").read()[-3000:]
+            assert time.monotonic() < deadline, "no step-3 row within 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=120)
+    log = open(tmp_path / "preempted.log").read()
+    assert returncode == 0, log[-3000:]  # SIGTERM saves and exits 0
+    stopped = _checkpoint_steps(resumed)[-1]
+    assert 3 <= stopped < 6, f"stopped at step {stopped}"
+    assert "finished" not in log and not os.path.exists(os.path.join(resumed, "model"))
+    first_rows = read_metrics(resumed)
+    assert [row["step"] for row in first_rows] == list(range(1, stopped + 1))
+
+    log = _run(_command(resumed, data_dir), env, tmp_path / "resumed.log")
+    assert "finished test_train: 6 steps" in log
+
+    rows_straight, rows_resumed = read_metrics(straight), read_metrics(resumed)
+    assert [row["step"] for row in rows_resumed] == list(range(1, 7))
+    # The steps before the preemption are the first process's rows, timings and all: the second one
+    # resumed from the checkpoint rather than starting over (which would rewrite them).
+    assert canonical(rows_resumed[:stopped]) == canonical(first_rows)
+    assert canonical(map(without_timings, rows_resumed)) == canonical(map(without_timings, rows_straight))
+    # Each step really moved the parameters: a gradient, a learning rate, nothing skipped.
+    assert all(r["grad_norm"] > 0 and r["learning_rate"] > 0 and r["update_skipped"] == 0 for r in rows_straight)
+    assert_bitwise_equal(params_of(os.path.join(resumed, "model"), one_device),
+                         params_of(os.path.join(straight, "model"), one_device))
+
+
+# ------------------------------------------------------------------------------------------ non-finite
+
+
+def test_nonfinite_updates_are_skipped_counted_and_n_in_a_row_stop_the_run(data_dir, tmp_path, one_device,
+                                                                         monkeypatch):
+    # NaN advantages at steps 2, 4 and 5 make the loss and the gradient NaN inside the real update.
+    poisoned, calls = {2, 4, 5}, []
+    real = grpo_loop.group_advantages
+
+    def advantages(phases, total):
+        calls.append(None)
+        values = real(phases, total)
+        return np.full_like(values, np.nan) if len(calls) in poisoned else values
+
+    monkeypatch.setattr(grpo_loop, "group_advantages", advantages)
+    marks, seen = compiles_per_step(monkeypatch, grpo_loop, "iteration")
+    config = tiny_config(data_dir, {"total_steps": 6, "train.max_consecutive_nonfinite": 2})
+    with counting_compiles() as names, pytest.raises(NonFiniteUpdatesError) as error:
+        seen["names"] = names
+        train.train(config, str(tmp_path / "run"))
+    message = str(error.value)
+    assert "2 updates in a row were skipped for a non-finite loss or gradient" in message
+    assert "3 in all" in message and "max_consecutive_nonfinite=2" in message
+
+    rows = read_metrics(str(tmp_path / "run"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # stopped at step 5, its row written first
+    assert [r["update_skipped"] for r in rows] == [0, 1, 0, 1, 1]
+    assert [r["nonfinite_total"] for r in rows] == [0, 1, 1, 2, 3]
+    assert [r["nonfinite_streak"] for r in rows] == [0, 1, 0, 1, 2]
+    assert math.isnan(rows[1]["loss"]) and math.isfinite(rows[2]["loss"])
+    # A skipped update does not advance the schedule: step 3 runs at step 2's learning rate.
+    assert rows[2]["learning_rate"] == rows[1]["learning_rate"] > rows[3]["learning_rate"]
+    # The loop compiled everything in its first step; NaNs change no shape.
+    assert len(marks) == 5 and names[len(marks[1]):] == [], names[len(marks[1]):]
+
+
+# ------------------------------------------------------------------------------------------------- SFT
+
+
+def heldout_cross_entropy(settings, params, tokenizer, score) -> tuple[float, int]:
+    """(mean token NLL of the held-out solutions + EOS under `params`, tokens): SFT's own targets."""
+    nll = tokens = 0.0
+    for batch in make_iterator(settings.eval_data, settings.model, tokenizer=tokenizer):
+        targets = sft.sft_batch(batch.model_inputs, batch.solution, tokenizer, length=settings.sampling.max_new_tokens,
+                                eos_id=settings.sampling.eos_token_ids[0], pad_id=settings.sampling.pad_token_id,
+                                valid=batch.meta["valid"])
+        mask = np.asarray(targets.completion_mask, np.float64)
+        nll -= float((np.asarray(score(params, targets), np.float64) * mask).sum())
+        tokens += mask.sum()
+    return nll / tokens, int(tokens)
+
+
+def test_sft_lowers_the_heldout_cross_entropy(data_dir, tmp_path, one_device, monkeypatch):
+    config = tiny_config(data_dir, {"mode": "sft", "total_steps": 8, "train.learning_rate": 3e-2})
+    marks, seen = compiles_per_step(monkeypatch, train, "sft_iteration")
+    with counting_compiles() as names:
+        seen["names"] = names
+        result = train.train(config, str(tmp_path / "sft"))
+    assert len(marks) == 8 and names[len(marks[1]):] == [], names[len(marks[1]):]
+    rows = read_metrics(str(tmp_path / "sft"))
+    assert rows[-1]["loss"] < rows[0]["loss"]  # the training cross-entropy
+
+    settings = recipe.build(config)
+    tokenizer = load_tokenizer()
+    initial = Qwen2VL(settings.model, rngs=nnx.Rngs(config.seed))  # the run's initial weights (no checkpoint)
+    graphdef, before_params = nnx.split(initial)
+    _, after_params = nnx.split(model_dir.load_model(result.model_dir, mesh=one_device))
+    score = make_score_fn(graphdef, before_params, TrainConfig())
+    before, tokens = heldout_cross_entropy(settings, before_params, tokenizer, score)
+    after, _ = heldout_cross_entropy(settings, after_params, tokenizer, score)
+    # 8 held-out records x 8 target tokens: `<answer>CLASS</answer>` is 7 tokens, then EOS.
+    assert tokens == 64
+    # A random init predicts nearly uniformly: ln(151,936) = 11.93 nats per token (measured 11.86). 7 of
+    # the 8 target tokens are the same in every record, so the floor is ln(3) / 8 = 0.14 (the class at
+    # chance). 8 steps at lr 3e-2 measured 3.98; a drop of 4 nats is half of that, and far outside the
+    # run-to-run change of an untrained model (0: same seed, same weights).
+    assert abs(before - math.log(151936)) < 0.5, before
+    assert after < before - 4.0, (before, after)
+
+
+# ------------------------------------------------------------------------------------------- grpo_loop
+
+
+@pytest.fixture(scope="module")
+def loop(data_dir):
+    """A run's phases on one device (mesh None) with the clipped GRPO loss and two updates per rollout, so
+    every phase runs: sampler weights, rollout, rewards, reference and old-policy scoring, the updates."""
+    config = tiny_config(data_dir, {"grpo.loss": "grpo", "train.num_iterations": 2})
+    settings = recipe.build(config)
+    assert settings.train.num_iterations == 2 and settings.train.grpo.beta > 0
+    assert jnp.dtype(settings.sampler_dtype) == jnp.float32  # the sampler's dtype is the train state's
+    tokenizer = load_tokenizer()
+    graphdef, state = init_state(Qwen2VL(settings.model, rngs=nnx.Rngs(0)), settings.train)
+    phases = grpo_loop.Phases(
+        graphdef=graphdef, train=settings.train, sampling=settings.sampling, reward_fn=settings.reward_fn,
+        tokenizer=tokenizer, step=make_train_step(graphdef, state, settings.train),
+        score=make_score_fn(graphdef, state.params, settings.train),
+        reference=jax.jit(lambda p: jax.tree.map(jnp.copy, p))(state.params),
+        sampler_graphdef=grpo_loop.sampler_graphdef(settings.model, settings.sampler_dtype),
+        sampler_cast=grpo_loop.make_sampler_cast(state.params, settings.sampler_dtype))
+    data = make_iterator(settings.data, settings.model, tokenizer=tokenizer)
+    return {"phases": phases, "state": state, "data": data, "step": 0}
+
+
+def run_iteration(loop, **kwargs):
+    loop["step"] += 1
+    loop["state"], outcome = grpo_loop.iteration(loop["phases"], loop["state"], next(loop["data"]),
+                                                 jax.random.key(loop["step"]), Timer(), **kwargs)
+    return outcome
+
+
+def pointers(tree):
+    return [x.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)]
+
+
+def test_sampler_weights_never_alias_the_train_state_and_survive_a_donated_step(loop):
+    phases, params = loop["phases"], loop["state"].params
+    weights = phases.sampler_cast(params)  # float32 on one device: nothing to convert, still a copy
+    assert [x.dtype for x in jax.tree.leaves(weights)] == [x.dtype for x in jax.tree.leaves(params)]
+    theirs = set(pointers(params))
+    assert not theirs & set(pointers(weights))
+    snapshot = [np.array(x) for x in jax.tree.leaves(weights)]
+
+    run_iteration(loop)  # donates the train state the weights were made from
+    assert all(x.is_deleted() for x in jax.tree.leaves(params))  # the donation happened
+    leaves = jax.tree.leaves(weights)
+    assert not any(x.is_deleted() for x in leaves)
+    for x, y in zip(leaves, snapshot):
+        assert np.array_equal(np.asarray(x), y)
+    # The sampler can still decode from them.
+    batch = next(loop["data"])
+    out = grpo_loop.sample(phases, weights, batch.model_inputs, jax.random.key(0))
+    assert out.tokens.shape == (4 * 2, 8)
+
+    # Other dtypes, and a mesh whose sampling layout is already the parameters': still new buffers.
+    params = loop["state"].params
+    cast = grpo_loop.make_sampler_cast(params, jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(cast(params))} == {jnp.dtype(jnp.bfloat16)}
+    assert not set(pointers(params)) & set(pointers(cast(params)))
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    placed = jax.device_put(params, sharding.state_shardings(params, mesh, sharding.SAMPLING_RULES))
+    on_mesh = grpo_loop.make_sampler_cast(placed, jnp.float32, mesh)(placed)
+    shards = {s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(placed) for s in x.addressable_shards}
+    assert not shards & {s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(on_mesh) for s in x.addressable_shards}
+
+
+def test_padding_rows_get_nan_reward_zero_advantage_and_no_tokens(loop):
+    seen = []
+    real = loop["phases"].reward_fn
+
+    def reward_fn(texts, solutions, **columns):
+        seen.append(list(texts))
+        return real(texts, solutions, **columns)
+
+    phases = dataclasses.replace(loop["phases"], reward_fn=reward_fn)
+    g, rows = phases.group_size, 8
+    texts = ["a" * (3 + 5 * i) for i in range(rows)]  # lengths differ within every group
+    valid_prompts = np.array([True, False, True, True])
+    meta = {"solution": ["<answer>circle</answer>"] * 4, "valid": valid_prompts,
+            "image_hw": np.full((4, 2), 56)}
+    rewards, valid = grpo_loop.score_rewards(phases, texts, meta)
+    padding = np.repeat(~valid_prompts, g)
+    assert np.array_equal(valid, ~padding)
+    assert seen == [[t for t, p in zip(texts, padding) if not p]]  # the rewards never see padding
+    assert np.isnan(rewards.total[padding]).all() and np.isfinite(rewards.total[~padding]).all()
+    assert all(np.isnan(v[padding]).all() for v in rewards.per_reward.values())
+
+    advantages = grpo_loop.group_advantages(phases, rewards.total)
+    assert np.array_equal(advantages[padding], np.zeros(2, np.float32))
+    assert np.all(advantages[~padding] != 0)
+
+    out = sampling.Rollout(tokens=jnp.full((rows, 8), 7, jnp.int32), logprobs=jnp.zeros((rows, 8)),
+                           lengths=jnp.array([8, 5, 8, 8, 3, 8, 1, 8], jnp.int32))
+    inputs = next(loop["data"]).model_inputs
+    batch = grpo_loop.train_batch(phases, inputs, out, advantages, valid)
+    mask = np.asarray(batch.completion_mask)
+    assert not mask[padding].any()
+    assert np.array_equal(mask[~padding], np.asarray(out.mask)[~padding].astype(mask.dtype))
+
+
+def test_phases_refuse_a_sampling_temperature_other_than_the_scorers(loop):
+    phases = loop["phases"]
+    assert phases.train.temperature == phases.sampling.temperature == 1.0
+    with pytest.raises(ValueError, match="sampling temperature 0.7 differs from the scorer's 1.0"):
+        dataclasses.replace(phases, sampling=dataclasses.replace(phases.sampling, temperature=0.7))
+    # Greedy decoding samples nothing, so its temperature is not used.
+    dataclasses.replace(phases, sampling=dataclasses.replace(phases.sampling, temperature=0.7, greedy=True))
+
+
+def test_old_logprobs_come_from_the_policy_scorer_not_the_rollout(loop, monkeypatch):
+    phases = loop["phases"]
+    sentinel = -7.0
+    real_sample = grpo_loop.sample
+
+    def sample(*args):  # the rollout's logprobs replaced by a value no scorer gives
+        out = real_sample(*args)
+        return out.replace(logprobs=jnp.where(out.mask, sentinel, 0.0).astype(jnp.float32))
+
+    calls = []
+    real_step = phases.step
+
+    def step(state, batch):
+        if not calls:  # the state before the first update: the rollout's policy
+            scored = grpo_loop.scored_part(batch)
+            calls.append((np.asarray(phases.score(state.params, scored)),
+                          np.asarray(phases.score(phases.reference, scored))))
+        calls.append(tuple(np.asarray(x) for x in (batch.old_logprobs, batch.ref_logprobs, batch.completion_mask)))
+        return real_step(state, batch)
+
+    monkeypatch.setattr(grpo_loop, "sample", sample)
+    loop["phases"] = dataclasses.replace(phases, step=step)
+    try:
+        run_iteration(loop)
+    finally:
+        loop["phases"] = phases
+    (old_expected, ref_expected), first, second = calls
+    assert len(calls) == 3  # num_iterations = 2 updates on the one rollout
+    mask = first[2].astype(bool)
+    assert mask.any()
+    for old, ref, _ in (first, second):  # both updates get the same, scorer-made, old logprobs
+        assert np.array_equal(old, old_expected) and np.array_equal(ref, ref_expected)
+        assert not np.isclose(old[mask], sentinel).any()
+
+
+def test_three_iterations_compile_each_program_once(loop):
+    run_iteration(loop)  # whatever an earlier test left uncompiled
+    with counting_compiles() as names:
+        prefill, decode = sampling.prefill._cache_size(), sampling.decode._cache_size()
+        for _ in range(3):
+            outcome = run_iteration(loop, samples=2)
+            jax.block_until_ready(outcome.device)
+    assert names == [], names
+    assert (sampling.prefill._cache_size(), sampling.decode._cache_size()) == (prefill, decode)
+    phases = loop["phases"]
+    # The update, the scorer (reference and old policy alike) and the sampler's cast: one program each.
+    assert phases.step._cache_size() == 1
+    assert phases.score._cache_size() == 1
+    assert phases.sampler_cast._cache_size() == 1

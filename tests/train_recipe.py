@@ -1,0 +1,75 @@
+"""A recipe file for the loop's tests (`--config=tests/train_recipe.py`, or `recipe.load(PATH, ...)`): the
+demo recipe shrunk until a step takes a fraction of a second on one CPU core, and a reward that a random
+model's gibberish already spreads.
+
+The demo's reward (the class name) is 0 for every completion of a random model, so every group would be
+flat, every advantage 0 and every update a no-op: a resume test would compare parameters that never
+moved. `test_completion_length` (a completion's length in characters over 64, at most 1) differs
+between the 8-token samples of a random policy, so the advantages, the gradient and the update are not
+zero from the first step. It is registered when this file is loaded, in the process that runs the
+recipe (a child `python -m vrft_jax.train` too); the guard lets the file be loaded again.
+
+The data paths are relative, like the demo's: tests override `data.path` and `eval.path` to their
+tmp_path, where `train.make_synthetic_data` writes the 16 training and 8 held-out images.
+"""
+
+import numpy as np
+
+from vrft_jax.configs import demo
+from vrft_jax.rewards import Reward, available_rewards, register
+
+LENGTH_REWARD = "test_completion_length"
+
+if LENGTH_REWARD not in available_rewards():
+
+    @register(LENGTH_REWARD)
+    def _length_reward(mode):
+        def score(completions, solutions, columns):
+            del solutions, columns
+            return np.array([min(len(text), 64) / 64 for text in completions], np.float64)
+
+        return Reward(LENGTH_REWARD, mode, 0.0, 1.0, (), score)
+
+
+def get_config(arg=None):
+    c = demo.get_config(arg)
+    c.name = "test_train"
+    c.total_steps = 6
+    c.log_every = 1
+    c.ckpt_every = 100  # the last step (and a preempted one) is saved all the same
+    c.keep_checkpoints = 2
+    c.sample_every = 0
+    c.eval_every = 0
+    c.prompts_per_step = 4
+    c.param_dtype = "float32"
+    c.compute_dtype = "float32"
+    c.remat = "none"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    # The real vocabulary (the real tokenizer's ids), everything else as small as the model allows:
+    # head_dim 16 (M-RoPE sections of its 8 frequencies), 56 x 56 images (4 visual tokens).
+    c.model.text = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                        num_kv_heads=1, mrope_section=(2, 3, 3))
+    c.model.vision = dict(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2, out_dim=32)
+    c.model.tie_word_embeddings = True
+    c.model.checkpoint = ""
+    c.data.max_pixels = 56 * 56
+    c.data.max_prompt_len = 128
+    c.data.num_workers = 0
+    c.data.path = "data/train"
+    c.source.prepare = "synthetic --task classification --num-images 16 --seed 0"
+    c.eval.path = "data/heldout"
+    c.eval.split = "test"
+    c.eval.prepare = "synthetic --task classification --num-images 8 --seed 1 --split test"
+    c.sampling.max_new_tokens = 8
+    c.sampling.group_size = 2
+    c.sampling.top_k = 50
+    c.grpo.loss = "paper"
+    c.grpo.beta = 0.04
+    c.train.num_iterations = 1
+    c.train.micro_batches = 1
+    c.train.learning_rate = 5e-5
+    c.train.max_consecutive_nonfinite = 10
+    c.warm_start.sft_steps = 0
+    c.rewards.mode = "strict"
+    c.rewards.terms = {LENGTH_REWARD: 1.0}
+    return c
