@@ -56,6 +56,7 @@ dropped before the update donates the state (review M1). One step of a run, as
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,8 +129,11 @@ class TrainConfig:
                 errors.append(f"{name}={getattr(self, name)} must be >= {minimum}")
         if self.decay_steps is not None and self.decay_steps < 1:
             errors.append(f"decay_steps={self.decay_steps} must be >= 1 or None")
-        if self.learning_rate < 0 or self.end_learning_rate < 0 or self.weight_decay < 0:
-            errors.append("learning_rate, end_learning_rate and weight_decay must be >= 0")
+        for name in ("learning_rate", "end_learning_rate", "weight_decay"):
+            # NaN or inf would pass a sign check and be applied: the loss and gradient stay finite, so the
+            # non-finite guard would only catch the step after the parameters became NaN.
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                errors.append(f"{name}={getattr(self, name)} must be finite and >= 0")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             errors.append(f"max_grad_norm={self.max_grad_norm} must be > 0 or None")
         if self.temperature <= 0:

@@ -283,3 +283,10 @@ def test_synthetic_source_is_deterministic_with_exact_boxes():
     cls = list(synthetic.classification_records(3, seed=0))
     assert all(r.solution == f"<answer>{r.label}</answer>" and r.label in synthetic.SHAPES for r in cls)
     assert isinstance(Image.open(io.BytesIO(cls[0].image)), Image.Image)
+    # The colour variant draws the same images and asks for the shape's colour instead of its kind.
+    colours = list(synthetic.classification_records(3, seed=0, label="colour"))
+    assert [r.image for r in colours] == [r.image for r in cls]
+    assert all(r.label in synthetic.COLORS and r.solution == f"<answer>{r.label}</answer>" for r in colours)
+    assert all("Please identify the colour of the shape" in r.problem for r in colours)
+    with pytest.raises(ValueError, match="unknown synthetic classification label 'size'"):
+        next(synthetic.classification_records(1, label="size"))

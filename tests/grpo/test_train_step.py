@@ -318,6 +318,9 @@ def test_batches_and_configs_that_cannot_work_are_refused_by_name(policy, batch,
         ts.TrainConfig(micro_batches=0)
     with pytest.raises(ValueError, match="remat='blocks' is not one of"):
         ts.TrainConfig(remat="blocks")
+    for bad in (float("nan"), float("inf"), -1e-6):  # a NaN rate keeps loss and gradient finite: no guard sees it
+        with pytest.raises(ValueError, match=f"learning_rate={bad} must be finite and >= 0"):
+            ts.TrainConfig(learning_rate=bad)
     _, state = ts.init_state(policy, CONFIG)
     with pytest.raises(ValueError, match="beta=0.04 needs TrainBatch.ref_logprobs"):
         single.step(state, batch.replace(ref_logprobs=None))

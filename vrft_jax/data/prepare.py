@@ -10,6 +10,7 @@ sources:
                   --noun aircraft|plant|pet|flower|car|shape; --shots K --seed S
   lisa            --input D (LISA's train/ folder) or --input F (lisa_train.json) [--image-root D]
   synthetic       --task detection|classification --num-images N --seed S [--min-side --max-side]
+                  [--label shape|colour]
 
 Category lists are comma-separated names or @FILE (one name per line). The dataset lands in
 DATA_DIR/NAME/1.0.0; its metadata.json holds the conversion report (records written, skipped by
@@ -99,8 +100,9 @@ def _splits(args) -> tuple[dict[str, Iterable[rec.Candidate]], dict[str, Any]]:
         if args.task == "grounding":
             raise SystemExit("synthetic: --task is detection or classification")
         make = synthetic.detection_records if args.task in (None, "detection") else synthetic.classification_records
+        options = {} if make is synthetic.detection_records else {"label": args.label}
         made = make(args.num_images, seed=args.seed, min_side=args.min_side, max_side=args.max_side,
-                    image_format=args.image_format)
+                    image_format=args.image_format, **options)
         return {args.split: (rec.Candidate(r.id, r.as_dict()) for r in made)}, notes
     raise SystemExit(f"unknown source {args.source!r}")
 
@@ -130,6 +132,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--noun", default="aircraft", choices=sorted(classification.prompts.CLASSIFICATION_NOUNS))
     p.add_argument("--input", help="lisa: LISA's train/ folder or lisa_train.json")
     p.add_argument("--num-images", type=int, default=64, help="synthetic: images to draw")
+    p.add_argument("--label", choices=synthetic.LABELS, default="shape",
+                   help="synthetic classification: what the answer names")
     p.add_argument("--min-side", type=int, default=64, help="synthetic: smallest image side (px)")
     p.add_argument("--max-side", type=int, default=160, help="synthetic: largest image side (px)")
     p.add_argument("--image-format", default="PNG", choices=("PNG", "JPEG"), help="synthetic: encoding")

@@ -62,11 +62,13 @@ def detection_problem(category: str) -> str:
     return _DETECTION_HEAD.replace("{category}", category) + _ANSWER_SUFFIX + _DETECTION_TAIL
 
 
-def classification_problem(noun: str) -> str:
-    """The fine-grained classification prompt, e.g. noun="aircraft" gives the FGVC-Aircraft one."""
+def classification_problem(noun: str, asked: str | None = None) -> str:
+    """The fine-grained classification prompt, e.g. noun="aircraft" gives the FGVC-Aircraft one;
+    `asked` replaces what is asked of the noun (the synthetic shapes' "colour")."""
     if noun not in CLASSIFICATION_NOUNS:
         raise ValueError(f"unknown classification noun {noun!r}; known: {sorted(CLASSIFICATION_NOUNS)}")
-    article, asked = CLASSIFICATION_NOUNS[noun]
+    article, default = CLASSIFICATION_NOUNS[noun]
+    asked = asked or default
     head = (f"This is an image containing {article} {noun}. "
             f"Please identify the {asked} of the {noun} based on the image.\n")
     return head + _ANSWER_SUFFIX + _CLASSIFICATION_TAIL

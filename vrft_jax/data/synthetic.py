@@ -64,18 +64,24 @@ def detection_records(num_images: int, *, seed: int = 0, min_side: int = 64, max
                          task="detection", label=category)
 
 
+LABELS = ("shape", "colour")
+
+
 def classification_records(num_images: int, *, seed: int = 0, min_side: int = 64, max_side: int = 160,
-                           image_format: str = "PNG") -> Iterator[Record]:
-    """One shape per image; the answer is its kind ("circle", "square", "triangle")."""
+                           image_format: str = "PNG", label: str = "shape") -> Iterator[Record]:
+    """One shape per image; the answer is its kind ("circle", "square", "triangle"), or with
+    label="colour" its colour ("red", ..., "orange": a task a tiny model learns in minutes)."""
+    if label not in LABELS:
+        raise ValueError(f"unknown synthetic classification label {label!r}; known: {LABELS}")
     for i in range(num_images):
         rng = np.random.default_rng([seed, i])
         height, width = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
         image, placed = render(rng, height, width, 1)
-        category = placed[0][0]
-        kind = category.split()[1]
-        yield Record(id=f"synthetic_cls:{seed}:{i}", image=_encode(image, image_format),
-                     problem=prompts.classification_problem("shape"), solution=prompts.classification_solution(kind),
-                     task="classification", label=kind)
+        colour, kind = placed[0][0].split()
+        answer = kind if label == "shape" else colour
+        problem = prompts.classification_problem("shape", None if label == "shape" else "colour")
+        yield Record(id=f"synthetic_cls:{seed}:{i}", image=_encode(image, image_format), problem=problem,
+                     solution=prompts.classification_solution(answer), task="classification", label=answer)
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> Image.Image:
