@@ -1,12 +1,16 @@
-"""`make demo`: a tiny Qwen2-VL with the real tokenizer learns to name synthetic shapes, on 2 CPU cores.
+"""`make demo`: a tiny Qwen2-VL with the real tokenizer learns to name a shape's colour, on 2 CPU cores.
 
-The data is `vrft_jax.data.synthetic`'s classification source (one circle, square or triangle per
-image, answer `<answer>square</answer>`), made by `prepare synthetic` under runs/demo/data so a
-second run reuses it: 256 training images and 64 held-out ones of another seed. The model is random
-(no checkpoint): `warm_start.sft_steps` of SFT on the answers teach it the answer format first,
-then GRPO with the strict classification reward. Every size is the smallest that still shows
-learning: 2 layers of width 128 over the real 151,936-token vocabulary, images of at most 112 x 112
-pixels (16 visual tokens), 8 prompts x G 8 per step, float32 throughout.
+The data is `vrft_jax.data.synthetic`'s classification source asked for the colour (one shape of six
+colours per image, answer `<answer>orange</answer>`), made by `prepare synthetic` under runs/demo/data
+so a second run reuses it: 256 training images and 256 held-out ones of another seed. The model is
+random (no checkpoint): 300 steps of SFT on the answers (`warm_start`, a run of its own, reused by a
+second `make demo`) teach it the answer format and some colours, then 60 GRPO steps with the strict
+classification reward. Sizes: 2 layers of width 128 over the real 151,936-token vocabulary, images
+of at most 112 x 112 pixels (16 visual tokens), 8 prompts x G 8 per step, 12 new tokens, float32.
+beta = 0: not a reproduction, and the reference scoring would cost a third of each step.
+
+Measured on the 2-core machine: about 4 minutes in all; the held-out reward went from 0.262 +- 0.028
+to 0.301 +- 0.029 (+1.0 standard errors), short of a clear win: see the issue's note.
 """
 
 from vrft_jax.configs import _common
@@ -16,7 +20,7 @@ def get_config(arg=None):
     _common.parse_arg(arg)  # takes no arguments; one given is an error naming it
     c = _common.base_config(name="demo", model="2b")
     c.slice = "cpu"
-    c.total_steps = 40
+    c.total_steps = 60
     c.log_every = 1
     c.ckpt_every = 20
     c.keep_checkpoints = 2
@@ -36,19 +40,20 @@ def get_config(arg=None):
     c.model.vision = dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2, out_dim=128)
     c.model.tie_word_embeddings = True
 
-    c.source.prepare = "synthetic --task classification --num-images 256 --seed 0"
-    c.data.path = "runs/demo/data/synthetic_shapes"
+    c.source.prepare = "synthetic --task classification --label colour --num-images 256 --seed 0"
+    c.data.path = "runs/demo/data/synthetic_colours"
     c.data.max_prompt_len = 128  # the prompt is about 110 tokens with its image
     c.data.max_pixels = 112 * 112
     c.data.num_workers = 0  # two cores: the loop needs both
-    c.eval.path = "runs/demo/data/synthetic_shapes_heldout"
+    c.eval.path = "runs/demo/data/synthetic_colours_heldout"
     c.eval.split = "test"
-    c.eval.prepare = "synthetic --task classification --num-images 64 --seed 1 --split test"
+    c.eval.prepare = "synthetic --task classification --label colour --num-images 256 --seed 1 --split test"
 
-    c.sampling.max_new_tokens = 32
+    c.sampling.max_new_tokens = 12  # `<answer>orange</answer>` and EOS: 8 tokens
     c.sampling.group_size = 8
-    c.train.learning_rate = 5e-5
-    c.warm_start.sft_steps = 150
+    c.train.learning_rate = 1e-3
+    c.grpo.beta = 0.0
+    c.warm_start.sft_steps = 300
     c.warm_start.learning_rate = 1e-3
 
     c.rewards.mode = "strict"  # not a reproduction: the hardened rewards
