@@ -425,3 +425,19 @@ def test_three_iterations_compile_each_program_once(loop):
     assert phases.step._cache_size() == 1
     assert phases.score._cache_size() == 1
     assert phases.sampler_cast._cache_size() == 1
+
+
+def test_export_hf_writes_a_checkpoint_transformers_loads_with_the_trained_weights(data_dir, tmp_path, one_device):
+    """`--config.export_hf=True`: the final model directory, converted by model_port in its own process, is
+    an HF checkpoint whose weights are the trained ones (converted back, bit for bit)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from model_port.hf_to_flax import load_hf
+
+    workdir = str(tmp_path / "run")
+    result = train.train(tiny_config(data_dir, {"total_steps": 1, "export_hf": True}), workdir)
+    exported = os.path.join(workdir, "hf")
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(exported)
+    assert sum(p.numel() for p in hf.parameters()) > 0
+    assert_bitwise_equal(nnx.state(load_hf(exported, mesh=one_device), nnx.Param),
+                         params_of(result.model_dir, one_device))
