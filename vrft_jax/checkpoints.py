@@ -14,7 +14,8 @@ Properties of orbax 0.12 that this relies on (read in its sources, proven in tes
 
 - Atomic: a step is written under `<step>.orbax-checkpoint-tmp-<time>` and renamed to `<step>` only once
   every item of every process is complete. An unrenamed directory is never listed, so a crash mid-save
-  leaves the previous step the latest; `make_manager` deletes such leftovers when it opens the directory.
+  leaves the previous step the latest; a manager opened on the directory deletes such leftovers in the
+  background, finished before its first save (orbax awaits the clean-up there).
 - Async: `save` returns once the arrays are copied off the devices (the next step may donate them) and
   the data position is read; the files are written by a background thread. Call `wait_until_finished()`
   (or `close()`) before the process exits.
