@@ -26,6 +26,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from vrft_jax.fields import known_fields
+
 ADVANTAGES: dict[str, Callable] = {}
 KL_ESTIMATORS: dict[str, Callable] = {}
 LOSSES: dict[str, Callable] = {}
@@ -100,11 +102,7 @@ class GRPOConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> GRPOConfig:
         """From a plain mapping (a recipe's `grpo` block); unknown keys are errors."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise KeyError(f"unknown GRPOConfig key(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(values))
+        return cls(**known_fields(cls, values))
 
     @property
     def upper_epsilon(self) -> float:

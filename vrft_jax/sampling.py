@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from vrft_jax import sharding
+from vrft_jax.fields import known_fields
 from vrft_jax.models.qwen2_vl.inputs import InputError as InputError  # re-exported: check_left_padded raises it
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
@@ -61,11 +62,7 @@ class SamplingConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SamplingConfig:
         """From a plain mapping (a recipe's `sampling` block); unknown keys are errors."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise KeyError(f"unknown SamplingConfig key(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(values))
+        return cls(**known_fields(cls, values))
 
     def resolve(self, model_config) -> SamplingConfig:
         """This config with the model's vision tokens filled in, checked against its vocabulary."""

@@ -68,6 +68,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vrft_jax import grpo, sharding
+from vrft_jax.fields import known_fields
 from vrft_jax.models.qwen2_vl.config import REMAT_POLICIES
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
@@ -156,11 +157,7 @@ class TrainConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         """From a plain mapping (a recipe's `train` block); unknown keys are errors, and a mapping
         under "grpo" becomes a `GRPOConfig` by its own `from_dict`."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise KeyError(f"unknown TrainConfig key(s) {unknown}; known: {sorted(known)}")
-        values = dict(values)
+        values = known_fields(cls, values)
         if isinstance(values.get("grpo"), Mapping):
             values["grpo"] = grpo.GRPOConfig.from_dict(values["grpo"])
         return cls(**values)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vrft_jax.data.records import check_policy
+from vrft_jax.fields import known_fields
 
 PATCH_DTYPES = ("float32", "bfloat16")
 _KINDS = {"str": (str,), "int": (int,), "bool": (bool,), "int | None": (int, type(None)),
@@ -98,11 +99,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DataConfig:
         """From a plain mapping (e.g. an ml_collections ConfigDict's `to_dict()`); unknown keys are errors."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise KeyError(f"unknown DataConfig key(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(values))
+        return cls(**known_fields(cls, values))
 
     def replace(self, **changes) -> DataConfig:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
