@@ -33,14 +33,15 @@ reference scorer and the update each take about twice their floor, and the whole
 about 45-50 s: the target is a ratio of at least 5 (issue 10's acceptance). Expect the update and
 the reference phase to dominate ours, the rollout next, rewards and sampler weights negligible.
 
-Not yet measured: the full-size run (a TRL step takes ~6 minutes on the project's 2-core machine)
-has not been run with this script, so it has no full-size numbers yet. Only `--quick` has run
-(hidden 64, 2 layers, 2 prompts x G 2, 16 new tokens, one measured step; 2-core machine shared
-with other jobs): TRL 13.1 s/step, ours 0.44 s/step (sampler weights 0.03, rollout 0.10, rewards
-0.00, reference 0.07, update 0.24; first step with compile 17 s), "ratio: 29.4". That checks the
-script end to end and says nothing about the full-size ratio: at these sizes TRL's step is
-overhead, not the model's arithmetic (in a cProfile of --quick, TRL's chunked log-prob kernel over
-the 151,657-token head, forward and backward, took ~8 s of a ~14 s step, for under a GFLOP). The prompts
+Measured at full size (one warm-up and one measured step each, on the project's 2-core AVX-512 Intel
+Xeon, nothing else running; `--steps 1`): TRL 160.4 s/step, ours 47.4 s/step (rollout 7.70, reference
+7.66, update 31.77, data 0.16, sampler weights 0.05, rewards 0.01; first step with compile 59.9 s),
+"ratio: 3.4", short of the target 5. The update is 4.1x the reference pass, about 1.4x a
+forward + backward's 3x: entropy computed at every step and the per-layer recomputation are the
+first places to look (review M7). `--quick` (hidden 64, 2 layers, 2 prompts x G 2, 16 new tokens)
+only checks the script: TRL 13.1 s/step, ours 0.44, "ratio: 29.4", TRL's per-step overhead rather
+than the model's arithmetic (in a cProfile of --quick, TRL's chunked log-prob kernel over the
+151,657-token head took ~8 s of a ~14 s step, for under a GFLOP). The prompts
 are the same on both sides token for token (226 tokens, left-padded to the longest) and so are the
 image patches (checked once by hand; the script does not re-check).
 """
