@@ -171,7 +171,11 @@ def group_advantages(phases: Phases, total: np.ndarray) -> np.ndarray:
 def train_batch(phases: Phases, inputs, out: Rollout, advantages: np.ndarray, valid: np.ndarray) -> TrainBatch:
     """The update's batch on the devices: padding rows' completion masks zeroed."""
     mask = out.mask.astype(jnp.int32) * jnp.asarray(valid, jnp.int32)[:, None]
-    batch = TrainBatch(inputs, out.tokens, mask, jnp.asarray(advantages, jnp.float32))
+    return place(phases, TrainBatch(inputs, out.tokens, mask, jnp.asarray(advantages, jnp.float32)))
+
+
+def place(phases: Phases, batch: TrainBatch) -> TrainBatch:
+    """`batch` split over the run's mesh on its prompt axis (as it is on one device)."""
     return batch if phases.mesh is None else shard_batch(batch, phases.mesh)
 
 

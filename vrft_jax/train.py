@@ -129,26 +129,22 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 # ------------------------------------------------------------------------------------------- held-out
 
 
-def heldout_reward(config: ml_collections.ConfigDict, settings: recipe.Settings, graphdef, params, mesh,
-                   tokenizer) -> tuple[float, float, int] | None:
+def heldout_reward(config: ml_collections.ConfigDict, settings: recipe.Settings, phases: grpo_loop.Phases,
+                   params) -> tuple[float, float, int] | None:
     """(mean, standard error, examples) of the reward of greedy answers on the held-out set, or None
-    without one. Every example once: the set's size must be a multiple of the batch (a finite
-    stream's padded rows are refused by the sampler until the evaluation issue lands)."""
+    without one: the run's own phases (its sampler cast and model structure) with greedy sampling.
+    Every example once: the set's size must be a multiple of the batch (a finite stream's padded rows
+    are refused by the sampler until the evaluation issue lands)."""
     if settings.eval_data is None:
         return None
-    sampling = recipe.eval_sampling_config(config)
-    cast = grpo_loop.make_sampler_cast(params, settings.sampler_dtype, mesh)
-    phases = grpo_loop.Phases(graphdef=graphdef, train=settings.train, sampling=sampling,
-                              reward_fn=settings.reward_fn, tokenizer=tokenizer, step=None, score=None,
-                              reference=None, sampler_graphdef=grpo_loop.sampler_graphdef(settings.model,
-                                                                                           settings.sampler_dtype),
-                              sampler_cast=cast, mesh=mesh)
-    weights = cast(params)
+    phases = dataclasses.replace(phases, sampling=recipe.eval_sampling_config(config))
+    weights = phases.sampler_cast(params)
     values = []
-    for batch in make_iterator(settings.eval_data, settings.model, mesh=mesh, tokenizer=tokenizer):
+    for batch in make_iterator(settings.eval_data, settings.model, mesh=phases.mesh, tokenizer=phases.tokenizer):
         out = grpo_loop.sample(phases, weights, batch.model_inputs, jax.random.key(0))
         tokens, mask = grpo_loop.local_rows(out)
-        rewards, valid = grpo_loop.score_rewards(phases, grpo_loop.detokenize(tokenizer, tokens, mask), batch.meta)
+        texts = grpo_loop.detokenize(phases.tokenizer, tokens, mask)
+        rewards, valid = grpo_loop.score_rewards(phases, texts, batch.meta)
         values.append(rewards.total[valid])
     values = np.concatenate(values).astype(np.float64)
     return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values))), len(values)
@@ -190,7 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
         logging.info("resumed %s at step %d", workdir, start)
     before = None
     if start == 0 and not sft_mode and config.eval_every:
-        before = heldout_reward(config, settings, graphdef, state.params, mesh, tokenizer)
+        before = heldout_reward(config, settings, phases, state.params)
         _report_heldout("before", before)
 
     total = config.total_steps
@@ -236,7 +232,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
     model_dir.save_model(final_model, final_dir, hf_source=source_dir if source_dir and _is_hf(source_dir) else None)
     after = None
     if not sft_mode and config.eval_every:
-        after = heldout_reward(config, settings, graphdef, state.params, mesh, tokenizer)
+        after = heldout_reward(config, settings, phases, state.params)
         _report_heldout("after", after)
     if config.export_hf:
         export_hf(final_dir, os.path.join(workdir, "hf"))
@@ -249,11 +245,7 @@ def sft_iteration(phases: grpo_loop.Phases, state, batch, config, timer: Timer):
         train_batch = sft.sft_batch(batch.model_inputs, batch.solution, phases.tokenizer,
                                     length=phases.sampling.max_new_tokens, eos_id=phases.sampling.eos_token_ids[0],
                                     pad_id=phases.sampling.pad_token_id, valid=batch.meta.get("valid"))
-        if phases.mesh is not None:
-            from vrft_jax.train_step import shard_batch
-
-            train_batch = shard_batch(train_batch, phases.mesh)
-        state, metrics = phases.step(state, train_batch)
+        state, metrics = phases.step(state, grpo_loop.place(phases, train_batch))
     return state, grpo_loop.Outcome(metrics, {}, [])
 
 
