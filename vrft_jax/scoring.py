@@ -8,9 +8,10 @@ decoder ([B*G] rows), attending to it. Teacher forcing this way is the same comp
 forward over prompt + completion, with the prompt's share done once instead of G times (the
 gradient sums the G completions' contributions into the shared keys and values).
 
-Only the L positions that predict completion tokens go through the LM head, in chunks of positions:
-one chunk's float32 logits `[B*G, chunk, V]` exist at a time, forward and backward (each chunk is
-rematerialised), so the `[B*G, T, V]` logits of a full forward (V = 151,657 for Qwen2-VL) never do.
+Only the L positions that predict completion tokens go through the LM head, by `vrft_jax.lm_head`:
+a chunk of positions and a block of the vocabulary at a time, with an online logsumexp and a
+hand-written backward pass, so neither the `[B*G, T, V]` logits of a full forward (V = 151,657 for
+Qwen2-VL) nor a chunk's `[B*G, chunk, V]` ever exist.
 
 `make_score_fn` jits this scoring for a whole `TrainBatch`: the reference model's logprobs for the
 KL term, and the old policy's when one rollout feeds several updates (the update itself scores with
@@ -27,13 +28,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vrft_jax import sharding
+from vrft_jax.lm_head import token_logprobs
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.layers import precision
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
 from vrft_jax.models.qwen2_vl.text import KVCache, SharedPrefix
 from vrft_jax.padding import LeftPaddedBatch, check_left_padded
 from vrft_jax.placement import jit_on_mesh, merge_micro_batches, split_micro_batches, tree_shardings
-from vrft_jax.sharding import constrain
 
 if TYPE_CHECKING:  # only for annotations: train_step imports this module
     from vrft_jax.train_step import TrainBatch, TrainConfig
@@ -50,7 +51,8 @@ class TokenScores:
 
 
 def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, completion_mask_nl, *,
-                      temperature: float = 1.0, chunk_size: int = 32, with_entropy: bool = False) -> TokenScores:
+                      temperature: float = 1.0, chunk_size: int = 32, vocab_block: int = 4096,
+                      with_entropy: bool = False) -> TokenScores:
     """Teacher-force B*G completions after their B prompts and score every completion token.
 
     Args:
@@ -63,7 +65,7 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
       completion_mask_nl: [B*G, L], 1 for real tokens (through the first EOS), 0 for padding; padding
         is invisible to the real tokens, as in HF with TRL's attention mask.
       temperature: logits are divided by it before the softmax (TRL's `temperature`).
-      chunk_size: completion positions whose logits exist at once.
+      chunk_size, vocab_block: the LM head's float32 logits exist `[B*G, chunk_size, vocab_block]` at a time.
     """
     batch, prompt_len = inputs.input_ids.shape
     rows, length = completions_nl.shape
@@ -96,59 +98,20 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
     # Completion token 0 is predicted by the last prompt slot (prompts are left-padded), token k by token k - 1.
     hidden = jnp.concatenate([repeat(prompt_hidden[:, -1:]), completion_hidden[:, :-1]], axis=1)
     return chunked_token_logprobs(model, hidden, completions_nl, temperature=temperature, chunk_size=chunk_size,
-                                  with_entropy=with_entropy)
+                                  vocab_block=vocab_block, with_entropy=with_entropy)
 
 
 def chunked_token_logprobs(model: Qwen2VL, hidden_nld, targets_nl, *, temperature: float = 1.0,
-                           chunk_size: int = 32, with_entropy: bool = False) -> TokenScores:
-    """log softmax(hidden @ head / temperature)[target] for float[N, L, D] final-norm hidden states.
-
-    The LM head runs over `chunk_size` positions at a time inside a rematerialised `lax.map` body:
-    a chunk's float32 logits [N, chunk, V] are the largest vocabulary-sized buffer, and the backward
-    pass recomputes them instead of keeping all L positions' logits alive.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
-    rows, length, _ = hidden_nld.shape
-    chunk = max(1, min(chunk_size, length))
-    chunks = -(-length // chunk)
-    pad = chunks * chunk - length
-    hidden = jnp.pad(hidden_nld, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets_nl, ((0, 0), (0, pad)))
-    # [chunks, N, chunk, ...]: lax.map walks the chunks.
-    hidden = hidden.reshape(rows, chunks, chunk, -1).swapaxes(0, 1)
-    targets = targets.reshape(rows, chunks, chunk).swapaxes(0, 1)
-
+                           chunk_size: int = 32, vocab_block: int = 4096, with_entropy: bool = False) -> TokenScores:
+    """log softmax(hidden @ head / temperature)[target] for float[N, L, D] final-norm hidden states,
+    by `lm_head.token_logprobs`: `chunk_size` positions and `vocab_block` vocabulary rows of float32
+    logits at a time, an online logsumexp over the blocks, and a hand-written backward pass."""
     text = model.text
-    config = model.config
-    tied = text.lm_head is None
-    weight = (text.embed_tokens if tied else text.lm_head)[...].astype(config.dtype)
-    spec = "NCD,VD->NCV" if tied else "NCD,DV->NCV"
-    vocab = weight.shape[0] if tied else weight.shape[1]
-
-    @jax.checkpoint
-    def score(args):
-        hidden_ncd, targets_nc = args
-        logits = jnp.einsum(spec, hidden_ncd.astype(config.dtype), weight, preferred_element_type=jnp.float32,
-                            precision=precision(config)) / temperature
-        logits = constrain(logits, ("batch", "length", "act_vocab"))
-        log_z = jax.nn.logsumexp(logits, axis=-1)
-        # A select-and-sum rather than a gather: it partitions over a vocabulary split across devices.
-        is_target = jnp.arange(vocab)[None, None, :] == targets_nc[..., None]
-        target = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
-        logprobs = target - log_z
-        if not with_entropy:
-            return logprobs, None
-        # H = sum_v p_v (log Z - z_v): a sum of non-negative terms, no cancellation of two large ones.
-        surprisal = jax.lax.stop_gradient(log_z[..., None] - logits)
-        return logprobs, jnp.sum(jnp.exp(-surprisal) * surprisal, axis=-1)
-
-    logprobs, entropy = jax.lax.map(score, (hidden, targets))
-
-    def unchunk(x):
-        return None if x is None else x.swapaxes(0, 1).reshape(rows, chunks * chunk)[:, :length]
-
-    return TokenScores(logprobs=unchunk(logprobs), entropy=unchunk(entropy))
+    head = text.embed_tokens[...] if text.lm_head is None else text.lm_head[...].T  # [V, D]
+    logprobs, entropy = token_logprobs(hidden_nld, head, targets_nl, temperature=temperature, chunk_size=chunk_size,
+                                       vocab_block=vocab_block, with_entropy=with_entropy, dtype=model.config.dtype,
+                                       precision=precision(model.config))
+    return TokenScores(logprobs=logprobs, entropy=entropy)
 
 
 def make_score_fn(graphdef, params: nnx.State, config: TrainConfig, *, mesh=None, rules=sharding.DEFAULT_RULES):
@@ -167,7 +130,8 @@ def make_score_fn(graphdef, params: nnx.State, config: TrainConfig, *, mesh=None
         def one(part):
             inputs, completions, mask = part
             return score_completions(model, inputs, completions, mask, temperature=config.temperature,
-                                     chunk_size=config.logits_chunk_size).logprobs
+                                     chunk_size=config.logits_chunk_size,
+                                     vocab_block=config.logits_vocab_block).logprobs
 
         return merge_micro_batches(jax.lax.map(one, micro), prompts)
 

@@ -91,7 +91,8 @@ class TrainConfig:
                       divide the prompts of a batch
     num_iterations:   updates per rollout (TRL's mu); above 1 the batch must carry `old_logprobs`
     temperature:      the sampler's; logits are divided by it before the log-softmax (as TRL)
-    logits_chunk_size: completion positions whose [rows, chunk, vocab] float32 logits exist at once
+    logits_chunk_size, logits_vocab_block: the LM head's float32 logits exist [rows, chunk, block] at
+                      a time (`vrft_jax.lm_head`): completion positions per chunk, vocabulary rows per block
     compute_dtype:    activations' dtype; None means param_dtype (bfloat16 over float32 parameters
                       gives float32 master weights with bf16 compute)
     remat:            the model's rematerialisation policy per layer: "none", "block", "save_dots"
@@ -115,6 +116,7 @@ class TrainConfig:
     num_iterations: int = 1
     temperature: float = 1.0
     logits_chunk_size: int = 32
+    logits_vocab_block: int = 4096
     param_dtype: Any = jnp.float32
     compute_dtype: Any = None
     remat: str = "none"
@@ -124,7 +126,7 @@ class TrainConfig:
     def __post_init__(self):
         errors = []
         for name in ("warmup_steps", "micro_batches", "num_iterations", "logits_chunk_size",
-                     "max_consecutive_nonfinite"):
+                     "logits_vocab_block", "max_consecutive_nonfinite"):
             minimum = 0 if name == "warmup_steps" else 1
             if getattr(self, name) < minimum:
                 errors.append(f"{name}={getattr(self, name)} must be >= {minimum}")
@@ -251,6 +253,7 @@ def micro_batch_terms(model: Qwen2VL, batch: TrainBatch, config: TrainConfig):
     """(LossTerms, entropy sum over real tokens) of one micro-batch under `model`."""
     scores = score_completions(model, batch.inputs, batch.completions, batch.completion_mask,
                                temperature=config.temperature, chunk_size=config.logits_chunk_size,
+                               vocab_block=config.logits_vocab_block,
                                with_entropy=True)
     mask = batch.completion_mask.astype(jnp.float32)
     # With one update per rollout the old policy is the current one: ratio exp(lp - sg(lp)) (TRL does the same).
