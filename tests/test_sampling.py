@@ -248,3 +248,18 @@ def test_right_padding_is_caught_shard_by_shard_on_the_mesh(pair):
                           inputs_of(model, mixed_batch(TINY, seed=1)))
     with pytest.raises(sampling.InputError, match=r"rows \[1\] end in padding"):
         sampling.check_left_padded(inputs)
+
+
+@pytest.mark.parametrize("width,tile", [(151_657, None), (1000, 64), (130, 8), (96, 8)])
+def test_tiled_top_k_is_lax_top_k_exactly_ties_included(width, tile):
+    """Values and indices equal jax.lax.top_k's, ties broken to the lower id as there: on a row with
+    many ties (values rounded to halves), with a tail that fills no tile (1000 = 15 x 64 + 40; 130 =
+    16 x 8 + 2), and with the default tile, a divisor of Qwen2-VL's 151,657 (187)."""
+    k = 10
+    rng = np.random.default_rng(width)
+    rows = rng.normal(size=(4, width)).astype(np.float32)
+    for x in (rows, np.round(2 * rows) / 2):
+        expected = jax.lax.top_k(x, k)
+        values, indices = jax.jit(lambda x: sampling.top_k(x, k, tile))(x)
+        np.testing.assert_array_equal(values, expected[0])
+        np.testing.assert_array_equal(indices, expected[1])

@@ -183,14 +183,17 @@ def sample_token(logits_bv, key, config: SamplingConfig):
     trainer recomputes from the policy's logits.
     """
     temperature = 1.0 if config.greedy else config.temperature
-    scaled = logits_bv.astype(jnp.float32) / temperature
-    full_logprobs_norm = jax.nn.logsumexp(scaled, axis=-1)
-    if config.suppressed_token_ids:
-        scaled = scaled.at[:, jnp.asarray(config.suppressed_token_ids)].set(-jnp.inf)
+    logits_bv = logits_bv.astype(jnp.float32)
+    scaled = logits_bv / temperature
+    top = jax.lax.stop_gradient(jnp.max(scaled, axis=-1, keepdims=True))
+    full_logprobs_norm = top[:, 0] + jnp.log(jnp.sum(jnp.exp(scaled - top), axis=-1))
+    if config.suppressed_token_ids:  # a select fused with the scaling, not a scatter into a copy
+        suppressed = jnp.zeros(scaled.shape[-1], bool).at[jnp.asarray(config.suppressed_token_ids)].set(True)
+        scaled = jnp.where(suppressed, -jnp.inf, scaled)
     if config.greedy:
         token = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
     elif config.top_k:
-        values, indices = jax.lax.top_k(scaled, config.top_k)  # sorted, descending
+        values, indices = top_k(scaled, config.top_k)  # sorted, descending
         values = _top_p_filter_sorted(values, config.top_p)
         choice = jax.random.categorical(key, values, axis=-1)
         token = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
@@ -201,8 +204,34 @@ def sample_token(logits_bv, key, config: SamplingConfig):
         token = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     else:
         token = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-    chosen = jnp.take_along_axis(logits_bv.astype(jnp.float32), token[:, None], axis=-1)[:, 0] / temperature
+    chosen = jnp.take_along_axis(logits_bv, token[:, None], axis=-1)[:, 0] / temperature
     return token, chosen - full_logprobs_norm
+
+
+def top_k(x_bv, k: int, tile: int | None = None):
+    """`jax.lax.top_k(x, k)` of each row, exactly (values and indices, ties to the lower index), by way of
+    tile maxima: the rows' `tile`-wide tiles are ranked by their maximum, and the k best tiles hold the k
+    largest values (a value outside them is beaten by k tile maxima, each a distinct larger value). One
+    pass over the row and two small top-k's instead of a top-k over the whole vocabulary (on the CPU,
+    the sampler's costliest operation after the LM head: 15 of its 62 ms per step at 64 rows x 151,657).
+    `tile` defaults to a divisor of the width near 64 (187 for 151,657, 128 for the checkpoints' 151,936),
+    so the tiles are a view of the row; without one, 64 and the last partial tile join the candidates."""
+    rows, width = x_bv.shape
+    tile = tile or min((t for t in range(32, 257) if width % t == 0), key=lambda t: abs(t - 64), default=64)
+    tiles = width // tile
+    if tiles <= k:
+        return jax.lax.top_k(x_bv, k)
+    body = x_bv[:, :tiles * tile].reshape(rows, tiles, tile)
+    _, best = jax.lax.top_k(jnp.max(body, axis=-1), k)
+    best = jnp.sort(best, axis=-1)  # candidates in vocabulary order: lax.top_k's ties then break as on the row
+    candidates = jnp.take_along_axis(body, best[:, :, None], axis=1).reshape(rows, k * tile)
+    ids = (best[:, :, None] * tile + jnp.arange(tile)).reshape(rows, k * tile)
+    # The tail that does not fill a tile joins the candidates whole (it comes last: the highest ids).
+    candidates = jnp.concatenate([candidates, x_bv[:, tiles * tile:]], axis=1)
+    ids = jnp.concatenate([ids, jnp.broadcast_to(jnp.arange(tiles * tile, width), (rows, width - tiles * tile))],
+                          axis=1)
+    values, position = jax.lax.top_k(candidates, k)
+    return values, jnp.take_along_axis(ids, position, axis=-1)
 
 
 def _top_p_filter_sorted(values_desc, top_p: float):
