@@ -33,13 +33,23 @@ reference scorer and the update each take about twice their floor, and the whole
 about 45-50 s: the target is a ratio of at least 5 (issue 10's acceptance). Expect the update and
 the reference phase to dominate ours, the rollout next, rewards and sampler weights negligible.
 
-Measured at full size (one warm-up and one measured step each, on the project's 2-core AVX-512 Intel
-Xeon, nothing else running; `--steps 1`): TRL 160.4 s/step, ours 47.4 s/step (rollout 7.70, reference
-7.66, update 31.77, data 0.16, sampler weights 0.05, rewards 0.01; first step with compile 59.9 s),
-"ratio: 3.4", short of the target 5. The update is 4.1x the reference pass, about 1.4x a
-forward + backward's 3x: entropy computed at every step and the per-layer recomputation are the
-first places to look (review M7). `--quick` (hidden 64, 2 layers, 2 prompts x G 2, 16 new tokens)
-only checks the script: TRL 13.1 s/step, ours 0.44, "ratio: 29.4", TRL's per-step overhead rather
+Measured at full size (`--steps 2`: one warm-up and the median of two measured steps each, on the
+project's 2-core AVX-512 Intel Xeon, nothing else running), after the vocabulary-blocked LM head
+(`vrft_jax.lm_head`) and the tiled top-k (`sampling.top_k`): TRL 172.0 s/step, ours 28.8 s/step
+(rollout 7.48, reference 3.79, update 17.41, data 0.07, sampler weights 0.04, rewards 0.01; first
+step with compile 41.5 s), "ratio: 6.0". Before them (`--steps 1`): TRL 160.4, ours 47.4 (rollout
+7.70, reference 7.66, update 31.77), ratio 3.4. Each phase against its floor, the LM head's matmul
+at the ~330 GFLOP/s this CPU reaches on [2048, 256] x [256, 4096] blocks (0.64 TFLOP, ~2.0 s per
+pass over the 8,192 completion tokens) and the rest of the model's forward at ~0.8 s (measured
+alone): reference 3.79 s against ~2.8 (one head pass + forward); update 17.41 s against ~10.4 (four
+head passes: forward, the backward's recomputation, d hidden, d head; plus the model's forward and
+backward, ~3x its forward), the rest being exp passes over the blocks (~2 s) and XLA's transposing
+copies of the MLP activations in the backward (~1.6 s); rollout 7.48 s against ~4.5 (128 decode
+steps whose [64, 256] x [256, 151,657] head matmul runs at ~140 GFLOP/s, too few rows to reach the
+blocks' rate), the rest the softmax normaliser, top-k and the 4 layers.
+
+`--quick` (hidden 64, 2 layers, 2 prompts x G 2, 16 new tokens) only checks the script (measured
+before the blocked head): TRL 13.1 s/step, ours 0.44, "ratio: 29.4", TRL's per-step overhead rather
 than the model's arithmetic (in a cProfile of --quick, TRL's chunked log-prob kernel over the
 151,657-token head took ~8 s of a ~14 s step, for under a GFLOP). The prompts
 are the same on both sides token for token (226 tokens, left-padded to the longest) and so are the
