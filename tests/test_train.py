@@ -51,6 +51,19 @@ def tiny_config(data: str, overrides=None):
                                 **(overrides or {})})
 
 
+def test_a_synthetic_dataset_made_by_other_arguments_is_refused_by_name(data_dir):
+    """The demo reuses its datasets: one left by another version of the recipe (here another image
+    count) is an error naming the argument and the directory, not silently trained on."""
+    config = tiny_config(data_dir)
+    train.make_synthetic_data(config)  # made by this recipe's command: reused as it is
+    stale = tiny_config(data_dir, {"source.prepare": config.source.prepare.replace("--num-images 16",
+                                                                                   "--num-images 17")})
+    assert stale.source.prepare != config.source.prepare
+    with pytest.raises(ValueError, match=r"train dataset at .*train was made with other arguments.*"
+                                         r"num_images=16 \(recipe: 17\)"):
+        train.make_synthetic_data(stale)
+
+
 @pytest.fixture
 def one_device(monkeypatch):
     """`train.train` meshes over the first device only (see the module docstring)."""

@@ -105,19 +105,31 @@ def warm_start_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
 
 
 def make_synthetic_data(config: ml_collections.ConfigDict) -> None:
-    """Write a recipe's synthetic datasets when they are missing (the demo's: nothing to download). Any
-    other missing dataset is the user's to make: `recipe.build` names the command."""
+    """Write a recipe's synthetic datasets when they are missing (the demo's: nothing to download). One
+    already there must have been made by the recipe's own command: a set left by another version of the
+    recipe is an error naming the arguments that differ, never silently trained on. Any other missing
+    dataset is the user's to make: `recipe.build` names the command."""
     from vrft_jax.data import prepare, storage
 
     for which, path, command in (("train", config.data.path, config.source.prepare),
                                  ("eval", config.eval.path, config.eval.prepare)):
         if not path or not command.startswith("synthetic"):
             continue
+        argv = recipe.prepare_argv(config, which)
         try:
             storage.dataset_dir(path)
         except FileNotFoundError:
             if jax.process_index() == 0:
-                prepare.main(recipe.prepare_argv(config, which))
+                prepare.main(argv)
+            continue
+        expected, made = prepare.source_args(argv), storage.read_metadata(path).get("source", {})
+        differ = sorted(k for k in expected.keys() | made.keys() if expected.get(k) != made.get(k))
+        if differ:
+            raise ValueError(
+                f"the {which} dataset at {path} was made with other arguments than the recipe's "
+                f"`prepare {command}`: " + ", ".join(f"{k}={made.get(k)!r} (recipe: {expected.get(k)!r})"
+                                                     for k in differ)
+                + f"; delete {path} (and the run directories trained on it) to make it again")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

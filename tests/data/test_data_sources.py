@@ -290,3 +290,9 @@ def test_synthetic_source_is_deterministic_with_exact_boxes():
     assert all("Please identify the colour of the shape" in r.problem for r in colours)
     with pytest.raises(ValueError, match="unknown synthetic classification label 'size'"):
         next(synthetic.classification_records(1, label="size"))
+    # Large shapes (the demo's): a side from half the shorter image side to all of it.
+    for seed in range(20):
+        _, [(_, (x1, y1, x2, y2))] = synthetic.render(np.random.default_rng(seed), 100, 120, 1, "large")
+        assert x2 - x1 == y2 - y1 and 50 <= x2 - x1 < 100 and 0 <= x1 and x2 <= 120 and 0 <= y1 and y2 <= 100
+    with pytest.raises(ValueError, match="unknown shape_size 'huge'"):
+        synthetic.render(np.random.default_rng(0), 100, 120, 1, "huge")

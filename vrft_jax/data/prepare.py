@@ -10,7 +10,7 @@ sources:
                   --noun aircraft|plant|pet|flower|car|shape; --shots K --seed S
   lisa            --input D (LISA's train/ folder) or --input F (lisa_train.json) [--image-root D]
   synthetic       --task detection|classification --num-images N --seed S [--min-side --max-side]
-                  [--label shape|colour]
+                  [--label shape|colour] [--shape-size mixed|large]
 
 Category lists are comma-separated names or @FILE (one name per line). The dataset lands in
 DATA_DIR/NAME/1.0.0; its metadata.json holds the conversion report (records written, skipped by
@@ -100,7 +100,7 @@ def _splits(args) -> tuple[dict[str, Iterable[rec.Candidate]], dict[str, Any]]:
         if args.task == "grounding":
             raise SystemExit("synthetic: --task is detection or classification")
         make = synthetic.detection_records if args.task in (None, "detection") else synthetic.classification_records
-        options = {} if make is synthetic.detection_records else {"label": args.label}
+        options = {} if make is synthetic.detection_records else {"label": args.label, "shape_size": args.shape_size}
         made = make(args.num_images, seed=args.seed, min_side=args.min_side, max_side=args.max_side,
                     image_format=args.image_format, **options)
         return {args.split: (rec.Candidate(r.id, r.as_dict()) for r in made)}, notes
@@ -134,10 +134,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=64, help="synthetic: images to draw")
     p.add_argument("--label", choices=synthetic.LABELS, default="shape",
                    help="synthetic classification: what the answer names")
+    p.add_argument("--shape-size", choices=tuple(synthetic.SHAPE_SIZES), default="mixed",
+                   help="synthetic classification: sides of 1/6-1/2 (mixed) or 1/2-1 (large) of the image")
     p.add_argument("--min-side", type=int, default=64, help="synthetic: smallest image side (px)")
     p.add_argument("--max-side", type=int, default=160, help="synthetic: largest image side (px)")
     p.add_argument("--image-format", default="PNG", choices=("PNG", "JPEG"), help="synthetic: encoding")
     return p
+
+
+def _source(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if v is not None and k not in ("output", "name")}
+
+
+def source_args(argv: Sequence[str]) -> dict:
+    """What a dataset made by `main(argv)` records as its source (`storage.read_metadata(path)["source"]`)."""
+    return _source(parser().parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     tfds.disable_progress_bar()
     splits, notes = _splits(args)
-    source = {k: v for k, v in vars(args).items() if v is not None and k not in ("output", "name")}
+    source = _source(args)
     try:
         path, report = convert(splits, args.output, args.name, on_bad_record=args.on_bad_record, source=source,
                                notes=notes)

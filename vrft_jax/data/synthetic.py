@@ -25,14 +25,21 @@ SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = ("plain", "gradient", "noise")
 
 
-def render(rng: np.random.Generator, height: int, width: int, num_shapes: int):
-    """(RGB image, [(category, pixel box [x1, y1, x2, y2])]) with non-overlapping shapes."""
+SHAPE_SIZES = {"mixed": (6, 2), "large": (2, 1)}  # a shape's side: from short // a to short // b (exclusive)
+
+
+def render(rng: np.random.Generator, height: int, width: int, num_shapes: int, shape_size: str = "mixed"):
+    """(RGB image, [(category, pixel box [x1, y1, x2, y2])]) with non-overlapping shapes. `shape_size`
+    "mixed": sides from 1/6 to 1/2 of the image's shorter side; "large": from 1/2 to all of it."""
+    if shape_size not in SHAPE_SIZES:
+        raise ValueError(f"unknown shape_size {shape_size!r}; known: {tuple(SHAPE_SIZES)}")
+    low, high = (min(height, width) // d for d in SHAPE_SIZES[shape_size])
     image = _background(rng, height, width)
     draw = ImageDraw.Draw(image)
     placed: list[tuple[str, list[int]]] = []
     for _ in range(num_shapes):
         for _attempt in range(20):  # rejection sampling: shapes never overlap, so every box is exact
-            side = int(rng.integers(max(8, min(height, width) // 6), max(9, min(height, width) // 2)))
+            side = int(rng.integers(max(8, low), max(9, high)))
             x1, y1 = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
             box = [x1, y1, x1 + side, y1 + side]
             if all(_disjoint(box, other) for _, other in placed):
@@ -68,15 +75,17 @@ LABELS = ("shape", "colour")
 
 
 def classification_records(num_images: int, *, seed: int = 0, min_side: int = 64, max_side: int = 160,
-                           image_format: str = "PNG", label: str = "shape") -> Iterator[Record]:
+                           image_format: str = "PNG", label: str = "shape",
+                           shape_size: str = "mixed") -> Iterator[Record]:
     """One shape per image; the answer is its kind ("circle", "square", "triangle"), or with
-    label="colour" its colour ("red", ..., "orange": a task a tiny model learns in minutes)."""
+    label="colour" its colour ("red", ..., "orange"). With shape_size="large" the shape covers a
+    quarter to all of the image: `make demo`'s task, which a tiny model learns in minutes."""
     if label not in LABELS:
         raise ValueError(f"unknown synthetic classification label {label!r}; known: {LABELS}")
     for i in range(num_images):
         rng = np.random.default_rng([seed, i])
         height, width = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
-        image, placed = render(rng, height, width, 1)
+        image, placed = render(rng, height, width, 1, shape_size)
         colour, kind = placed[0][0].split()
         answer = kind if label == "shape" else colour
         problem = prompts.classification_problem("shape", None if label == "shape" else "colour")
