@@ -139,7 +139,13 @@ def _child_env(cache_dir):
 def _command(workdir, data):
     return [sys.executable, "-m", "vrft_jax.train", f"--config={RECIPE}", f"--workdir={workdir}",
             f"--config.data.path={os.path.join(data, 'train')}", f"--config.eval.path={os.path.join(data, 'heldout')}",
-            "--config.total_steps=6"]
+            "--config.total_steps=6", "--config.eval_every=1"]
+
+
+def _heldout_summary(log):
+    """The run's last line: the held-out reward before and after GRPO."""
+    [line] = [line for line in log.splitlines() if line.startswith("held-out reward: ")]
+    return line
 
 
 def _run(command, env, log):
@@ -187,6 +193,9 @@ def test_sigterm_then_the_same_command_ends_bitwise_where_a_straight_run_does(da
 
     log = _run(_command(resumed, data_dir), env, tmp_path / "resumed.log")
     assert "finished test_train: 6 steps" in log
+    # The held-out reward of the initial weights, measured by the first process, is reported by the
+    # second one as well (from the workdir), and the after-GRPO one is the straight run's.
+    assert _heldout_summary(log) == _heldout_summary(open(tmp_path / "straight.log").read())
 
     rows_straight, rows_resumed = read_metrics(straight), read_metrics(resumed)
     assert [row["step"] for row in rows_resumed] == list(range(1, 7))

@@ -40,6 +40,7 @@ def get_config(arg=None):
     c.keep_checkpoints = 2
     c.sample_every = 0
     c.eval_every = 0
+    c.export_hf = False  # the demo exports; the export's own test turns it on
     c.prompts_per_step = 4
     c.param_dtype = "float32"
     c.compute_dtype = "float32"

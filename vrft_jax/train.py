@@ -9,6 +9,7 @@ Runs a recipe of `vrft_jax/configs` (or a recipe file) to its `total_steps`: GRP
     checkpoints/     orbax steps: train state, data position, config (resumed automatically)
     model/           the final model directory (`vrft_jax.model_dir`); hf/ with `export_hf=True`
     warm_start/      the demo's SFT warm start, a run of its own (reused by a second run)
+    heldout_before.json  the held-out reward of the initial weights, reported again on resume
 
 SIGTERM (a TPU VM's preemption notice) saves the step and exits 0; the same command resumes it and
 ends bit for bit where a straight run would. The initial weights are the recipe's `model.checkpoint`:
@@ -197,8 +198,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
         start, state = restored
         logging.info("resumed %s at step %d", workdir, start)
     before = None
-    if start == 0 and not sft_mode and config.eval_every:
-        before = heldout_reward(config, settings, phases, state.params)
+    if not sft_mode and config.eval_every:
+        # Measured once, on the initial weights, and kept in the workdir: a resumed run reports it too.
+        before = _read_heldout(workdir) if start > 0 else None
+        if before is None and start == 0:
+            before = heldout_reward(config, settings, phases, state.params)
+            _write_heldout(workdir, before)
         _report_heldout("before", before)
 
     total = config.total_steps
@@ -265,6 +270,24 @@ def _is_hf(directory: str) -> bool:
     return not os.path.isdir(os.path.join(directory, model_dir.PARAMS_DIR))
 
 
+HELDOUT_BEFORE = "heldout_before.json"
+
+
+def _write_heldout(workdir: str, value) -> None:
+    if value is not None and jax.process_index() == 0:
+        with open(os.path.join(workdir, HELDOUT_BEFORE), "w", encoding="utf-8") as f:
+            json.dump(dict(zip(("mean", "standard_error", "examples"), value)), f)
+
+
+def _read_heldout(workdir: str):
+    path = os.path.join(workdir, HELDOUT_BEFORE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        value = json.load(f)
+    return value["mean"], value["standard_error"], value["examples"]
+
+
 def _report_heldout(when: str, value) -> None:
     if value is not None and jax.process_index() == 0:
         mean, se, n = value
@@ -286,8 +309,11 @@ def main(argv) -> None:
     result = train(config, workdir)
     if result.preempted:
         sys.exit(0)
-    print(f"finished {config.name}: {result.step} steps; model {result.model_dir}; metrics "
-          f"{os.path.join(workdir, 'metrics.jsonl')}", flush=True)
+    hf = os.path.join(workdir, "hf")
+    print(f"finished {config.name}: {result.step} steps\n  checkpoints {os.path.join(workdir, 'checkpoints')}\n"
+          f"  model {result.model_dir}" + (f"\n  Hugging Face export {hf}" if config.export_hf else "")
+          + f"\n  metrics {os.path.join(workdir, 'metrics.jsonl')}, samples {os.path.join(workdir, 'samples.jsonl')}"
+          f"\n  curves: tensorboard --logdir {workdir}", flush=True)
     if result.heldout_before and result.heldout_after:
         (b, b_se, _), (a, a_se, _) = result.heldout_before, result.heldout_after
         gain = (a - b) / math.hypot(a_se, b_se) if a_se or b_se else math.copysign(math.inf, a - b) if a != b else 0.0

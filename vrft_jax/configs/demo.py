@@ -30,6 +30,7 @@ def get_config(arg=None):
     c.ckpt_every = 20
     c.keep_checkpoints = 2
     c.sample_every = 10
+    c.export_hf = True  # the trained model as a Hugging Face directory, runs/demo/hf
     c.eval_every = 20
 
     c.param_dtype = "float32"
