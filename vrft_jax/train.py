@@ -263,6 +263,7 @@ def sft_iteration(phases: grpo_loop.Phases, state, batch, config, timer: Timer):
                                     length=phases.sampling.max_new_tokens, eos_id=phases.sampling.eos_token_ids[0],
                                     pad_id=phases.sampling.pad_token_id, valid=batch.meta.get("valid"))
         state, metrics = phases.step(state, grpo_loop.place(phases, train_batch))
+        jax.block_until_ready(state.step)  # the update's time, not its dispatch's, as a GRPO iteration reports
     return state, grpo_loop.Outcome(metrics, {}, [])
 
 
