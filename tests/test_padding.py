@@ -18,6 +18,7 @@ def test_rows_that_end_in_padding_are_named_with_the_caller():
     mask = np.ones((5, 6), np.int32)
     mask[[1, 4], -1] = 0
     mask[2, :3] = 0  # left padding is fine
+    mask[3] = 0  # so is a row of padding only: a finite stream's filler (valid=False)
     for array in (mask, jax.device_put(mask)):
         with pytest.raises(InputError, match=r"scoring needs left-padded prompts: rows \[1, 4\] end in padding"):
             padding.check_left_padded(prompts(array), "scoring")

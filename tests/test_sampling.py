@@ -263,3 +263,18 @@ def test_tiled_top_k_is_lax_top_k_exactly_ties_included(width, tile):
         values, indices = jax.jit(lambda x: sampling.top_k(x, k, tile))(x)
         np.testing.assert_array_equal(values, expected[0])
         np.testing.assert_array_equal(indices, expected[1])
+
+
+def test_a_row_of_padding_only_is_decoded_without_touching_the_real_rows(pair):
+    """A finite stream's last batch is filled with rows of padding only (valid=False; review H2): the
+    sampler takes them, produces finite numbers for them, and the real rows decode exactly as without."""
+    _, model = pair
+    inputs = inputs_of(model, left_batch(29))
+    filler = jax.tree.map(lambda x: x.at[2].set(0), jax.tree.map(jax.numpy.asarray, inputs))
+    greedy = config(greedy=True)
+    full = rollout(model, inputs, jax.random.key(0), greedy)
+    padded = rollout(model, filler, jax.random.key(0), greedy)
+    real = np.array([0, 1, 3])
+    np.testing.assert_array_equal(np.asarray(padded.tokens)[real], np.asarray(full.tokens)[real])
+    np.testing.assert_array_equal(np.asarray(padded.lengths)[real], np.asarray(full.lengths)[real])
+    assert np.all(np.isfinite(np.asarray(padded.logprobs)))

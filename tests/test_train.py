@@ -64,6 +64,15 @@ def test_a_synthetic_dataset_made_by_other_arguments_is_refused_by_name(data_dir
         train.make_synthetic_data(stale)
 
 
+def test_the_heldout_reward_counts_every_example_once_the_last_partial_batch_included(data_dir, tmp_path, one_device):
+    """8 held-out examples in batches of 3: 3 + 3 + 2 and a row of padding only, which the sampler takes
+    (review H2) and the reward leaves out. Every example is scored once, before and after."""
+    config = tiny_config(data_dir, {"total_steps": 1, "eval_every": 1, "prompts_per_step": 3})
+    result = train.train(config, str(tmp_path / "run"))
+    assert result.heldout_before[2] == 8 and result.heldout_after[2] == 8
+    assert all(np.isfinite(result.heldout_before[:2])) and all(np.isfinite(result.heldout_after[:2]))
+
+
 @pytest.fixture
 def one_device(monkeypatch):
     """`train.train` meshes over the first device only (see the module docstring)."""

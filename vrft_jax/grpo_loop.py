@@ -249,8 +249,9 @@ def iteration(phases: Phases, state: TrainState, batch, key, timer: Timer, *, sa
             "completion_length": float(lengths[valid].mean()) if valid.any() else 0.0,
             "rollout_tokens_per_s": float(lengths.sum() / max(rollout_seconds, 1e-9)),
             "advantage_abs": float(np.abs(advantages[valid]).mean()) if valid.any() else 0.0}
-    picked = []
-    for i in range(min(samples, len(texts))):
+    picked = []  # the first completion of each of the first `samples` real prompts
+    real_prompts = [i for i in range(len(texts) // phases.group_size) if valid[i * phases.group_size]]
+    for i in real_prompts[:samples]:
         row = i * phases.group_size
         picked.append({"completion": texts[row], "solution": batch.meta["solution"][i],
                        "rewards": {"total": float(rewards.total[row]),

@@ -6,6 +6,11 @@ continued, or scored, from a pad token: wrong numbers, no error. None can check 
 program without a host round trip per call, so the check runs on the host before dispatch
 (`LeftPaddedBatch` wraps a jitted batch program with it).
 
+A row of padding only (a finite stream's filler at its end, `valid=False`) is not an error: nothing is
+continued or scored from it that anyone reads. The model computes finite values for it (a query
+whose every key is masked attends uniformly), the real rows never see it, and the loop keeps its
+tokens out of rewards, metrics and the update (review H2).
+
 A device mask is read once: a `jax.Array` is immutable, so one that passed is remembered (weakly,
 by identity) and the rollout, the scoring and the updates of the same prompts pay for one read
 between them (review L6). A NumPy mask is read every time (no device sync, and it may be mutated).
@@ -25,11 +30,12 @@ _PASSED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def check_left_padded(inputs: ModelInputs, what: str = "generation") -> None:
-    """InputError naming the rows whose last slot is padding (`what` names the caller in the message).
+    """InputError naming the rows that hold tokens but end in padding (`what` names the caller in the
+    message); rows of padding only pass.
 
-    Each process reads only the last column of its own shards of the mask, so a global array on a
-    multi-host mesh is checked without a gather. Needs a concrete mask: under a trace, check the
-    concrete batch before calling the jitted function.
+    Each process reads only its own shards of the mask, so a global array on a multi-host mesh is
+    checked without a gather (the layouts never split the length axis: a shard holds whole rows).
+    Needs a concrete mask: under a trace, check the concrete batch before calling the jitted function.
     """
     mask = inputs.attention_mask
     if isinstance(mask, jax.core.Tracer):
@@ -38,11 +44,12 @@ def check_left_padded(inputs: ModelInputs, what: str = "generation") -> None:
     if device and _PASSED.get(id(mask)) is mask:
         return
     if device:
-        pieces = [(shard.index[0].start or 0, np.asarray(shard.data)[:, -1]) for shard in mask.addressable_shards
+        pieces = [(shard.index[0].start or 0, np.asarray(shard.data)) for shard in mask.addressable_shards
                   if shard.index[1].stop in (None, mask.shape[1])]
     else:
-        pieces = [(0, np.asarray(mask)[:, -1])]
-    bad = sorted({start + int(i) for start, last in pieces for i in np.flatnonzero(last == 0)})
+        pieces = [(0, np.asarray(mask))]
+    bad = sorted({start + int(i) for start, rows in pieces
+                  for i in np.flatnonzero((rows[:, -1] == 0) & rows.any(axis=1))})
     if bad:
         raise InputError(f"{what} needs left-padded prompts: rows {bad} end in padding")
     if device:

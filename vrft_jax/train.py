@@ -146,8 +146,8 @@ def heldout_reward(config: ml_collections.ConfigDict, settings: recipe.Settings,
                    params) -> tuple[float, float, int] | None:
     """(mean, standard error, examples) of the reward of greedy answers on the held-out set, or None
     without one: the run's own phases (its sampler cast and model structure) with greedy sampling.
-    Every example once: the set's size must be a multiple of the batch (a finite stream's padded rows
-    are refused by the sampler until the evaluation issue lands)."""
+    Every example once: the last batch of the finite stream is filled with rows of padding only, which
+    the sampler takes and the rewards leave out (`valid`)."""
     if settings.eval_data is None:
         return None
     phases = dataclasses.replace(phases, sampling=recipe.eval_sampling_config(config))
