@@ -278,3 +278,52 @@ def test_a_row_of_padding_only_is_decoded_without_touching_the_real_rows(pair):
     np.testing.assert_array_equal(np.asarray(padded.tokens)[real], np.asarray(full.tokens)[real])
     np.testing.assert_array_equal(np.asarray(padded.lengths)[real], np.asarray(full.lengths)[real])
     assert np.all(np.isfinite(np.asarray(padded.logprobs)))
+
+
+def test_repetition_penalty_equals_hf_logits_processor():
+    """Random logits of both signs and random histories (repeats included) through HF's
+    RepetitionPenaltyLogitsProcessor and ours: equal to the last bit (one multiply or divide each)."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(5, 300)).astype(np.float32) * 3
+    history = rng.integers(0, 300, size=(5, 40))
+    seen = np.zeros(logits.shape, bool)
+    np.put_along_axis(seen, history, True, axis=1)
+    for penalty in (1.05, 1.3, 0.8):
+        theirs = RepetitionPenaltyLogitsProcessor(penalty)(torch.from_numpy(history), torch.from_numpy(logits.copy()))
+        ours = sampling.repetition_penalty(logits, seen, penalty)
+        np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
+
+
+@pytest.mark.parametrize("tiny", TINY_CONFIGS[:1], ids=lambda t: t.name)
+def test_greedy_with_repetition_penalty_equals_hf_generate(tiny, tmp_path):
+    """Penalty 1.05 (Qwen2-VL's generation config), 32 tokens, token for token. HF runs each prompt alone,
+    unpadded: its batches would count their padding as a token of the prompt, ours never does."""
+    hf = random_hf_model(tiny, seed=12)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(str(tmp_path))
+    batch = mixed_batch(tiny, seed=13, padding="left")
+    eos = tiny.hf["text_config"]["eos_token_id"]
+    out = rollout(ours, ModelInputs.from_hf(ours.config, **batch.numpy()), jax.random.key(0),
+                  SamplingConfig(max_new_tokens=32, greedy=True, eos_token_ids=(eos,), pad_token_id=0,
+                                 suppressed_token_ids=(), repetition_penalty=1.05))
+    plain = rollout(ours, ModelInputs.from_hf(ours.config, **batch.numpy()), jax.random.key(0),
+                    SamplingConfig(max_new_tokens=32, greedy=True, eos_token_ids=(eos,), pad_token_id=0,
+                                   suppressed_token_ids=()))
+    assert not np.array_equal(np.asarray(out.tokens), np.asarray(plain.tokens))  # the penalty changed something
+    grids = batch.image_grid_thw
+    per_image = np.split(batch.pixel_values, np.cumsum(grids.prod(axis=1))[:-1])
+    images_of_row = [[0], [1, 2], [], [3]]  # mixed_batch's rows hold 1, 2, 0 and 1 images
+    for row in range(len(batch.input_ids)):
+        real = batch.attention_mask[row].astype(bool)
+        ids = torch.from_numpy(batch.input_ids[row][real][None]).long()
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                      mm_token_type_ids=(ids == tiny.image_token_id).long())
+        if images := images_of_row[row]:
+            kwargs.update(pixel_values=torch.from_numpy(np.concatenate([per_image[i] for i in images])),
+                          image_grid_thw=torch.from_numpy(grids[images]))
+        with torch.no_grad():
+            ref = hf.generate(**kwargs, max_new_tokens=32, do_sample=False, repetition_penalty=1.05,
+                              eos_token_id=eos, pad_token_id=0)[0, ids.shape[1]:].numpy()
+        np.testing.assert_array_equal(np.asarray(out.tokens)[row, :len(ref)], ref, err_msg=f"row {row}")

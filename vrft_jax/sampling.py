@@ -45,6 +45,10 @@ class SamplingConfig:
     # Never sampled. None: the model's vision special tokens (<|vision_start|>, <|vision_end|>,
     # <|image_pad|>, <|video_pad|>), as TRL does for VLMs.
     suppressed_token_ids: tuple[int, ...] | None = None
+    # HF's rule (`repetition_penalty`): the logit of every token already in the row (its prompt's real
+    # tokens and what it generated) is divided by it when positive, multiplied when negative, before
+    # the temperature. 1.0 is off; Qwen2-VL's shipped generation config and Visual-RFT's evaluation use 1.05.
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.group_size < 1:
@@ -55,6 +59,8 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         if self.suppressed_token_ids is not None:
             object.__setattr__(self, "suppressed_token_ids", tuple(self.suppressed_token_ids))
@@ -105,6 +111,7 @@ class Prefilled:
     logits: jax.Array  # float32[B, V] at each prompt's last token
     cache: KVCache  # [L, B, T, K, H]: the prompts' keys and values, shared by each group's samples
     next_positions: jax.Array  # int32[B]: M-RoPE position of the first generated token
+    seen: jax.Array | None = None  # bool[B, V]: the prompt's real tokens, with a repetition penalty
 
 
 def rollout(model: Qwen2VL, inputs: ModelInputs, key: jax.Array, config: SamplingConfig) -> Rollout:
@@ -131,7 +138,12 @@ def prefill(graphdef, state, inputs: ModelInputs, config: SamplingConfig) -> Pre
     cache = KVCache.zeros(model.config, batch, length)
     logits, cache = model.prefill(inputs, cache)
     next_positions = jnp.sum(inputs.attention_mask, axis=1) + inputs.rope_deltas
-    return Prefilled(logits=logits.astype(jnp.float32), cache=cache, next_positions=next_positions.astype(jnp.int32))
+    seen = None
+    if config.repetition_penalty != 1.0:  # padding is not a token of the prompt (HF's batches count it)
+        ids = jnp.where(inputs.attention_mask > 0, inputs.input_ids, logits.shape[-1])  # out of range: dropped
+        seen = jnp.zeros(logits.shape, bool).at[jnp.arange(batch)[:, None], ids].set(True, mode="drop")
+    return Prefilled(logits=logits.astype(jnp.float32), cache=cache, next_positions=next_positions.astype(jnp.int32),
+                     seen=seen)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -153,40 +165,53 @@ def decode(graphdef, state, prefilled: Prefilled, key: jax.Array, config: Sampli
     eos = jnp.asarray(config.eos_token_ids, jnp.int32)
 
     def cond(carry):
-        step, _, _, _, _, done, _ = carry
+        step, _, _, _, _, done, _, _ = carry
         return (step < steps) & ~jnp.all(done)
 
     def body(carry):
-        step, logits, cache, tokens, logprobs, done, lengths = carry
-        token, logprob = sample_token(logits, jax.random.fold_in(key, step), config)
+        step, logits, cache, tokens, logprobs, done, lengths, seen = carry
+        token, logprob = sample_token(logits, jax.random.fold_in(key, step), config, seen)
         token = jnp.where(done, config.pad_token_id, token)
+        if seen is not None:
+            seen = seen.at[jnp.arange(rows), token].set(True)
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(token, eos)
         positions = jnp.broadcast_to((next_positions + step)[:, None], (rows, 3))
         logits, cache = model.decode(token, positions, cache, prefix)
-        return step + 1, logits.astype(jnp.float32), cache, tokens, logprobs, done, lengths
+        return step + 1, logits.astype(jnp.float32), cache, tokens, logprobs, done, lengths, seen
 
     carry = (jnp.int32(0), repeat(prefilled.logits), cache,
              jnp.full((rows, steps), config.pad_token_id, jnp.int32), jnp.zeros((rows, steps), jnp.float32),
-             jnp.zeros((rows,), bool), jnp.zeros((rows,), jnp.int32))
-    _, _, _, tokens, logprobs, _, lengths = jax.lax.while_loop(cond, body, carry)
+             jnp.zeros((rows,), bool), jnp.zeros((rows,), jnp.int32),
+             None if prefilled.seen is None else repeat(prefilled.seen))
+    _, _, _, tokens, logprobs, _, lengths, _ = jax.lax.while_loop(cond, body, carry)
     return Rollout(tokens=tokens, logprobs=logprobs, lengths=lengths)
 
 
-def sample_token(logits_bv, key, config: SamplingConfig):
+def repetition_penalty(logits_bv, seen_bv, penalty: float):
+    """HF's `RepetitionPenaltyLogitsProcessor`: the logits of the `seen` tokens divided by `penalty` where
+    positive, multiplied where negative; the others unchanged."""
+    return jnp.where(seen_bv, jnp.where(logits_bv < 0, logits_bv * penalty, logits_bv / penalty), logits_bv)
+
+
+def sample_token(logits_bv, key, config: SamplingConfig, seen_bv=None):
     """(int32[B] tokens, float32[B] their log-probability under softmax(logits / temperature)).
 
-    Filters apply in HF's order: suppressed tokens, temperature, top-k, then top-p (over the
-    renormalised top-k set). The returned log-probability is over the full vocabulary: what the
-    trainer recomputes from the policy's logits.
+    Processing follows HF's order: the repetition penalty over `seen_bv` (when given), suppressed
+    tokens, temperature, top-k, then top-p (over the renormalised top-k set). The returned
+    log-probability is of the unprocessed logits over the full vocabulary: what the trainer
+    recomputes from the policy's logits.
     """
     temperature = 1.0 if config.greedy else config.temperature
     logits_bv = logits_bv.astype(jnp.float32)
-    scaled = logits_bv / temperature
-    top = jax.lax.stop_gradient(jnp.max(scaled, axis=-1, keepdims=True))
-    full_logprobs_norm = top[:, 0] + jnp.log(jnp.sum(jnp.exp(scaled - top), axis=-1))
+    full = logits_bv / temperature
+    top = jax.lax.stop_gradient(jnp.max(full, axis=-1, keepdims=True))
+    full_logprobs_norm = top[:, 0] + jnp.log(jnp.sum(jnp.exp(full - top), axis=-1))
+    scaled = full
+    if seen_bv is not None:
+        scaled = repetition_penalty(logits_bv, seen_bv, config.repetition_penalty) / temperature
     if config.suppressed_token_ids:  # a select fused with the scaling, not a scatter into a copy
         suppressed = jnp.zeros(scaled.shape[-1], bool).at[jnp.asarray(config.suppressed_token_ids)].set(True)
         scaled = jnp.where(suppressed, -jnp.inf, scaled)

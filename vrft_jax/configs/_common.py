@@ -155,6 +155,7 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
         top_p=1.0,
         greedy=False,
         suppressed_token_ids=config_dict.placeholder(tuple),  # None: the model's vision tokens
+        repetition_penalty=1.0,  # TRL's default for training rollouts; evaluation follows Qwen2-VL's 1.05
     )
 
     c.grpo = dict(
