@@ -327,3 +327,20 @@ def test_greedy_with_repetition_penalty_equals_hf_generate(tiny, tmp_path):
             ref = hf.generate(**kwargs, max_new_tokens=32, do_sample=False, repetition_penalty=1.05,
                               eos_token_id=eos, pad_token_id=0)[0, ids.shape[1]:].numpy()
         np.testing.assert_array_equal(np.asarray(out.tokens)[row, :len(ref)], ref, err_msg=f"row {row}")
+
+
+def test_greedy_generate_stops_where_training_does(monkeypatch):
+    """One stop set for training and evaluation (review M6): greedy_generate's defaults are
+    SamplingConfig's (<|im_end|> and <|endoftext|>), not config.json's <|im_end|> alone."""
+    seen = []
+
+    def fake_rollout(model, inputs, key, config):
+        seen.append(config)
+        return sampling.Rollout(tokens=np.zeros((1, 2), np.int32), logprobs=np.zeros((1, 2), np.float32),
+                                lengths=np.array([2], np.int32))
+
+    monkeypatch.setattr(sampling, "rollout", fake_rollout)
+    sampling.greedy_generate(None, None, 2)
+    default = SamplingConfig(max_new_tokens=2)
+    assert seen[0].eos_token_ids == default.eos_token_ids == (151645, 151643)
+    assert seen[0].pad_token_id == default.pad_token_id and seen[0].greedy

@@ -272,12 +272,18 @@ def _top_p_filter_sorted(values_desc, top_p: float):
 
 
 def greedy_generate(model: Qwen2VL, inputs: ModelInputs, max_new_tokens: int, *, eos_token_ids=None,
-                    pad_token_id: int = 0, suppressed_token_ids=()) -> np.ndarray:
+                    pad_token_id: int | None = None, suppressed_token_ids=(),
+                    repetition_penalty: float = 1.0) -> np.ndarray:
     """int32[B, <= max_new_tokens] greedy continuations as HF `generate(do_sample=False)` returns them:
-    `pad_token_id` after a row's EOS, trimmed where every row is done."""
-    config = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, pad_token_id=pad_token_id,
-                            eos_token_ids=model.config.eos_token_ids if eos_token_ids is None else eos_token_ids,
-                            suppressed_token_ids=suppressed_token_ids)
+    `pad_token_id` after a row's EOS, trimmed where every row is done.
+
+    The stop set and the pad id default to `SamplingConfig`'s, the ones training samples with:
+    <|im_end|> and <|endoftext|>, as Qwen2-VL's generation config stops on (review M6; its
+    `config.json` lists <|im_end|> alone, which `model.config.eos_token_ids` holds)."""
+    given = dict(eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+    config = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, suppressed_token_ids=suppressed_token_ids,
+                            repetition_penalty=repetition_penalty,
+                            **{name: value for name, value in given.items() if value is not None})
     out = rollout(model, inputs, jax.random.key(0), config)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     return tokens[:, :int(lengths.max())]
