@@ -114,16 +114,17 @@ def _cast(settings, x):
 
 
 def _logits(settings, hidden_ncd, block_vd, mask_v):
-    """float32 [N, c, vb] logits / T of one vocabulary block, the padding rows at -inf."""
-    logits = jnp.einsum("NCD,VD->NCV", _cast(settings, hidden_ncd), _cast(settings, block_vd),
-                        preferred_element_type=jnp.float32, precision=settings.precision)
+    """float32 [N, c, vb] logits / T of one vocabulary block, the padding rows at -inf (inputs already
+    in the compute dtype: the forward and the backward cast once, not per block)."""
+    logits = jnp.einsum("NCD,VD->NCV", hidden_ncd, block_vd, preferred_element_type=jnp.float32,
+                        precision=settings.precision)
     return constrain(logits / settings.temperature + mask_v, ("batch", "length", "act_vocab"))
 
 
 def _target_logits(settings, hidden, head_vd, targets):
     """float32 logits / T of the target tokens: each position's dot product with its target's head row."""
-    rows = jnp.take(_cast(settings, head_vd), targets, axis=0)
-    return jnp.einsum("...D,...D->...", _cast(settings, hidden), rows, preferred_element_type=jnp.float32,
+    rows = jnp.take(head_vd, targets, axis=0)
+    return jnp.einsum("...D,...D->...", hidden, rows, preferred_element_type=jnp.float32,
                       precision=settings.precision) / settings.temperature
 
 
@@ -162,7 +163,8 @@ def _log_normaliser(settings, hidden_ncd, blocks, mask):
 
 
 def _forward(settings, hidden_nld, head_vd, targets_nl):
-    hidden, targets = _chunked(settings, hidden_nld), _chunked(settings, targets_nl)
+    head_vd = _cast(settings, head_vd)
+    hidden, targets = _chunked(settings, _cast(settings, hidden_nld)), _chunked(settings, targets_nl)
     blocks, mask = _blocks(settings, head_vd)
 
     def one_chunk(chunk):
@@ -193,12 +195,12 @@ def _token_logprobs_fwd(settings, hidden_nld, head_vd, targets_nl):
 def _token_logprobs_bwd(settings, residuals, cotangents):
     hidden_nld, head_vd, targets_nl, log_z_nl = residuals
     scale_nl = cotangents[0].astype(jnp.float32) / settings.temperature  # g / T; the entropy has no gradient
-    hidden, scale, log_z = (_chunked(settings, x) for x in (hidden_nld, scale_nl, log_z_nl))
-    blocks, mask = _blocks(settings, head_vd)
+    compute_hidden, compute_head = _cast(settings, hidden_nld), _cast(settings, head_vd)
+    hidden, scale, log_z = (_chunked(settings, x) for x in (compute_hidden, scale_nl, log_z_nl))
+    blocks, mask = _blocks(settings, compute_head)
 
     def one_chunk(d_blocks, chunk):
         hidden_ncd, scale_nc, log_z_nc = chunk
-        compute_hidden = _cast(settings, hidden_ncd)
 
         def one_block(d_hidden, block):
             block_vd, mask_v, d_block_dv = block
@@ -206,11 +208,11 @@ def _token_logprobs_bwd(settings, residuals, cotangents):
             d_logits = -scale_nc[..., None] * jnp.exp(_logits(settings, hidden_ncd, block_vd, mask_v)
                                                       - log_z_nc[..., None])
             d_logits = _cast(settings, d_logits)
-            d_hidden += jnp.einsum("NCV,VD->NCD", d_logits, _cast(settings, block_vd),
+            d_hidden += jnp.einsum("NCV,VD->NCD", d_logits, block_vd,
                                    preferred_element_type=jnp.float32, precision=settings.precision)
             # [D, vb], not [vb, D]: the matmul then transposes the chunk's small hidden states, not the
             # block's large d_logits (a copy that cost as much as the matmuls on the CPU).
-            d_block_dv += jnp.einsum("NCD,NCV->DV", compute_hidden, d_logits, preferred_element_type=jnp.float32,
+            d_block_dv += jnp.einsum("NCD,NCV->DV", hidden_ncd, d_logits, preferred_element_type=jnp.float32,
                                      precision=settings.precision)
             return d_hidden, d_block_dv
 
@@ -221,11 +223,12 @@ def _token_logprobs_bwd(settings, residuals, cotangents):
     count, block, width = blocks.shape
     d_blocks, d_hidden = jax.lax.scan(one_chunk, jnp.zeros((count, width, block), jnp.float32), (hidden, scale, log_z))
     d_hidden = _unchunk(d_hidden, hidden_nld.shape[1])
-    # The onehot part, (g/T) at each target: a gather into d hidden, a scatter-add into d head.
-    target_rows = jnp.take(head_vd, targets_nl, axis=0).astype(jnp.float32)
+    # The onehot part, (g/T) at each target: a gather into d hidden, a scatter-add into d head, both of
+    # the compute-dtype values the forward multiplied.
+    target_rows = jnp.take(compute_head, targets_nl, axis=0).astype(jnp.float32)
     d_hidden = d_hidden + scale_nl[..., None] * target_rows
     d_head = _unblock(d_blocks.swapaxes(1, 2), head_vd.shape[0]).at[targets_nl.reshape(-1)].add(
-        (scale_nl[..., None] * hidden_nld.astype(jnp.float32)).reshape(-1, hidden_nld.shape[-1]))
+        (scale_nl[..., None] * compute_hidden.astype(jnp.float32)).reshape(-1, hidden_nld.shape[-1]))
     return d_hidden.astype(hidden_nld.dtype), d_head.astype(head_vd.dtype), None
 
 

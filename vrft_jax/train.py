@@ -200,10 +200,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
     before = None
     if not sft_mode and config.eval_every:
         # Measured once, on the initial weights, and kept in the workdir: a resumed run reports it too.
-        before = _read_heldout(workdir) if start > 0 else None
-        if before is None and start == 0:
+        if start == 0:
             before = heldout_reward(config, settings, phases, state.params)
             _write_heldout(workdir, before)
+        else:
+            before = _read_heldout(workdir)
         _report_heldout("before", before)
 
     total = config.total_steps
@@ -310,11 +311,13 @@ def main(argv) -> None:
     result = train(config, workdir)
     if result.preempted:
         sys.exit(0)
-    hf = os.path.join(workdir, "hf")
-    print(f"finished {config.name}: {result.step} steps\n  checkpoints {os.path.join(workdir, 'checkpoints')}\n"
-          f"  model {result.model_dir}" + (f"\n  Hugging Face export {hf}" if config.export_hf else "")
-          + f"\n  metrics {os.path.join(workdir, 'metrics.jsonl')}, samples {os.path.join(workdir, 'samples.jsonl')}"
-          f"\n  curves: tensorboard --logdir {workdir}", flush=True)
+    lines = [f"finished {config.name}: {result.step} steps", f"checkpoints {os.path.join(workdir, 'checkpoints')}",
+             f"model {result.model_dir}"]
+    if config.export_hf:
+        lines.append(f"Hugging Face export {os.path.join(workdir, 'hf')}")
+    lines += [f"metrics {os.path.join(workdir, 'metrics.jsonl')}, samples {os.path.join(workdir, 'samples.jsonl')}",
+              f"curves: tensorboard --logdir {workdir}"]
+    print("\n  ".join(lines), flush=True)
     if result.heldout_before and result.heldout_after:
         (b, b_se, _), (a, a_se, _) = result.heldout_before, result.heldout_after
         gain = (a - b) / math.hypot(a_se, b_se) if a_se or b_se else math.copysign(math.inf, a - b) if a != b else 0.0

@@ -183,6 +183,7 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
         micro_batches=1,
         num_iterations=1,
         logits_chunk_size=32,
+        logits_vocab_block=4096,
         freeze_vision=False,
         max_consecutive_nonfinite=10,
     )
