@@ -47,6 +47,7 @@ from vrft_jax import sharding
 from vrft_jax.configs._common import SHARED
 from vrft_jax.data import storage
 from vrft_jax.data.config import DataConfig
+from vrft_jax.evaluate.settings import EvaluationSettings
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig, TextConfig, VisionConfig
 from vrft_jax.rewards import RewardSpec, WeightedReward, combine, reward_options
 from vrft_jax.sampling import SamplingConfig
@@ -68,7 +69,8 @@ BLOCK_KEYS = {
     "model": frozenset({"preset", "checkpoint", "hub_id", "precision", "param_dtype", "dtype", "remat", "text",
                         "vision", "tie_word_embeddings"}),
     "source": frozenset({"download", "prepare"}),
-    "eval": frozenset({"path", "split", "prepare"}),
+    "eval": frozenset({"path", "split", "prepare", "type", "gt", "protocol", "parse", "max_new_tokens",
+                       "repetition_penalty"}),
     "rewards": frozenset({"mode", "frame", "terms"}),
     "mesh": frozenset({"data", "fsdp", "tensor"}),
     "warm_start": frozenset({"sft_steps", "learning_rate"}),
@@ -312,6 +314,7 @@ def build(config: ml_collections.ConfigDict, *, process_count: int | None = None
     settings = Settings(model=model_config(config), train=train_config(config), sampling=sampling_config(config),
                         data=data_config(config, process_count), eval_data=eval_data_config(config, process_count),
                         reward_fn=reward_fn(config), sampler_dtype=jnp.dtype(config.compute_dtype))
+    eval_settings(config)  # an unknown eval.type, protocol, reader or frame is an error naming it
     if config.prompts_per_step % settings.train.micro_batches:
         raise ValueError(f"train.micro_batches={settings.train.micro_batches} does not divide prompts_per_step="
                          f"{config.prompts_per_step}")
@@ -377,8 +380,19 @@ def sampling_config(config: ml_collections.ConfigDict) -> SamplingConfig:
 
 
 def eval_sampling_config(config: ml_collections.ConfigDict) -> SamplingConfig:
-    """Greedy, one completion per prompt, otherwise the rollout's."""
-    return dataclasses.replace(sampling_config(config), greedy=True, group_size=1)
+    """Greedy, one completion per prompt, with the `eval` block's repetition penalty and length (None: the
+    rollout's), otherwise the rollout's (EOS set, suppressed tokens)."""
+    block = config.eval
+    length = config.sampling.max_new_tokens if block.max_new_tokens is None else block.max_new_tokens
+    return dataclasses.replace(sampling_config(config), greedy=True, group_size=1, max_new_tokens=length,
+                               repetition_penalty=block.repetition_penalty)
+
+
+def eval_settings(config: ml_collections.ConfigDict) -> EvaluationSettings:
+    """What the `eval` block tells an evaluator beyond its data and decoding."""
+    block = config.eval
+    return EvaluationSettings(type=block.type, gt=block.gt, protocol=block.protocol, parse=block.parse,
+                              categories=tuple(config.get("categories", ())), frame=config.rewards.frame)
 
 
 def data_config(config: ml_collections.ConfigDict, process_count: int | None = None) -> DataConfig:
@@ -448,7 +462,7 @@ def check_inputs_exist(config: ml_collections.ConfigDict) -> None:
     the held-out one, or the initial checkpoint (a Hugging Face directory)."""
     for which, path, download in (("train", config.data.path, config.source.download),
                                   ("eval", config.eval.path, "")):
-        if which == "eval" and not path:
+        if which == "eval" and not (path and config.eval_every):  # `evaluate` checks its own set
             continue
         try:
             storage.dataset_dir(path)

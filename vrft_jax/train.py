@@ -29,16 +29,17 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import app, logging
 from flax import nnx
 
 from vrft_jax import checkpoints, grpo_loop, model_dir, recipe, sft
 from vrft_jax.data import make_iterator
-from vrft_jax.metrics import MetricWriter, every
+from vrft_jax.evaluate import evaluators, report
+from vrft_jax.metrics import MetricWriter, every, read_metrics
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
 from vrft_jax.progress import Reporter, Timer
+from vrft_jax.rewards.frames import Frame, frame_of
 from vrft_jax.train_step import check_nonfinite, init_state, make_score_fn, make_train_step
 
 TIMING_KEYS = ("time/", "rollout_tokens_per_s")  # the only metrics that differ between identical runs
@@ -54,6 +55,7 @@ class Result:
     model_dir: str | None
     heldout_before: tuple[float, float, int] | None = None
     heldout_after: tuple[float, float, int] | None = None
+    report: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -142,25 +144,36 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 # ------------------------------------------------------------------------------------------- held-out
 
 
-def heldout_reward(config: ml_collections.ConfigDict, settings: recipe.Settings, phases: grpo_loop.Phases,
-                   params) -> tuple[float, float, int] | None:
-    """(mean, standard error, examples) of the reward of greedy answers on the held-out set, or None
-    without one: the run's own phases (its sampler cast and model structure) with greedy sampling.
-    Every example once: the last batch of the finite stream is filled with rows of padding only, which
-    the sampler takes and the rewards leave out (`valid`)."""
-    if settings.eval_data is None:
+class Evaluation:
+    """The run's held-out evaluation (`vrft_jax.evaluate`): the recipe's evaluator on the sampler's weights,
+    its predictions and metrics under `workdir/eval/`, its scalars under `eval/` in metrics.jsonl and
+    TensorBoard. Every example once: the last batch of the finite stream is filled with rows of padding
+    only, which the sampler takes and the metrics leave out."""
+
+    def __init__(self, config, settings, phases: grpo_loop.Phases, workdir: str):
+        self.evaluator = evaluators.from_recipe(config, settings, tokenizer=phases.tokenizer,
+                                                sampler_graphdef=phases.sampler_graphdef, mesh=phases.mesh)
+        self.phases, self.directory = phases, os.path.join(workdir, "eval")
+        self.last: evaluators.EvalResult | None = None
+
+    def __call__(self, step: int, params, writer: MetricWriter | None) -> evaluators.EvalResult | None:
+        if self.evaluator is None:
+            return None
+        result = self.evaluator.run(self.phases.sampler_cast(params))
+        if jax.process_index() == 0:
+            evaluators.save(result, self.directory, step)
+        if writer is not None:
+            writer.write(step, {f"eval/{k}": v for k, v in result.scalars.items()})
+        self.last = result
+        return result
+
+
+def _heldout(result: evaluators.EvalResult | None) -> tuple[float, float, int] | None:
+    """(mean reward, its standard error, examples) of an evaluation."""
+    if result is None:
         return None
-    phases = dataclasses.replace(phases, sampling=recipe.eval_sampling_config(config))
-    weights = phases.sampler_cast(params)
-    values = []
-    for batch in make_iterator(settings.eval_data, settings.model, mesh=phases.mesh, tokenizer=phases.tokenizer):
-        out = grpo_loop.sample(phases, weights, batch.model_inputs, jax.random.key(0))
-        tokens, mask = grpo_loop.local_rows(out)
-        texts = grpo_loop.detokenize(phases.tokenizer, tokens, mask)
-        rewards, valid = grpo_loop.score_rewards(phases, texts, batch.meta)
-        values.append(rewards.total[valid])
-    values = np.concatenate(values).astype(np.float64)
-    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values))), len(values)
+    m = result.metrics
+    return m["reward"], m["reward_standard_error"], m["examples"]
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -197,18 +210,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
     if restored is not None:
         start, state = restored
         logging.info("resumed %s at step %d", workdir, start)
+    total = config.total_steps
+    writer = MetricWriter(workdir, start_step=start)
+    evaluation = Evaluation(config, settings, phases, workdir) if not sft_mode and config.eval_every else None
     before = None
-    if not sft_mode and config.eval_every:
-        # Measured once, on the initial weights, and kept in the workdir: a resumed run reports it too.
+    if evaluation is not None:
+        # Measured once, on the initial weights (step 0), and kept in the workdir: a resumed run reports it too.
         if start == 0:
-            before = heldout_reward(config, settings, phases, state.params)
+            before = _heldout(evaluation(0, state.params, writer))
             _write_heldout(workdir, before)
         else:
             before = _read_heldout(workdir)
         _report_heldout("before", before)
-
-    total = config.total_steps
-    writer = MetricWriter(workdir, start_step=start)
     reporter = Reporter(total, start_step=start)
     timer = Timer()
     key = jax.random.key(config.seed)
@@ -233,6 +246,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
                 check_nonfinite(state, train_config)
             if outcome.samples:
                 writer.write_samples(step, outcome.samples)
+            if evaluation is not None and every(step, config.eval_every, total):
+                evaluation(step, state.params, writer)
             reporter.update(step, scalars)
             preempted = guard.should_stop(step)
             checkpoints.save(manager, step, state, data, config=resolved, force=preempted or step == total)
@@ -242,19 +257,39 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
     manager.close()
     writer.close()
     reporter.close()
+    if evaluation is not None and evaluation.last is None and not preempted:  # resumed at the end: evaluate
+        evaluation(total, state.params, None)
     if preempted:
         logging.warning("preempted: saved step %d of %s; the same command resumes it", step, workdir)
         return Result(step=step, preempted=True, model_dir=None)
     final_dir = os.path.join(workdir, "model")
     final_model = nnx.merge(graphdef, state.params)
     model_dir.save_model(final_model, final_dir, hf_source=source_dir if source_dir and _is_hf(source_dir) else None)
-    after = None
-    if not sft_mode and config.eval_every:
-        after = heldout_reward(config, settings, phases, state.params)
+    after, report = None, None
+    if evaluation is not None and evaluation.last is not None:
+        after = _heldout(evaluation.last)
         _report_heldout("after", after)
+        report = write_report(config, workdir, evaluation)
     if config.export_hf:
         export_hf(final_dir, os.path.join(workdir, "hf"))
-    return Result(step=total, preempted=False, model_dir=final_dir, heldout_before=before, heldout_after=after)
+    return Result(step=total, preempted=False, model_dir=final_dir, heldout_before=before, heldout_after=after,
+                  report=report)
+
+
+def write_report(config, workdir: str, evaluation: Evaluation) -> str | None:
+    """The run's visual report (`vrft_jax.evaluate.report`) from its last evaluation; its path."""
+    if jax.process_index() != 0:
+        return None
+    before_path = os.path.join(evaluation.directory, "step_0.json")
+    before = None
+    if os.path.exists(before_path):
+        with open(before_path, encoding="utf-8") as f:
+            before = json.load(f)
+    result = evaluation.last
+    frame = "rel1000" if frame_of(config.rewards.frame) is Frame.REL1000 else "pixels"
+    return report.write_report(workdir, predictions=result.predictions, metrics=result.metrics,
+                               history=read_metrics(workdir), image_of=evaluation.evaluator.image_bytes,
+                               title=f"{config.name}: {config.total_steps} steps", frame=frame, before=before)
 
 
 def sft_iteration(phases: grpo_loop.Phases, state, batch, config, timer: Timer):
@@ -317,6 +352,8 @@ def main(argv) -> None:
         lines.append(f"Hugging Face export {os.path.join(workdir, 'hf')}")
     lines += [f"metrics {os.path.join(workdir, 'metrics.jsonl')}, samples {os.path.join(workdir, 'samples.jsonl')}",
               f"curves: tensorboard --logdir {workdir}"]
+    if result.report:
+        lines.append(f"evaluations {os.path.join(workdir, 'eval')}; report {result.report}")
     print("\n  ".join(lines), flush=True)
     if result.heldout_before and result.heldout_after:
         (b, b_se, _), (a, a_se, _) = result.heldout_before, result.heldout_after

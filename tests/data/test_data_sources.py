@@ -197,6 +197,26 @@ def test_prepare_cli_writes_coco_base_novel_splits(tmp_path, capsys):
     assert storage.split_names(str(tmp_path / "out" / "coco_ov")) == ["base", "novel"]
 
 
+def test_evaluation_queries_all_categories_or_visual_rfts_exist_map(tmp_path):
+    """`prepare coco --queries`: `all` asks every chosen category in every image (absent ones answer No
+    Objects); `exist:FILE` asks what Visual-RFT's exist map lists per image, of the chosen categories."""
+    annotations, (cat, dog, bus) = _instances(tmp_path, "coco")
+    instances = coco.load_instances(annotations)
+    every = list(coco.detection_candidates(instances, str(tmp_path / "images"), categories=[cat, bus],
+                                           queries="all"))
+    assert [c.fields["id"] for c in every] == [f"coco:{i}:{k}" for i in range(1, 7) for k in (1, 3)]
+    by_id = {c.fields["id"]: c.fields["solution"] for c in every}
+    assert by_id["coco:5:1"] == "<answer>No Objects</answer>" and "Position" in by_id["coco:3:3"]
+    (tmp_path / "exist.json").write_text(json.dumps({"1": ["dog", "cat", "cat"], "2": ["bus"], "6": ["train"]}))
+    listed = list(coco.detection_candidates(instances, str(tmp_path / "images"), categories=[cat, dog, bus],
+                                            queries=f"exist:{tmp_path / 'exist.json'}"))
+    assert [c.fields["id"] for c in listed] == ["coco:1:2", "coco:1:1", "coco:2:3"]  # train is not chosen
+    assert listed[2].fields["solution"] == "<answer>No Objects</answer>"  # bus hallucinated in image 2
+    (tmp_path / "bad.json").write_text(json.dumps({"1": ["zebra"]}))
+    with pytest.raises(ValueError, match=r"image 1 lists categories \['zebra'\]"):
+        list(coco.detection_candidates(instances, "", queries=f"exist:{tmp_path / 'bad.json'}"))
+
+
 # ---------------------------------------------------------------------------- classification, LISA, synthetic
 
 def test_classification_folders_and_lists_with_k_shot(tmp_path):

@@ -18,6 +18,7 @@ The other top-level fields are the run's: its name, length and cadence, and wher
 
 from __future__ import annotations
 
+import shlex
 import types
 
 import ml_collections
@@ -146,7 +147,13 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
         problem_prefix="",
     )
     c.data.seed = c.get_oneway_ref("seed")  # the shuffle follows the run's seed unless set
-    c.eval = dict(path="", split="train", prepare="")  # a held-out set scored every eval_every steps; "" = none
+    # The held-out set ("" = none), evaluated every eval_every steps and by `python -m vrft_jax.evaluate`:
+    # its evaluator type (rewards, classification, detection, grounding), detection's ground truth ("" = the
+    # records' own boxes) and protocol (coco, lvis), how answers are read (visual_rft: as the paper's
+    # scripts; strict), and decoding: greedy with Qwen2-VL's shipped repetition penalty, which Visual-RFT's
+    # evaluation ran with; max_new_tokens None = the rollout's.
+    c.eval = dict(path="", split="train", prepare="", type="rewards", gt="", protocol="coco", parse="visual_rft",
+                  max_new_tokens=config_dict.placeholder(int), repetition_penalty=1.05)
 
     c.sampling = dict(
         max_new_tokens=256,  # TRL's max_completion_length default; Visual-RFT did not set it
@@ -205,6 +212,23 @@ def link_shared(c: ml_collections.ConfigDict) -> None:
         for path in paths:
             block, field = path.split(".")
             c[block][field] = ref
+
+
+def detection_eval(c: ml_collections.ConfigDict, *, flavor: str, annotations: str, images: str, exist_map: str,
+                   protocol: str) -> None:
+    """The paper's detection evaluation as the recipe's `eval` block: Visual-RFT's questions (the categories
+    its exist map lists per image, of the recipe's), the instances file as ground truth, answers read as its
+    scripts read them, 1024 new tokens (its `max_new_tokens`). Run by `python -m vrft_jax.evaluate`; in the
+    loop only with eval_every > 0 (thousands of images: hours)."""
+    c.eval_every = 0
+    c.eval.path = f"data/{flavor}_val_{c.name}_queries"
+    c.eval.split = "val"
+    c.eval.prepare = (f"{flavor} --annotations {annotations} --images {images} "
+                      f"--categories {shlex.quote(','.join(c.categories))} --queries exist:{exist_map} --split val")
+    c.eval.type = "detection"
+    c.eval.gt = annotations
+    c.eval.protocol = protocol
+    c.eval.max_new_tokens = 1024
 
 
 def hf_download(repo: str, directory: str) -> str:

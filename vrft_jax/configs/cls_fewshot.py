@@ -38,4 +38,10 @@ def get_config(arg=None):
                             f"--shots {arg.shots} --seed 0")
         c.data.path = f"data/cls_{arg.dataset}_{arg.shots}shot"
     c.rewards.terms = {"classification": 1.0, "format": 1.0}
+    # Accuracy on the CoOp test split (visual-rft.md §7.1) once it is prepared, e.g. `prepare classification
+    # --list test.txt --noun NOUN --split test`, and named: --config.eval.path=... --config.eval_every=N,
+    # or `python -m vrft_jax.evaluate --config.eval.path=...`.
+    c.eval.type = "classification"
+    c.eval.split = "test"
+    c.eval.max_new_tokens = 1024
     return c

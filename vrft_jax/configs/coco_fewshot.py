@@ -33,4 +33,8 @@ def get_config(arg=None):
                             f"--shots {arg.shots} --seed 0")
         c.data.path = f"data/coco_8cate_{arg.shots}shot"
     c.rewards.terms = {"detection_iou": 1.0, "detection_confidence": 1.0, "format": 1.0}
+    _common.detection_eval(c, flavor="coco", annotations="sources/coco/annotations/instances_val2017.json",
+                           images="sources/coco/val2017", protocol="coco",
+                           exist_map=f"sources/Visual-RFT/coco_evaluation/exist_map_coco_Qwen2_vl_{arg.model.upper()}"
+                                     "_baseline.json")
     return c

@@ -55,6 +55,9 @@ def get_config(arg=None):
     c.eval.split = "test"
     c.eval.prepare = ("synthetic --task classification --label colour --shape-size large --num-images 256 --seed 1 "
                       "--split test")
+    c.eval.type = "classification"  # accuracy by both rules, and the strict reward, every eval_every steps
+    c.eval.parse = "strict"
+    c.eval.repetition_penalty = 1.0  # a model trained from scratch has no generation config to follow
 
     c.sampling.max_new_tokens = 12  # `<answer>orange</answer>` and EOS: 8 tokens
     c.sampling.group_size = 8

@@ -21,4 +21,9 @@ def get_config(arg=None):
     c.source.prepare = "lisa --input sources/LISA/train"
     c.data.path = "data/lisa_train"
     c.rewards.terms = {"grounding_giou": 1.0, "format": 1.0}
+    # Box mIoU/cIoU on LISA's val or test JSON once prepared (`prepare lisa --input val.json --split val`) and
+    # named with --config.eval.path; lisa_evaluation generates 128 new tokens.
+    c.eval.type = "grounding"
+    c.eval.split = "val"
+    c.eval.max_new_tokens = 128
     return c

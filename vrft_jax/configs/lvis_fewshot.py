@@ -21,4 +21,8 @@ def get_config(arg=None):
     c.source.prepare = "virft --parquet sources/ViRFT_LVIS_few_shot/data/*.parquet"
     c.data.path = "data/virft_lvis_few_shot"
     c.rewards.terms = {"detection_iou": 1.0, "detection_confidence": 1.0, "format": 1.0}
+    _common.detection_eval(c, flavor="lvis", annotations="sources/lvis/lvis_v1_val.json", images="sources/coco",
+                           protocol="lvis",
+                           exist_map=f"sources/Visual-RFT/lvis_evaluation/exist_map_lvis_Qwen2_vl_{arg.model.upper()}"
+                                     "_baseline.json")
     return c

@@ -120,28 +120,68 @@ def image_path(image: Mapping[str, Any], image_root: str) -> str:
     return os.path.join(image_root, str(image.get("id")))
 
 
+QUERIES = ("present", "all", "exist:FILE")
+
+
+def query_pairs(instances: Instances, category_ids: Sequence[int], queries: str) -> Iterator[tuple[int, int]]:
+    """(image id, category id) questions of an evaluation set, by protocol:
+
+    present      every image with a box of the category (training's records: the answer is never empty)
+    all          every category in every image of the file (the full protocol: absent ones answer No Objects)
+    exist:FILE   Visual-RFT's: the categories FILE ({image id: [names]}, its exist_map_*.json) lists for each
+                 image, of the chosen ones; names the file lists that the annotations lack are an error
+    """
+    if queries == "present":
+        for category_id in category_ids:
+            for image_id in instances.images_of(category_id):
+                yield image_id, category_id
+    elif queries == "all":
+        for image_id in sorted(instances.images):
+            for category_id in category_ids:
+                yield image_id, category_id
+    elif queries.startswith("exist:"):
+        with open(queries[len("exist:"):], encoding="utf-8") as f:
+            listed = json.load(f)
+        by_name = {instances.categories[c]: c for c in category_ids}
+        known = set(instances.categories.values())
+        for image_id in sorted(instances.images):
+            names = listed.get(str(image_id), [])
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise ValueError(f"{queries}: image {image_id} lists categories {unknown} the annotations lack")
+            for name in dict.fromkeys(names):  # in the file's order, once each
+                if name in by_name:
+                    yield image_id, by_name[name]
+    else:
+        raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
+
+
 def detection_candidates(instances: Instances, image_root: str, *, categories: Iterable[str] | None = None,
-                         shots: int | None = None, seed: int = 0) -> Iterator[rec.Candidate]:
-    """Records of the chosen categories (all by default): every (image, category) pair, or k-shot images."""
+                         shots: int | None = None, seed: int = 0, queries: str = "present") -> Iterator[rec.Candidate]:
+    """Records of the chosen categories (all by default): the `queries` questions (`query_pairs`), or k-shot
+    images. A question about a category the image does not have answers `No Objects`."""
     category_ids = instances.category_ids(categories)
     if shots is None:
-        chosen = {cid: instances.images_of(cid) for cid in category_ids}
+        pairs = query_pairs(instances, category_ids, queries)
     else:
+        if queries != "present":
+            raise ValueError("k-shot subsets are training records: --shots takes no --queries")
         chosen = k_shot(instances, shots, seed, category_ids)
-    for category_id in category_ids:
+        pairs = ((image_id, cid) for cid in category_ids for image_id in chosen[cid])
+    for image_id, category_id in pairs:
         name = instances.categories[category_id]
-        for image_id in chosen[category_id]:
-            image = instances.images[image_id]
-            where = f"image {image_id} category {category_id} ({name!r}) of the {instances.flavor} annotations"
-            width, height = image.get("width"), image.get("height")
-            if not width or not height:
-                yield rec.Candidate(where, {}, (rec.MISSING_FIELD, "image entry has no width/height"))
-                continue
-            boxes = [prompts.box_to_rel1000(box, width, height) for box in instances.boxes[(image_id, category_id)]]
-            fields = {"id": f"{instances.flavor}:{image_id}:{category_id}", "image": image_path(image, image_root),
-                      "problem": prompts.detection_problem(name), "solution": prompts.detection_solution(boxes),
-                      "task": "detection", "label": name}
-            yield rec.Candidate(where, fields)
+        image = instances.images[image_id]
+        where = f"image {image_id} category {category_id} ({name!r}) of the {instances.flavor} annotations"
+        width, height = image.get("width"), image.get("height")
+        if not width or not height:
+            yield rec.Candidate(where, {}, (rec.MISSING_FIELD, "image entry has no width/height"))
+            continue
+        boxes = [prompts.box_to_rel1000(box, width, height) for box in instances.boxes.get((image_id, category_id), [])]
+        solution = prompts.detection_solution(boxes) if boxes else f"<answer>{rec.NO_OBJECTS}</answer>"
+        fields = {"id": f"{instances.flavor}:{image_id}:{category_id}", "image": image_path(image, image_root),
+                  "problem": prompts.detection_problem(name), "solution": solution, "task": "detection",
+                  "label": name}
+        yield rec.Candidate(where, fields)
 
 
 def split_categories(instances: Instances, base: Sequence[str], novel: Sequence[str]) -> dict[str, list[str]]:

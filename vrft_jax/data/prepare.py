@@ -5,7 +5,8 @@
 sources:
   virft           ViRFT parquet files (--parquet F [F ...]) or a ViRFT JSON (--json F [--image-root D])
   coco, lvis      instances JSON (--annotations F) + image folder (--images D); --shots K --seed S for
-                  k-shot subsets; --categories to restrict; --base/--novel for open-vocabulary splits
+                  k-shot subsets; --categories to restrict; --base/--novel for open-vocabulary splits;
+                  --queries all|exist:FILE for evaluation sets (absent categories answer No Objects)
   classification  --folder D (a folder per class) or --list F (image<TAB>class) [--image-root D];
                   --noun aircraft|plant|pet|flower|car|shape; --shots K --seed S
   lisa            --input D (LISA's train/ folder) or --input F (lisa_train.json) [--image-root D]
@@ -83,7 +84,8 @@ def _splits(args) -> tuple[dict[str, Iterable[rec.Candidate]], dict[str, Any]]:
             groups = {args.split: parse_names(args.categories)}
         notes["categories"] = {split: names if names is not None else "all" for split, names in groups.items()}
         return {split: coco.detection_candidates(instances, args.images, categories=names, shots=args.shots,
-                                                 seed=args.seed) for split, names in groups.items()}, notes
+                                                 seed=args.seed, queries=args.queries or "present")
+                for split, names in groups.items()}, notes
     if args.source == "classification":
         if bool(args.folder) == bool(args.list):
             raise SystemExit("classification: give --folder DIR or --list FILE")
@@ -126,6 +128,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="coco/lvis: base categories -> split 'base' (a,b or @file)")
     p.add_argument("--novel", help="coco/lvis: novel categories -> split 'novel' (a,b or @file)")
     p.add_argument("--shots", type=int, help="k images per category / class (default: all)")
+    p.add_argument("--queries", help="coco/lvis evaluation sets: present (default: the categories each image has), "
+                                     "all (every category in every image) or exist:FILE (Visual-RFT's exist map)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folder", help="classification: a folder per class")
     p.add_argument("--list", help="classification: image<TAB>class list file")

@@ -1,0 +1,81 @@
+"""`python -m vrft_jax.evaluate`: a checkpoint's metrics on a recipe's held-out set, or saved completions scored.
+
+    python -m vrft_jax.evaluate --config=NAME[:ARG] --ckpt=DIR [--split=SPLIT] [--config.key=value ...] [--workdir=DIR]
+    python -m vrft_jax.evaluate score --gt GT.json --predictions P.jsonl [--parse strict] [--frame pixels] ...
+
+The first decodes the recipe's `eval` set (`eval.path`, or `--split` of it) with the checkpoint, greedily and in
+batches, and scores it with the recipe's evaluator (`eval.type`): `--ckpt` is a model directory (a run's
+`model/`) or a Hugging Face checkpoint (converted once into WORKDIR/initial). WORKDIR (default
+runs/NAME/evaluate) gets the predictions (`eval/step_0.jsonl`), the metrics (`eval/step_0.json`) and the visual
+report (`report/report.html`); the metrics are printed as one JSON object. The second is `evaluate.score`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from flax import nnx
+
+from vrft_jax import grpo_loop, model_dir, recipe, train
+from vrft_jax.data import storage
+from vrft_jax.evaluate import evaluators, report, score
+from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
+from vrft_jax.rewards.frames import Frame, frame_of
+
+
+def evaluate_checkpoint(config, checkpoint: str, workdir: str) -> dict:
+    """Metrics of `checkpoint` on the recipe's held-out set; predictions, metrics and report in `workdir`."""
+    if not config.eval.path:
+        raise app.UsageError(f"recipe {config.name} has no held-out set: give --config.eval.path=DATASET")
+    settings = recipe.build(config, check_paths=False)
+    try:
+        storage.dataset_dir(config.eval.path)
+    except FileNotFoundError:
+        command = recipe.prepare_command(config, "eval") if config.eval.prepare else "python -m vrft_jax.data.prepare"
+        raise app.UsageError(f"the held-out set {config.eval.path} is not there; make it with: {command}") from None
+    directory = train._model_directory(checkpoint, os.path.join(workdir, "initial"))
+    model = model_dir.load_model(directory, dtype=settings.sampler_dtype)
+    mesh = recipe.make_mesh(config) if jax.device_count() > 1 else None
+    tokenizer = load_tokenizer(resolve_tokenizer_path(checkpoint_dir=directory))
+    graphdef = grpo_loop.sampler_graphdef(settings.model, settings.sampler_dtype)
+    params = nnx.state(model, nnx.Param)
+    cast = grpo_loop.make_sampler_cast(params, settings.sampler_dtype, mesh)
+    evaluator = evaluators.from_recipe(config, settings, tokenizer=tokenizer, sampler_graphdef=graphdef, mesh=mesh)
+    result = evaluator.run(cast(params))
+    evaluators.save(result, os.path.join(workdir, "eval"), 0)
+    frame = "rel1000" if frame_of(config.rewards.frame) is Frame.REL1000 else "pixels"
+    path = report.write_report(workdir, predictions=result.predictions, metrics=result.metrics,
+                               image_of=evaluator.image_bytes, title=f"{config.name}: {checkpoint}", frame=frame)
+    return {**result.metrics, "checkpoint": checkpoint, "report": path,
+            "predictions": os.path.join(workdir, "eval", "step_0.jsonl")}
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config = flags.FLAGS.config
+    if flags.FLAGS.split:
+        config.unlock()
+        config.eval.split = flags.FLAGS.split
+        config.lock()
+    workdir = flags.FLAGS.workdir or os.path.join(recipe.default_workdir(config), "evaluate")
+    metrics = evaluate_checkpoint(config, flags.FLAGS.ckpt, workdir)
+    print(json.dumps(metrics, indent=2, default=str), flush=True)
+
+
+def run(argv: list[str]) -> int:
+    if len(argv) > 1 and argv[1] == "score":
+        return score.main(argv[2:])
+    recipe.define_flags()
+    flags.DEFINE_string("ckpt", None, "a model directory (a run's model/) or a Hugging Face checkpoint", required=True)
+    flags.DEFINE_string("split", None, "the held-out set's split (default: the recipe's eval.split)")
+    app.run(main, argv=argv, flags_parser=recipe.parse_flags)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv))

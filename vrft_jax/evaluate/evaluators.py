@@ -1,0 +1,274 @@
+"""Evaluators, registered by type and built from a recipe's `eval` block (big_vision's evaluator shape).
+
+    evaluator = build(config, settings, tokenizer=..., sampler_graphdef=..., mesh=...)
+    result = evaluator.run(weights)   # the sampler's weights (`grpo_loop.make_sampler_cast`)
+    result.scalars                    # {"reward": ..., "AP": ...}: metrics.jsonl and TensorBoard, under eval/
+    result.metrics                    # everything, nested (per-category AP, per-class accuracy, counts)
+    result.predictions                # one row per example: id, prompt, completion, parsed answer, rewards
+
+Types: `rewards` (the recipe's rewards of greedy answers), `classification` (accuracy, both rules),
+`detection` (COCO or LVIS mAP), `grounding` (box mIoU and cIoU). Each decodes the held-out set once per run
+with batched greedy decoding (the rollout engine, G = 1, the block's repetition penalty and length), every
+example exactly once: the finite stream's last batch is filled with padding rows, which the sampler takes
+and nothing else sees. The decode compiles once: its shapes and settings are the run's, fixed at build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from vrft_jax import grpo_loop
+from vrft_jax.data import make_iterator, storage
+from vrft_jax.data.pipeline import open_source
+from vrft_jax.evaluate import classification, detection, grounding, readers
+from vrft_jax.evaluate.settings import EvaluationSettings
+from vrft_jax.rewards.frames import REL_SCALE, Frame, frame_of
+from vrft_jax.sampling import rollout
+
+EVALUATORS: dict[str, type] = {}  # settings.TYPES, each registered below
+
+
+def register(name: str) -> Callable[[type], type]:
+    def add(cls: type) -> type:
+        if name in EVALUATORS:
+            raise ValueError(f"evaluator type {name!r} is registered twice")
+        cls.type = name
+        EVALUATORS[name] = cls
+        return cls
+
+    return add
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """metrics: the evaluator's whole output (JSON-able); scalars: the numbers to log; predictions: per example."""
+
+    metrics: dict[str, Any]
+    scalars: dict[str, float]
+    predictions: list[dict[str, Any]]
+
+
+class Evaluator:
+    """Greedy answers for every held-out example, their rewards, and the type's metrics (`score`)."""
+
+    type = "?"
+
+    def __init__(self, *, data, model_config, sampling, reward_fn, tokenizer, sampler_graphdef,
+                 settings: EvaluationSettings, mesh=None, reward_columns=("image_hw",)):
+        self.data, self.model_config, self.sampling = data, model_config, sampling
+        self.reward_fn, self.tokenizer, self.graphdef = reward_fn, tokenizer, sampler_graphdef
+        self.settings, self.mesh, self.reward_columns = settings, mesh, reward_columns
+        self.examples = len(open_source(data)[0])
+
+    # -- decoding ---------------------------------------------------------------------------------
+
+    def decode(self, weights: nnx.State, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """(one row per example in stored order, timing): id, index, label, prompt, solution, image sizes,
+        completion, its token count, and the recipe's rewards."""
+        model = nnx.merge(self.graphdef, weights)
+        rows: list[dict[str, Any]] = []
+        batches = math.ceil(self.examples / (self.data.batch_size * jax.process_count()))
+        bar = tqdm(total=batches, desc=f"eval {self.type}", unit="batch", leave=False,
+                   disable=not progress or jax.process_index() != 0)
+        start, tokens_made = time.perf_counter(), 0
+        iterator = make_iterator(self.data, self.model_config, mesh=self.mesh, tokenizer=self.tokenizer)
+        try:
+            for batch in iterator:
+                out = jax.block_until_ready(rollout(model, batch.model_inputs, jax.random.key(0), self.sampling))
+                tokens, mask = grpo_loop.local_rows(out)
+                texts = grpo_loop.detokenize(self.tokenizer, tokens, mask)
+                valid = np.asarray(batch.meta["valid"], bool)
+                rows.extend(self._rows(batch.meta, texts, mask.sum(axis=1), valid))
+                tokens_made += int(mask[valid].sum())
+                bar.update(1)
+        finally:
+            bar.close()
+            iterator.close()
+        seconds = time.perf_counter() - start
+        self._add_rewards(rows)
+        return rows, {"seconds": seconds, "examples_per_s": len(rows) / seconds if seconds else 0.0,
+                      "tokens_per_s": tokens_made / seconds if seconds else 0.0}
+
+    def _rows(self, meta: Mapping[str, Any], texts, lengths, valid) -> list[dict[str, Any]]:
+        rows = []
+        for i in np.flatnonzero(valid):  # padding rows end here: nothing downstream sees them
+            rows.append({"id": meta["id"][i], "index": int(meta["index"][i]), "label": meta["label"][i],
+                         "prompt": meta["problem"][i], "solution": meta["solution"][i],
+                         "image_hw": [int(v) for v in meta["image_hw"][i]],
+                         "source_hw": [int(v) for v in meta["source_hw"][i]],
+                         "completion": texts[i], "completion_tokens": int(lengths[i])})
+        return rows
+
+    def _add_rewards(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        columns = {}
+        if "image_hw" in self.reward_columns:
+            columns["image_hw"] = np.array([row["image_hw"] for row in rows], np.int32)
+        scored = self.reward_fn([r["completion"] for r in rows], [r["solution"] for r in rows], **columns)
+        for k, row in enumerate(rows):
+            row["rewards"] = {"total": float(scored.total[k]),
+                              **{name: float(values[k]) for name, values in scored.per_reward.items()}}
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self, weights: nnx.State, progress: bool = True) -> EvalResult:
+        rows, timing = self.decode(weights, progress)
+        if len(rows) != self.examples and jax.process_count() == 1:
+            raise AssertionError(f"evaluated {len(rows)} examples of {self.examples}")
+        totals = np.array([row["rewards"]["total"] for row in rows], np.float64)
+        reward = {"reward": float(totals.mean()) if len(rows) else None,
+                  "reward_standard_error": float(totals.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else 0.0,
+                  "examples": len(rows)}
+        for name in (rows[0]["rewards"] if rows else {}):
+            if name != "total":
+                reward[f"reward/{name}"] = float(np.mean([row["rewards"][name] for row in rows]))
+        metrics = {"type": self.type, **reward, **self.score(rows), "timing": timing}
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scalars.update(examples_per_s=timing["examples_per_s"])
+        return EvalResult(metrics, scalars, rows)
+
+    def score(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The type's metrics; may add parsed answers to the rows."""
+        return {}
+
+    def image_bytes(self, row: Mapping[str, Any]) -> bytes:
+        """The encoded image of a prediction row (for the report), read from the held-out set by its index."""
+        if getattr(self, "_source", None) is None:
+            self._source = open_source(self.data)[0]
+        return self._source[row["index"]]["image"]
+
+
+def save(result: EvalResult, directory: str, step: int) -> tuple[str, str]:
+    """`directory/step_<step>.jsonl` (one prediction per line) and `step_<step>.json` (the metrics); their paths."""
+    os.makedirs(directory, exist_ok=True)
+    predictions, metrics = (os.path.join(directory, f"step_{step}.{ext}") for ext in ("jsonl", "json"))
+    with open(predictions, "w", encoding="utf-8") as f:
+        for row in result.predictions:
+            f.write(json.dumps(row) + "\n")
+    with open(metrics, "w", encoding="utf-8") as f:
+        json.dump(result.metrics, f, indent=2)
+    return predictions, metrics
+
+
+def read_predictions(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@register("rewards")
+class RewardsEvaluator(Evaluator):
+    """The recipe's rewards of greedy answers: their mean and standard error (in `Evaluator.run`)."""
+
+
+@register("classification")
+class ClassificationEvaluator(Evaluator):
+    def score(self, rows):
+        for row in rows:
+            row["parsed"] = {"class": readers.class_answer(row["completion"], self.settings.parse)}
+        return classification.accuracy([r["completion"] for r in rows], [r["label"] for r in rows])
+
+
+@register("grounding")
+class GroundingEvaluator(Evaluator):
+    def score(self, rows):
+        predicted, truth = [], []
+        for row in rows:
+            box = readers.grounding_box(row["completion"], self.settings.parse)
+            row["parsed"] = {"box": box}
+            truth.append(_to_pixels(readers.grounding_box(row["solution"], "visual_rft"), row, Frame.REL1000))
+            predicted.append(None if box is None else _to_pixels(box, row, frame_of(self.settings.frame)))
+        return {**grounding.box_metrics(predicted, truth), **grounding.mask_metrics_absent()}
+
+
+def _to_pixels(box, row, frame: Frame) -> list[float]:
+    """A box of `frame` in the stored image's pixels (the grid: x / 1000 * W; pixels: of the seen image)."""
+    height, width = row["source_hw"]
+    if frame is Frame.REL1000:
+        sx, sy = width / REL_SCALE, height / REL_SCALE
+    else:
+        sx, sy = width / row["image_hw"][1], height / row["image_hw"][0]
+    x1, y1, x2, y2 = box
+    return [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
+
+
+@register("detection")
+class DetectionEvaluator(Evaluator):
+    """mAP of the boxes of every (image, category) question of the held-out set (`vrft_jax.evaluate.detection`).
+
+    Ground truth: `eval.gt`, a COCO or LVIS instances file whose image and category ids the records carry
+    (`coco:IMAGE:CATEGORY`, as `prepare coco|lvis` names them), evaluated over every image of the file as
+    Visual-RFT does; or, without one, the records' own boxes (`detection.ground_truth_from_records`). The query
+    protocol is the dataset's: `prepare ... --queries exist:FILE` (Visual-RFT's: the categories a file lists per
+    image), `all` (every category in every image) or `present` (the categories each image has); named in the output.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._gt_file = None
+        if self.settings.gt:
+            with open(self.settings.gt, encoding="utf-8") as f:
+                self._gt_file = json.load(f)
+            detection.check_ground_truth(self._gt_file)
+        source = storage.read_metadata(self.data.path).get("source", {})
+        queries = source.get("queries")
+        self.query_protocol = ("records" if source.get("source") not in ("coco", "lvis") else
+                               "visual_rft" if str(queries).startswith("exist:") else
+                               {"all": "full", None: "present", "present": "present"}.get(queries, str(queries)))
+
+    def score(self, rows):
+        if self._gt_file is None:
+            gt, pairs = detection.ground_truth_from_records(rows)
+        else:
+            gt, pairs = self._gt_file, [_ids_of(row["id"]) for row in rows]
+        queries = [detection.Query(image_id, category_id, row["completion"], tuple(row["image_hw"]))
+                   for (image_id, category_id), row in zip(pairs, rows)]
+        results, counts = detection.to_results(queries, gt, reader=self.settings.parse, frame=self.settings.frame,
+                                               protocol=self.settings.protocol)
+        for row in rows:
+            reading = readers.read_boxes(row["completion"], self.settings.parse)
+            row["parsed"] = {"boxes": reading.boxes, "scores": reading.scores, "status": reading.status}
+        names = {c["name"] for c in gt["categories"]}
+        categories = [c for c in self.settings.categories if c in names]
+        metrics = detection.evaluate(gt, results, protocol=self.settings.protocol, categories=categories or None)
+        return {**metrics, "query_protocol": self.query_protocol, "reader": self.settings.parse, "counts": counts,
+                # a recipe category the held-out set never asks about has no AP, and is named, not averaged as 0
+                "categories_not_in_data": [c for c in self.settings.categories if c not in names]}
+
+
+def _ids_of(record_id: str) -> tuple[int, int]:
+    parts = record_id.split(":")
+    if len(parts) != 3 or parts[0] not in ("coco", "lvis") or not parts[1].isdigit() or not parts[2].isdigit():
+        raise ValueError(f"record {record_id!r}: with eval.gt, detection records need ids 'coco:IMAGE:CATEGORY' "
+                         "(as `prepare coco|lvis` writes them) to find their ground truth")
+    return int(parts[1]), int(parts[2])
+
+
+def from_recipe(config, settings, *, tokenizer, sampler_graphdef, mesh=None) -> Evaluator | None:
+    """The recipe's evaluator (`eval.type` over `eval.path`), or None when it has no held-out set."""
+    from vrft_jax import recipe
+
+    if settings.eval_data is None:
+        return None
+    return build(data=settings.eval_data, model_config=settings.model,
+                 sampling=recipe.eval_sampling_config(config), reward_fn=settings.reward_fn, tokenizer=tokenizer,
+                 sampler_graphdef=sampler_graphdef, settings=recipe.eval_settings(config), mesh=mesh)
+
+
+def build(**kwargs) -> Evaluator:
+    """The evaluator registered as `settings.type`, built from the keyword arguments of `Evaluator`."""
+    type_name = kwargs["settings"].type
+    if type_name not in EVALUATORS:
+        raise ValueError(f"unknown evaluator type {type_name!r}; known: {sorted(EVALUATORS)}")
+    return EVALUATORS[type_name](**kwargs)
