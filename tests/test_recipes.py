@@ -108,7 +108,11 @@ def test_reproduction_recipes_have_visual_rfts_hyperparameters(spec):
     assert s.sampling.group_size == (4 if "model=7b" in spec else 8)
     assert (s.sampling.max_new_tokens, s.sampling.top_k, s.sampling.top_p) == (256, 50, 1.0)
     assert s.sampling.temperature == s.train.temperature == 1.0 and not s.sampling.greedy
-    assert recipe.eval_sampling_config(config) == dataclasses.replace(s.sampling, greedy=True, group_size=1)
+    # evaluation: greedy, one answer, Qwen2-VL's shipped repetition penalty, Visual-RFT's evaluation lengths
+    length = 1024 if spec.startswith(("coco_fewshot", "lvis_fewshot", "cls_fewshot")) else (
+        128 if spec.startswith("lisa") else 256)
+    assert recipe.eval_sampling_config(config) == dataclasses.replace(
+        s.sampling, greedy=True, group_size=1, repetition_penalty=1.05, max_new_tokens=length)
     assert (s.data.max_pixels, s.data.min_pixels, s.data.max_prompt_len) == (401408, 3136, 1024)
     assert s.data.system_prompt is None and s.data.problem_prefix == ""  # Visual-RFT's training prompts
 

@@ -114,6 +114,13 @@ def without_timings(row):
     return {k: v for k, v in row.items() if not k.startswith(train.TIMING_KEYS)}
 
 
+def split_rows(rows):
+    """(training rows, evaluation rows): with eval_every the held-out evaluation adds rows of `eval/` keys."""
+    rows = list(rows)
+    evaluation = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    return [r for r in rows if r not in evaluation], evaluation
+
+
 def canonical(rows):
     """Rows as JSON text: NaN equals NaN, and a difference prints readably."""
     return [json.dumps(row, sort_keys=True) for row in rows]
@@ -197,8 +204,9 @@ def test_sigterm_then_the_same_command_ends_bitwise_where_a_straight_run_does(da
     stopped = _checkpoint_steps(resumed)[-1]
     assert 3 <= stopped < 6, f"stopped at step {stopped}"
     assert "finished" not in log and not os.path.exists(os.path.join(resumed, "model"))
-    first_rows = read_metrics(resumed)
+    first_rows, first_evals = split_rows(read_metrics(resumed))
     assert [row["step"] for row in first_rows] == list(range(1, stopped + 1))
+    assert [row["step"] for row in first_evals] == list(range(0, stopped + 1))  # eval_every=1, and step 0
 
     log = _run(_command(resumed, data_dir), env, tmp_path / "resumed.log")
     assert "finished test_train: 6 steps" in log
@@ -206,12 +214,17 @@ def test_sigterm_then_the_same_command_ends_bitwise_where_a_straight_run_does(da
     # second one as well (from the workdir), and the after-GRPO one is the straight run's.
     assert _heldout_summary(log) == _heldout_summary(open(tmp_path / "straight.log").read())
 
-    rows_straight, rows_resumed = read_metrics(straight), read_metrics(resumed)
+    (rows_straight, evals_straight), (rows_resumed, evals_resumed) = (split_rows(read_metrics(straight)),
+                                                                      split_rows(read_metrics(resumed)))
     assert [row["step"] for row in rows_resumed] == list(range(1, 7))
     # The steps before the preemption are the first process's rows, timings and all: the second one
     # resumed from the checkpoint rather than starting over (which would rewrite them).
     assert canonical(rows_resumed[:stopped]) == canonical(first_rows)
+    assert canonical(evals_resumed[:stopped + 1]) == canonical(first_evals)
     assert canonical(map(without_timings, rows_resumed)) == canonical(map(without_timings, rows_straight))
+    # and the held-out evaluation of every step, the resumed run's included, is the straight run's
+    assert [row["step"] for row in evals_resumed] == list(range(0, 7))
+    assert canonical(map(without_timings, evals_resumed)) == canonical(map(without_timings, evals_straight))
     # Each step really moved the parameters: a gradient, a learning rate, nothing skipped.
     assert all(r["grad_norm"] > 0 and r["learning_rate"] > 0 and r["update_skipped"] == 0 for r in rows_straight)
     assert_bitwise_equal(params_of(os.path.join(resumed, "model"), one_device),

@@ -42,7 +42,7 @@ from vrft_jax.progress import Reporter, Timer
 from vrft_jax.rewards.frames import Frame, frame_of
 from vrft_jax.train_step import check_nonfinite, init_state, make_score_fn, make_train_step
 
-TIMING_KEYS = ("time/", "rollout_tokens_per_s")  # the only metrics that differ between identical runs
+TIMING_KEYS = ("time/", "rollout_tokens_per_s", "eval/examples_per_s")  # all that differs between identical runs
 
 
 @dataclasses.dataclass(frozen=True)

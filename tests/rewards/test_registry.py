@@ -29,7 +29,8 @@ def test_rewards_import_no_jax():
 
 
 def test_available_rewards():
-    assert available_rewards() == (
+    # tests/train_recipe.py registers a test-only reward when a test loads it
+    assert tuple(r for r in available_rewards() if not r.startswith("test_")) == (
         "classification", "detection_confidence", "detection_iou", "format", "grounding_giou"
     )
 
