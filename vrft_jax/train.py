@@ -71,7 +71,7 @@ def initial_model(config: ml_collections.ConfigDict, settings: recipe.Settings,
             raise SystemExit(0)
         directory = result.model_dir
     elif config.model.checkpoint:
-        directory = _model_directory(config.model.checkpoint, os.path.join(workdir, "initial"))
+        directory = model_directory(config.model.checkpoint, os.path.join(workdir, "initial"))
     else:
         return Qwen2VL(settings.model, rngs=nnx.Rngs(config.seed)), None
     model = model_dir.load_model(directory, dtype=settings.model.param_dtype)
@@ -83,7 +83,7 @@ def _with_run_settings(model: Qwen2VL, settings: recipe.Settings) -> Qwen2VL:
     return with_config(model, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
 
 
-def _model_directory(checkpoint: str, converted: str) -> str:
+def model_directory(checkpoint: str, converted: str) -> str:
     """`checkpoint` itself when it is a model directory; an HF directory is converted into `converted`."""
     if os.path.isdir(os.path.join(checkpoint, model_dir.PARAMS_DIR)):
         return checkpoint

@@ -90,6 +90,10 @@ def test_eval_metrics_reach_metrics_jsonl_under_eval(run):
     rows = [r for r in read_metrics(workdir) if "eval/AP" in r]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all("eval/reward" in r and "eval/examples_per_s" in r for r in rows)
+    with open(os.path.join(workdir, "eval", "step_2.json")) as f:
+        per_category = json.load(f)["per_category_AP"]
+    assert {k for k in rows[-1] if k.startswith("eval/AP/")} == {f"eval/AP/{n}" for n, v in per_category.items()
+                                                                 if v is not None}
     assert result.report == os.path.join(workdir, "report", "report.html") and os.path.exists(result.report)
 
 

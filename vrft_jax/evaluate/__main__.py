@@ -37,7 +37,7 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str) -> dict:
     except FileNotFoundError:
         command = recipe.prepare_command(config, "eval") if config.eval.prepare else "python -m vrft_jax.data.prepare"
         raise app.UsageError(f"the held-out set {config.eval.path} is not there; make it with: {command}") from None
-    directory = train._model_directory(checkpoint, os.path.join(workdir, "initial"))
+    directory = train.model_directory(checkpoint, os.path.join(workdir, "initial"))
     model = model_dir.load_model(directory, dtype=settings.sampler_dtype)
     mesh = recipe.make_mesh(config) if jax.device_count() > 1 else None
     tokenizer = load_tokenizer(resolve_tokenizer_path(checkpoint_dir=directory))

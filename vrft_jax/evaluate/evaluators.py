@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -79,8 +80,8 @@ class Evaluator:
         model = nnx.merge(self.graphdef, weights)
         rows: list[dict[str, Any]] = []
         batches = math.ceil(self.examples / (self.data.batch_size * jax.process_count()))
-        bar = tqdm(total=batches, desc=f"eval {self.type}", unit="batch", leave=False,
-                   disable=not progress or jax.process_index() != 0)
+        bar = tqdm(total=batches, desc=f"eval {self.type}", unit="batch", leave=False,  # on a terminal only, as
+                   disable=not (progress and jax.process_index() == 0 and sys.stderr.isatty()))  # the Reporter's
         start, tokens_made = time.perf_counter(), 0
         iterator = make_iterator(self.data, self.model_config, mesh=self.mesh, tokenizer=self.tokenizer)
         try:
@@ -136,6 +137,9 @@ class Evaluator:
                 reward[f"reward/{name}"] = float(np.mean([row["rewards"][name] for row in rows]))
         metrics = {"type": self.type, **reward, **self.score(rows), "timing": timing}
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for name, value in (metrics.get("per_category_AP") or {}).items():
+            if value is not None:  # a category without ground truth has no AP to plot
+                scalars[f"AP/{name}"] = float(value)
         scalars.update(examples_per_s=timing["examples_per_s"])
         return EvalResult(metrics, scalars, rows)
 

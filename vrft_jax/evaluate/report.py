@@ -37,7 +37,8 @@ CURVES = (
     ("kl", "KL to the reference", lambda k: k == "kl"),
     ("completion_length", "completion length (tokens)", lambda k: k == "completion_length"),
     ("eval", "held-out evaluation",
-     lambda k: k.startswith("eval/") and k not in ("eval/examples_per_s", "eval/examples")
+     lambda k: k.startswith("eval/") and k not in ("eval/examples_per_s", "eval/examples", "eval/images")
+     and not k.startswith("eval/AP/")
      and not k.endswith("standard_error")),
 )
 
@@ -181,6 +182,12 @@ def _metrics_table(metrics: Mapping[str, Any]) -> str:
             inner = ", ".join(f"{html.escape(str(k))}: {'absent' if v is None else f'{v:.3g}'}"
                               for k, v in value.items())
             rows.append(f"<tr><th>{html.escape(key)}</th><td style='text-align:left'>{inner}</td></tr>")
+        elif isinstance(value, Mapping) and value and all(isinstance(v, Mapping) for v in value.values()):
+            for name, inner in value.items():  # per class: one row each
+                cells = ", ".join(f"{html.escape(str(k))} {v:.3g}" for k, v in inner.items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool))
+                rows.append(f"<tr><th>{html.escape(key)}: {html.escape(str(name))}</th>"
+                            f"<td style='text-align:left'>{cells}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 
