@@ -187,3 +187,23 @@ def test_the_report_renders_in_headless_chromium_with_its_drawn_images_visible(r
     assert near_truth > legend + 500, near_truth
     # and the pictures themselves: many distinct colours, not a page of text on white
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2000
+
+
+def test_draw_puts_truth_and_prediction_where_the_boxes_are():
+    """A 100 x 50 grey image shown at 640 x 320: the ground truth [100, 200, 500, 600] on the 0..1000 grid
+    and the prediction [600, 100, 900, 900] land at x 64..320 / 384..576 of the shown image."""
+    grey = io.BytesIO()
+    Image.new("RGB", (100, 50), (128, 128, 128)).save(grey, format="PNG")
+    row = {"solution": "<answer>[{'Position': [100, 200, 500, 600], 'Confidence': 1}]</answer>",
+           "source_hw": [50, 100], "image_hw": [56, 112],
+           "parsed": {"boxes": [[600, 100, 900, 900]], "scores": [0.9]}}
+    shown = np.asarray(Image.open(io.BytesIO(report.draw(grey.getvalue(), row))).convert("RGB")).astype(int)
+    assert shown.shape == (320, 640, 3)
+
+    def columns(colour):
+        hit = np.abs(shown - np.array(colour)).max(axis=-1) == 0
+        xs = np.flatnonzero(hit.any(axis=0))
+        return xs.min(), xs.max()
+
+    assert columns(report.GROUND_TRUTH) == (64, 320)
+    assert columns(report.PREDICTED) == (384, 576)
