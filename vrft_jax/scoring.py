@@ -2,9 +2,10 @@
 frozen reference's, by one function.
 
 Each prompt runs once ([B] rows): the vision tower, the embedding and the decoder, whose keys and
-values are kept as a KV cache, exactly as the sampler's prefill. The prompt's G completions share
-that cache without copying it (`SharedPrefix`), and only the completions' L tokens run through the
-decoder ([B*G] rows), attending to it. Teacher forcing this way is the same computation as a full
+values each layer emits as a scan output (never a carried cache, which the gradient would save once
+per layer: memory quadratic in depth). The prompt's G completions share them without copying
+(`SharedPrefix`), and only the completions' L tokens run through the decoder ([B*G] rows), attending
+to them. Teacher forcing this way is the same computation as a full
 forward over prompt + completion, with the prompt's share done once instead of G times (the
 gradient sums the G completions' contributions into the shared keys and values).
 
@@ -32,7 +33,6 @@ from vrft_jax.lm_head import token_logprobs
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.layers import precision
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
-from vrft_jax.models.qwen2_vl.text import KVCache, SharedPrefix
 from vrft_jax.padding import LeftPaddedBatch, check_left_padded
 from vrft_jax.placement import jit_on_mesh, merge_micro_batches, split_micro_batches, tree_shardings
 
@@ -67,7 +67,7 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
       temperature: logits are divided by it before the softmax (TRL's `temperature`).
       chunk_size, vocab_block: the LM head's float32 logits exist `[B*G, chunk_size, vocab_block]` at a time.
     """
-    batch, prompt_len = inputs.input_ids.shape
+    batch = inputs.input_ids.shape[0]
     rows, length = completions_nl.shape
     if rows % batch or completion_mask_nl.shape != completions_nl.shape:
         raise ValueError(f"completions {completions_nl.shape} and mask {completion_mask_nl.shape} must be "
@@ -82,11 +82,10 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
     # Prompts: the vision tower, the embedding and the decoder run once per prompt, into a KV cache that
     # the G completions of the prompt share without copying it (causal attention: the prompt never
     # sees its completions), exactly as the sampler decodes them.
+    # Each layer's keys and values are the scan's outputs, not a carried cache: under the gradient a carried
+    # [layers, ...] cache would be saved at every layer (memory quadratic in depth; `TextDecoder`).
     prompt_x = model.embed(inputs.input_ids, model.image_features(inputs))
-    prompt_hidden, prompt_cache = model.text(prompt_x, inputs.positions, inputs.attention_mask,
-                                             KVCache.zeros(model.config, batch, prompt_len))
-    prefix = SharedPrefix.of(prompt_cache)
-    cache = KVCache.zeros(model.config, rows, length)
+    prompt_hidden, prefix = model.text(prompt_x, inputs.positions, inputs.attention_mask, keep_kv=True)
     # Completions, embedded as plain text: token k sits in slot T + k at M-RoPE position
     # (valid prompt tokens + k + rope delta) on all three axes, as HF's rope index puts it.
     start = jnp.sum(inputs.attention_mask, axis=1) + inputs.rope_deltas
@@ -94,7 +93,7 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
     positions = jnp.broadcast_to(positions[..., None], (rows, length, 3)).astype(inputs.positions.dtype)
     completion_x = model.text.embed(completions_nl).astype(prompt_x.dtype)
     completion_hidden, _ = model.text(completion_x, positions, completion_mask_nl.astype(inputs.attention_mask.dtype),
-                                      cache, prefix)
+                                      prefix=prefix)
     # Completion token 0 is predicted by the last prompt slot (prompts are left-padded), token k by token k - 1.
     hidden = jnp.concatenate([repeat(prompt_hidden[:, -1:]), completion_hidden[:, :-1]], axis=1)
     return chunked_token_logprobs(model, hidden, completions_nl, temperature=temperature, chunk_size=chunk_size,

@@ -74,8 +74,9 @@ class Attention(nnx.Module):
     def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, cache=None, prefix=None):
         """Self-attention. With `cache = (k_all, v_all, layer, index)` (the stacked caches of every
         layer) the new keys/values are written in place at [layer, :, index] and the queries attend
-        over this layer's whole cache, and over `prefix = (k_pskh, v_pskh, valid_ps)` (this layer's
-        shared prompt keys) when given. Returns (out_btd, (k_all, v_all) or None)."""
+        over this layer's whole cache; without one, over this sequence's own keys. In both cases also
+        over `prefix = (k_pskh, v_pskh, valid_ps)` (this layer's shared prompt keys) when given.
+        Returns (out_btd, (k_all, v_all) with a cache, else this sequence's (k_btkh, v_btkh))."""
         dtype = self.config.dtype
         q = einsum("BTD,DNH->BTNH", x_btd, self.q_kernel, self.config) + self.q_bias[...].astype(dtype)
         k = einsum("BTD,DKH->BTKH", x_btd, self.k_kernel, self.config) + self.k_bias[...].astype(dtype)
@@ -90,6 +91,8 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False)
             cache = (k_all, v_all)
+        else:
+            cache = (k, v)
         if prefix is None:
             out = attention(q, k.astype(dtype), v.astype(dtype), mask_bts, self.config)
         else:
@@ -142,13 +145,20 @@ class TextDecoder(nnx.Module):
         return jnp.take(self.embed_tokens[...], input_ids_bt, axis=0).astype(self.config.dtype)
 
     def __call__(self, x_btd, positions_bt3, attention_mask_bt, cache: KVCache | None = None,
-                 prefix: SharedPrefix | None = None):
+                 prefix: SharedPrefix | None = None, keep_kv: bool = False):
         """Decoder stack and final norm.
 
         Without a cache the mask is causal over this sequence's valid tokens. With a cache the tokens
-        fill slots [cache.index, cache.index + T) and attend to every earlier valid slot, and to
-        every valid slot of their group's `prefix` when one is given (it precedes the cache).
-        Returns (hidden float[B, T, D], updated cache or None).
+        fill slots [cache.index, cache.index + T) and attend to every earlier valid slot. Either way
+        they also attend to every valid slot of their group's `prefix` when one is given (it precedes
+        them). Returns (hidden float[B, T, D], the updated cache; or without a cache, with `keep_kv`,
+        this sequence's keys and values as a SharedPrefix [L, B, T, K, H], else None).
+
+        Two ways to keep keys and values, for two uses. The cache rides in the layer scan's carry and
+        is written in place: what decoding needs, one slot per step into a buffer it reuses. Without a
+        cache each layer emits its keys and values as a scan output instead: what a differentiated
+        pass needs, since under the gradient a scan saves its carry at every layer, and a carried
+        [L, ...] cache would be saved L times (memory quadratic in depth); outputs are saved once.
         """
         t = self.config.text
         cos, sin = rope.mrope_cos_sin(positions_bt3, t.head_dim, t.rope_theta, t.mrope_section)
@@ -165,10 +175,15 @@ class TextDecoder(nnx.Module):
         mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & keys_valid[:, None, :]
 
         if cache is None:
-            def body(layer, x, _):
-                return layer(x, cos, sin, mask)[0], None
+            def body(layer, x, xs):
+                layer_prefix = None if prefix is None else (*xs, prefix.valid)
+                x, kv = layer(x, cos, sin, mask, None, layer_prefix)
+                return x, kv if keep_kv else None
 
-            x_btd, _ = scan_layers(self.layers, x_btd, None, body, self.config)
+            xs = None if prefix is None else (prefix.k, prefix.v)
+            x_btd, kv = scan_layers(self.layers, x_btd, xs, body, self.config)
+            if keep_kv:
+                cache = SharedPrefix(k=kv[0], v=kv[1], valid=valid)
         else:
             # The stacked caches ride in the carry and are updated in place, layer by layer; the
             # shared prefix is read-only, so it is scanned over as input.
