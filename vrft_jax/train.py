@@ -32,7 +32,7 @@ import ml_collections
 from absl import app, logging
 from flax import nnx
 
-from vrft_jax import checkpoints, grpo_loop, model_dir, recipe, sft
+from vrft_jax import checkpoints, distributed, grpo_loop, model_dir, recipe, sft
 from vrft_jax.data import make_iterator
 from vrft_jax.evaluate import evaluators, report
 from vrft_jax.metrics import MetricWriter, every, read_metrics
@@ -341,6 +341,7 @@ def export_hf(directory: str, out: str) -> None:
 
 def main(argv) -> None:
     del argv
+    distributed.initialize()  # a multi-host run's processes find each other (launch/); nothing on one host
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO; the Reporter shows progress
     config, workdir = recipe.from_flags()
     result = train(config, workdir)
