@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from tiny_model import tiny_config
 
+from tiny_model import tiny_config
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
 from vrft_jax.scoring import score_completions

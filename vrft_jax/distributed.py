@@ -10,9 +10,15 @@ Neither set: one process, which needs no coordinator.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
+import numpy as np
+
+T = TypeVar("T")
 
 
 def initialize() -> bool:
@@ -34,3 +40,45 @@ def initialize() -> bool:
         jax.distributed.initialize()
         return True
     return False
+
+
+# ------------------------------------------------------------------------------------- across processes
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every process's JSON-able `value`, in process order (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[:size]).decode()) for row, size in zip(gathered, sizes)]
+
+
+class PeerError(RuntimeError):
+    """Another process of the run failed; its error is in the message. This one stops too, instead of waiting
+    forever in a collective the failed process will never join."""
+
+
+def agreed(fn: Callable[..., T], *args, **kwargs) -> T:
+    """`fn(*args, **kwargs)` on every process, with its failure agreed by all: when any process's call raises,
+    every process raises, that one its own error and the others a PeerError naming it. A collective (every
+    process must call it at the same point); on one process it is the plain call."""
+    if jax.process_count() == 1:
+        return fn(*args, **kwargs)
+    error, value = None, None
+    try:
+        value = fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+        error = e
+    failures = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(i, message) for i, message in enumerate(failures) if message is not None]
+    if failed:
+        raise PeerError("; ".join(f"process {i} failed: {message}" for i, message in failed))
+    return value

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vrft_jax import grpo, sharding
+from vrft_jax import distributed, grpo, sharding
 from vrft_jax.metrics import reward_stats
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
@@ -103,14 +103,39 @@ def sampler_graphdef(config: Qwen2VLConfig, dtype):
 
 
 def sample(phases: Phases, weights: nnx.State, inputs, key) -> Rollout:
-    """G completions of every prompt from the sampler's weights."""
-    return rollout(nnx.merge(phases.sampler_graphdef, weights), inputs, key, phases.sampling)
+    """G completions of every prompt from the sampler's weights; on a mesh, rows split over the batch axes as
+    the prompts are, so each process's devices hold the rows of its own prompts (`local_rows`)."""
+    out = rollout(nnx.merge(phases.sampler_graphdef, weights), inputs, key, phases.sampling)
+    return out if phases.mesh is None else pin_rows(out, phases.mesh)
+
+
+def pin_rows(out: Rollout, mesh) -> Rollout:
+    layouts = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), out)
+    return jax.jit(lambda x: x, out_shardings=layouts)(out)
+
+
+def to_global(phases: Phases, local: np.ndarray) -> jax.Array:
+    """A per-row host array of this process's rows as the global array the devices use (rows over the batch
+    axes, each process contributing its block in process order); the array itself without a mesh."""
+    if phases.mesh is None:
+        return jnp.asarray(local)
+    return jax.make_array_from_process_local_data(sharding.batch_sharding(phases.mesh, local.ndim), local)
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's rows of a per-row host array, in global row order (a collective; itself on one process)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, *local.shape[1:])
 
 
 def local_rows(out: Rollout) -> tuple[np.ndarray, np.ndarray]:
     """This process's completion rows (tokens, bool mask) as NumPy, in the order of its batch meta.
     On one process that is every row; across processes, the rows of this process's addressable
-    shards in global order (the data pipeline gives each process a contiguous block of prompts)."""
+    shards in global order: the data pipeline gives each process a contiguous block of prompts, and
+    `sample` splits the rows over the devices as it splits the prompts."""
     if jax.process_count() == 1:
         return np.asarray(out.tokens), np.asarray(out.mask)
     tokens = _addressable_rows(out.tokens)
@@ -163,15 +188,16 @@ def _take(column, rows):
 
 def group_advantages(phases: Phases, total: np.ndarray) -> np.ndarray:
     """float32[B*G] advantages over whole groups; NaN rewards (padding rows) give 0 and stay out of the
-    statistics. `advantage="batch"` scales by the std of this call's rows: the global batch on one
-    process (multi-host runs gather the rewards first)."""
+    statistics. `advantage="batch"` scales by the std of this call's rows: `iteration` passes the global
+    batch's (every process's rewards, gathered)."""
     return np.asarray(grpo.advantages(jnp.asarray(total), phases.group_size, phases.train.grpo))
 
 
 def train_batch(phases: Phases, inputs, out: Rollout, advantages: np.ndarray, valid: np.ndarray) -> TrainBatch:
-    """The update's batch on the devices: padding rows' completion masks zeroed."""
-    mask = out.mask.astype(jnp.int32) * jnp.asarray(valid, jnp.int32)[:, None]
-    return place(phases, TrainBatch(inputs, out.tokens, mask, jnp.asarray(advantages, jnp.float32)))
+    """The update's batch on the devices from this process's rows' advantages and validity: padding rows'
+    completion masks zeroed."""
+    mask = out.mask.astype(jnp.int32) * to_global(phases, np.asarray(valid, np.int32))[:, None]
+    return place(phases, TrainBatch(inputs, out.tokens, mask, to_global(phases, np.asarray(advantages, np.float32))))
 
 
 def place(phases: Phases, batch: TrainBatch) -> TrainBatch:
@@ -235,20 +261,27 @@ def iteration(phases: Phases, state: TrainState, batch, key, timer: Timer, *, sa
     with timer.timed("rewards"):
         tokens, mask = local_rows(out)
         texts = detokenize(phases.tokenizer, tokens, mask)
-        rewards, valid = score_rewards(phases, texts, batch.meta)
-        advantages = group_advantages(phases, rewards.total)
+        # A reward that raises on one process stops every process (not one, leaving the rest in a collective).
+        rewards, valid = distributed.agreed(score_rewards, phases, texts, batch.meta)
+        # Statistics over the global batch: every process's rewards, in global row order. Groups never
+        # straddle processes (a prompt's G rows are its process's), so this process's advantages are its slice.
+        everyone = RewardBreakdown(gather_rows(rewards.total),
+                                   {k: gather_rows(v) for k, v in rewards.per_reward.items()})
+        all_valid, all_lengths = gather_rows(valid), gather_rows(mask.sum(axis=1))
+        start = jax.process_index() * len(valid) if jax.process_count() > 1 else 0
+        all_advantages = group_advantages(phases, everyone.total)
+        advantages = all_advantages[start:start + len(valid)]
     with timer.timed("reference"):
         train = reference_logprobs(phases, train_batch(phases, inputs, out, advantages, valid))
         train = jax.block_until_ready(old_logprobs(phases, state, train))
     with timer.timed("update"):
         state, device_metrics = update(phases, state, train)
         jax.block_until_ready(state.step)
-    lengths = mask.sum(axis=1)
     rollout_seconds = timer.seconds.get("rollout", 0.0)
-    host = {**reward_stats(rewards.total, rewards.per_reward, phases.group_size, valid),
-            "completion_length": float(lengths[valid].mean()) if valid.any() else 0.0,
-            "rollout_tokens_per_s": float(lengths.sum() / max(rollout_seconds, 1e-9)),
-            "advantage_abs": float(np.abs(advantages[valid]).mean()) if valid.any() else 0.0}
+    host = {**reward_stats(everyone.total, everyone.per_reward, phases.group_size, all_valid),
+            "completion_length": float(all_lengths[all_valid].mean()) if all_valid.any() else 0.0,
+            "rollout_tokens_per_s": float(all_lengths.sum() / max(rollout_seconds, 1e-9)),
+            "advantage_abs": float(np.abs(all_advantages[all_valid]).mean()) if all_valid.any() else 0.0}
     picked = []  # the first completion of each of the first `samples` real prompts
     real_prompts = [i for i in range(len(texts) // phases.group_size) if valid[i * phases.group_size]]
     for i in real_prompts[:samples]:

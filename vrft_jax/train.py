@@ -124,6 +124,10 @@ def make_synthetic_data(config: ml_collections.ConfigDict) -> None:
         except FileNotFoundError:
             if jax.process_index() == 0:
                 prepare.main(argv)
+            if jax.process_count() > 1:  # the others read it once it is written
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"vrft_jax.train:{which} data written")
             continue
         expected, made = prepare.source_args(argv), storage.read_metadata(path).get("source", {})
         differ = sorted(k for k in expected.keys() | made.keys() if expected.get(k) != made.get(k))
@@ -227,36 +231,40 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
     key = jax.random.key(config.seed)
     resolved = json.loads(config.to_json_best_effort())
     preempted = False
-    with checkpoints.PreemptionGuard() as guard:
-        for step in range(start + 1, total + 1):
-            timer.reset()
-            with timer.timed("data"):
-                batch = next(data)
-            if sft_mode:
-                state, outcome = sft_iteration(phases, state, batch, config, timer)
-            else:
-                state, outcome = grpo_loop.iteration(
-                    phases, state, batch, jax.random.fold_in(key, step), timer,
-                    samples=4 if every(step, config.sample_every, total) else 0)
-            scalars = None
-            if every(step, config.log_every, total):
-                scalars = {**{k: float(v) for k, v in jax.device_get(outcome.device).items()}, **outcome.host,
-                           **timer.scalars(), "skipped_records": float(sum(batch.skipped.values()))}
-                writer.write(step, scalars)
-                check_nonfinite(state, train_config)
-            if outcome.samples:
-                writer.write_samples(step, outcome.samples)
-            if evaluation is not None and every(step, config.eval_every, total):
-                evaluation(step, state.params, writer)
-            reporter.update(step, scalars)
-            preempted = guard.should_stop(step)
-            checkpoints.save(manager, step, state, data, config=resolved, force=preempted or step == total)
-            if preempted:
-                break
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    reporter.close()
+    # An error (every process's at once: `distributed.agreed`) still lets the checkpoint in flight finish and
+    # closes the files, so no process is left waiting for another in orbax's commit or at exit.
+    try:
+        with checkpoints.PreemptionGuard() as guard:
+            for step in range(start + 1, total + 1):
+                timer.reset()
+                with timer.timed("data"):  # a bad record one process meets stops them all, naming it
+                    batch = distributed.agreed(next, data)
+                if sft_mode:
+                    state, outcome = sft_iteration(phases, state, batch, config, timer)
+                else:
+                    state, outcome = grpo_loop.iteration(
+                        phases, state, batch, jax.random.fold_in(key, step), timer,
+                        samples=4 if every(step, config.sample_every, total) else 0)
+                scalars = None
+                if every(step, config.log_every, total):
+                    scalars = {**{k: float(v) for k, v in jax.device_get(outcome.device).items()}, **outcome.host,
+                               **timer.scalars(), "skipped_records": float(sum(batch.skipped.values()))}
+                    writer.write(step, scalars)
+                    check_nonfinite(state, train_config)
+                if outcome.samples:
+                    writer.write_samples(step, outcome.samples)
+                if evaluation is not None and every(step, config.eval_every, total):
+                    evaluation(step, state.params, writer)
+                reporter.update(step, scalars)
+                preempted = guard.should_stop(step)
+                checkpoints.save(manager, step, state, data, config=resolved, force=preempted or step == total)
+                if preempted:
+                    break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        reporter.close()
     if evaluation is not None and evaluation.last is None and not preempted:  # resumed at the end: evaluate
         evaluation(total, state.params, None)
     if preempted:
@@ -270,7 +278,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
         after = _heldout(evaluation.last)
         _report_heldout("after", after)
         report = write_report(config, workdir, evaluation)
-    if config.export_hf:
+    if config.export_hf and jax.process_index() == 0:  # from the saved directory: no process holds it whole
         export_hf(final_dir, os.path.join(workdir, "hf"))
     return Result(step=total, preempted=False, model_dir=final_dir, heldout_before=before, heldout_after=after,
                   report=report)

@@ -140,7 +140,7 @@ def build_dataset(config: DataConfig, model_config: Qwen2VLConfig, *, tokenizer=
     if config.num_epochs is not None:
         ds = _whole_global_batches(ds, process_count * config.batch_size, config.drop_remainder, name)
     if process_count > 1:
-        ds = ds[process_index::process_count]
+        ds = _ProcessBlocks(ds, process_index, process_count, config.batch_size)
     ds = ds.map(encoder)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=max(config.batch_size, config.read_threads)))
@@ -319,6 +319,28 @@ def _whole_global_batches(ds: grain.MapDataset, step: int, drop_remainder: bool,
                              "set drop_remainder=False to pad it")
         return ds[:total - total % step]
     return _PadToLength(ds, -(-total // step) * step)
+
+
+class _ProcessBlocks(grain.MapDataset):
+    """Process `index`'s share of a stream read in global batches of `count * batch` items: the `index`-th
+    block of `batch` items of each. The global batch the processes assemble (`_to_global`, process order) is
+    then the one a single process reading the stream would make, item for item."""
+
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, batch: int):
+        super().__init__(parent)
+        self._index, self._count, self._batch = index, count, batch
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        step, offset = divmod(index, self._batch)
+        return self._parent[(step * self._count + self._index) * self._batch + offset]
+
+    def __str__(self) -> str:
+        return f"_ProcessBlocks(index={self._index}, count={self._count}, batch={self._batch})"
 
 
 class _PadToLength(grain.MapDataset):

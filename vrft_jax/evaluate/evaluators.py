@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from vrft_jax import grpo_loop
+from vrft_jax import distributed, grpo_loop
 from vrft_jax.data import make_iterator, storage
 from vrft_jax.data.pipeline import open_source
 from vrft_jax.evaluate import classification, detection, grounding, readers
@@ -86,7 +86,8 @@ class Evaluator:
         iterator = make_iterator(self.data, self.model_config, mesh=self.mesh, tokenizer=self.tokenizer)
         try:
             for batch in iterator:
-                out = jax.block_until_ready(rollout(model, batch.model_inputs, jax.random.key(0), self.sampling))
+                out = rollout(model, batch.model_inputs, jax.random.key(0), self.sampling)
+                out = jax.block_until_ready(out if self.mesh is None else grpo_loop.pin_rows(out, self.mesh))
                 tokens, mask = grpo_loop.local_rows(out)
                 texts = grpo_loop.detokenize(self.tokenizer, tokens, mask)
                 valid = np.asarray(batch.meta["valid"], bool)
@@ -125,9 +126,9 @@ class Evaluator:
     # -- the run ----------------------------------------------------------------------------------
 
     def run(self, weights: nnx.State, progress: bool = True) -> EvalResult:
-        if jax.process_count() > 1:  # each process holds its own rows; metrics over one host's would be wrong
-            raise NotImplementedError("evaluation across processes needs the rows gathered first (issue 12)")
         rows, timing = self.decode(weights, progress)
+        if jax.process_count() > 1:  # each process decoded its share of the set: metrics over all of them
+            rows = sorted((row for part in distributed.gather_objects(rows) for row in part), key=lambda r: r["index"])
         if len(rows) != self.examples:
             raise AssertionError(f"evaluated {len(rows)} examples of {self.examples}")
         totals = np.array([row["rewards"]["total"] for row in rows], np.float64)

@@ -1,0 +1,75 @@
+"""`python -m vrft_jax.aot` (issue 12): a whole GRPO step of a recipe compiled for a TPU slice on this CPU host,
+everything a chip holds at once counted per phase against its HBM.
+
+Needs libtpu (the `tpu` extra; the `test` extra pulls it in). The 2B lvis_fewshot compile for v4-8 takes
+about 3 minutes on 2 cores, once for the module.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("libtpu", reason="libtpu (pip install -e '.[tpu]') compiles for TPUs on this host")
+
+from vrft_jax import aot, recipe  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 1024 ** 3
+
+
+@pytest.fixture(scope="module")
+def lvis_2b_v4_8():
+    return aot.report(recipe.load("lvis_fewshot"), "v4-8")
+
+
+def test_the_2b_lvis_step_fits_a_v4_8_with_ten_percent_headroom(lvis_2b_v4_8):
+    r = lvis_2b_v4_8
+    print(r.text(30.0))
+    assert r.slice.devices == 4 and r.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert set(r.programs) == {"update", "reference", "prefill", "decode"}
+    assert not any(p.error for p in r.programs.values())
+    assert set(r.phases) == {"rollout", "reference", "update"}
+    assert r.fits and r.headroom >= 0.10, r.text()
+
+
+def test_each_phase_counts_what_the_step_holds_at_once(lvis_2b_v4_8):
+    r = lvis_2b_v4_8
+    params_f32 = r.parameters * 4 / r.slice.devices
+    # fp32 master weights and two AdamW moments, split over 4 chips (a few replicated scalars and biases aside)
+    assert 3 * params_f32 <= r.state <= 3 * params_f32 * 1.02
+    assert r.reference == pytest.approx(params_f32, rel=0.02)  # beta 0.04: the fp32 initial weights
+    # the sampler's bf16 copy is whole within each fsdp group (the sampling layout): not split over the chips
+    assert r.sampler == pytest.approx(r.parameters * 2, rel=0.02)
+    assert r.phases["rollout"] > r.state + r.reference + r.sampler
+    assert r.phases["update"] == r.reference + r.programs["update"].peak
+    assert r.phases["reference"] == r.state + r.programs["reference"].peak
+
+
+def test_an_impossible_layout_is_reported_as_not_fitting(capfd):
+    """7B full fine-tuning on a v5e-4: fp32 weights and moments alone are 23 GiB of each chip's 16."""
+    r = aot.report(recipe.load("lvis_fewshot:model=7b"), "v5e-4")
+    assert not r.fits and r.state > 16 * GIB
+    assert "DOES NOT FIT" in r.text() and "nothing compiled" in r.text()
+
+
+def test_the_command_prints_the_verdict_and_exits_2_when_it_does_not_fit():
+    out = subprocess.run([sys.executable, "-m", "vrft_jax.aot", "--config=lvis_fewshot:model=7b", "--topology=v5e-4"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "lvis_fewshot_7b on v5e-4 (4 chips x 16 GiB)" in out.stdout and "DOES NOT FIT" in out.stdout
+
+
+@pytest.mark.parametrize("name, devices, topology", [
+    ("v4-8", 4, "v4:2x2x1"), ("v4-16", 8, "v4:2x2x2"), ("v5p-8", 4, "v5p:2x2x1"), ("v5e-8", 8, "v5e:2x4"),
+    ("v5e-16", 16, "v5e:4x4"), ("v6e-8", 8, "v6e:2x4")])
+def test_slice_names(name, devices, topology):
+    s = aot.Slice.parse(name)
+    assert (s.devices, s.topology) == (devices, topology)
+
+
+@pytest.mark.parametrize("name", ["v4-6", "v3-8", "v5e-3", "tpu"])
+def test_unknown_slices_are_named(name):
+    with pytest.raises(ValueError, match=name):
+        aot.Slice.parse(name)
