@@ -90,7 +90,7 @@ def test_every_recipe_builds_every_setting(spec):
     assert settings.model == getattr(Qwen2VLConfig, f"qwen2_vl_{model}")(
         param_dtype=jnp.float32, dtype=jnp.bfloat16, remat="block")
     assert config.model.hub_id == f"Qwen/Qwen2-VL-{model.upper()}-Instruct"
-    assert config.slice == {"2b": "v5e-8", "7b": "v4-16"}[model]
+    assert config.slice == {"2b": "v5e-8", "7b": "v5p-8"}[model]
     assert {r.name for r, _ in settings.reward_fn.terms} == TASK_REWARDS[task]
     assert all(r.mode == "paper" and weight == 1.0 for r, weight in settings.reward_fn.terms)
     assert config.rewards.frame == "qwen2_vl" and config.total_steps == steps

@@ -215,7 +215,8 @@ def report(config, topology: str) -> Report:
     params = state.params
     state_bytes = shard_bytes(state)
     reference_bytes = shard_bytes(params) if train.grpo.beta > 0 else 0
-    sampler_params = jax.eval_shape(grpo_loop.make_sampler_cast(params, settings.sampler_dtype, mesh), params)
+    sampler_params = jax.eval_shape(grpo_loop.make_sampler_cast(params, settings.sampler_dtype, mesh,
+                                                                 train.sampler_layout), params)
     sampler_bytes = shard_bytes(sampler_params)
     parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     result = Report(recipe=config.name, slice=target, mesh=dict(zip(mesh.axis_names, mesh.devices.shape)),

@@ -20,6 +20,7 @@ Seams that matter (review M1, M2):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -81,13 +82,15 @@ class Phases:
 # ---------------------------------------------------------------------------------------------- phases
 
 
-def make_sampler_cast(params: nnx.State, dtype, mesh=None) -> Callable[[nnx.State], nnx.State]:
-    """A jitted `params -> the rollout's weights`: a fresh copy in `dtype`, in the sampling layout on a
-    mesh (`sharding.SAMPLING_RULES`: whole within each fsdp group, so decoding does not all-gather the
-    weights at every token). The copy is explicit, so even when nothing changes (float32 on one device)
-    its outputs are new buffers: the donated train step can never invalidate them, nor they it."""
+def make_sampler_cast(params: nnx.State, dtype, mesh=None, layout: str = "whole") -> Callable[[nnx.State], nnx.State]:
+    """A jitted `params -> the rollout's weights`: a fresh copy in `dtype`, on a mesh in the sampling layout
+    (`TrainConfig.sampler_layout`): "whole" within each fsdp group (`sharding.SAMPLING_RULES`, so decoding
+    does not all-gather the weights at every token), or "sharded" as the train state. The copy is explicit,
+    so even when nothing changes (float32 on one device) its outputs are new buffers: the donated train
+    step can never invalidate them, nor they it."""
     dtype = jnp.dtype(dtype)
-    layout = None if mesh is None else sharding.state_shardings(params, mesh, sharding.SAMPLING_RULES)
+    rules = sharding.SAMPLING_RULES if layout == "whole" else sharding.DEFAULT_RULES
+    layout = None if mesh is None else sharding.state_shardings(params, mesh, rules)
 
     def cast(params):
         return jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params)
@@ -110,8 +113,15 @@ def sample(phases: Phases, weights: nnx.State, inputs, key) -> Rollout:
 
 
 def pin_rows(out: Rollout, mesh) -> Rollout:
-    layouts = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), out)
-    return jax.jit(lambda x: x, out_shardings=layouts)(out)
+    """`out` with its rows split over the mesh's batch axes (a no-op when they already are)."""
+    return _row_pinner(mesh)(out)
+
+
+@functools.cache
+def _row_pinner(mesh):  # one jitted identity per mesh: compiled once, not at every step
+    layouts = Rollout(tokens=sharding.batch_sharding(mesh, 2), logprobs=sharding.batch_sharding(mesh, 2),
+                      lengths=sharding.batch_sharding(mesh, 1))
+    return jax.jit(lambda out: out, out_shardings=layouts)
 
 
 def to_global(phases: Phases, local: np.ndarray) -> jax.Array:

@@ -204,7 +204,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
         graphdef=graphdef, train=train_config, sampling=settings.sampling, reward_fn=settings.reward_fn,
         tokenizer=tokenizer, step=step_fn, score=make_score_fn(graphdef, state.params, train_config, mesh=mesh),
         reference=reference, sampler_graphdef=grpo_loop.sampler_graphdef(settings.model, settings.sampler_dtype),
-        sampler_cast=grpo_loop.make_sampler_cast(state.params, settings.sampler_dtype, mesh), mesh=mesh)
+        sampler_cast=grpo_loop.make_sampler_cast(state.params, settings.sampler_dtype, mesh,
+                                                 train_config.sampler_layout), mesh=mesh)
 
     data = make_iterator(settings.data, settings.model, mesh=mesh, tokenizer=tokenizer, checkpoint_dir=source_dir)
     manager = checkpoints.make_manager(os.path.join(workdir, "checkpoints"), save_interval_steps=config.ckpt_every,

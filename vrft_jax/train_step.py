@@ -79,6 +79,8 @@ from vrft_jax.placement import shard_batch as shard_batch  # re-exported: part o
 from vrft_jax.scoring import make_score_fn as make_score_fn  # re-exported, as shard_batch
 from vrft_jax.scoring import score_completions
 
+SAMPLER_LAYOUTS = ("whole", "sharded")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -100,6 +102,10 @@ class TrainConfig:
                       optimizer state
     max_consecutive_nonfinite: this many updates skipped in a row stop the run: the step only
                       counts them (`TrainState.nonfinite_streak`), `check_nonfinite` raises
+    sampler_layout:   the rollout's copy of the weights on a mesh: "whole" within each fsdp group (split
+                      over tensor only: decoding reads local weights; `sharding.SAMPLING_RULES`) or
+                      "sharded" as the train state (a fraction of the memory, an all-gather per layer
+                      per decoded token): what lets a 7B rollout fit a v4-16 beside its train state
     """
 
     grpo: grpo.GRPOConfig = grpo.GRPOConfig()
@@ -122,9 +128,12 @@ class TrainConfig:
     remat: str = "none"
     freeze_vision: bool = False
     max_consecutive_nonfinite: int = 10
+    sampler_layout: str = "whole"
 
     def __post_init__(self):
         errors = []
+        if self.sampler_layout not in SAMPLER_LAYOUTS:
+            errors.append(f"sampler_layout={self.sampler_layout!r} must be one of {SAMPLER_LAYOUTS}")
         for name in ("warmup_steps", "micro_batches", "num_iterations", "logits_chunk_size",
                      "logits_vocab_block", "max_consecutive_nonfinite"):
             minimum = 0 if name == "warmup_steps" else 1

@@ -42,7 +42,9 @@ SHARED = {
 # script), the Hugging Face checkpoint and the TPU slice the README's memory report fits it on.
 MODEL_SETTINGS = {
     "2b": dict(preset="qwen2_vl_2b", group_size=8, hub_id="Qwen/Qwen2-VL-2B-Instruct", slice="v5e-8"),
-    "7b": dict(preset="qwen2_vl_7b", group_size=4, hub_id="Qwen/Qwen2-VL-7B-Instruct", slice="v4-16"),
+    # 7B fits a v5p-8 with 36% headroom (`python -m vrft_jax.aot`). On a v4-16 or v5e-16 it fits only with
+    # --config.train.sampler_layout=sharded, and with 5% and 2% headroom: the README's table.
+    "7b": dict(preset="qwen2_vl_7b", group_size=4, hub_id="Qwen/Qwen2-VL-7B-Instruct", slice="v5p-8"),
 }
 
 
@@ -193,6 +195,7 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
         logits_vocab_block=4096,
         freeze_vision=False,
         max_consecutive_nonfinite=10,
+        sampler_layout="whole",  # each fsdp group holds the rollout's whole bf16 copy ("sharded": as the state)
     )
     # HF's linear schedule: warmup, then decay to 0 over the rest of the run. Follows total_steps and
     # warmup_steps unless set itself (which leaves them alone).

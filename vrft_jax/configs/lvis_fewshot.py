@@ -4,7 +4,7 @@ ViRFT_LVIS_few_shot holds 65 (image, category) records, 1-10 images per category
 steps, as the paper's few-shot detection runs; paper-mode rewards: IoU + confidence + format.
 
     --config=lvis_fewshot              Qwen2-VL-2B, G 8, on a v5e-8
-    --config=lvis_fewshot:model=7b     Qwen2-VL-7B, G 4, on a v4-16
+    --config=lvis_fewshot:model=7b     Qwen2-VL-7B, G 4, on a v5p-8
 """
 
 from vrft_jax.configs import _common

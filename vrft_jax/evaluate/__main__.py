@@ -43,7 +43,7 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str) -> dict:
     tokenizer = load_tokenizer(resolve_tokenizer_path(checkpoint_dir=directory))
     graphdef = grpo_loop.sampler_graphdef(settings.model, settings.sampler_dtype)
     params = nnx.state(model, nnx.Param)
-    cast = grpo_loop.make_sampler_cast(params, settings.sampler_dtype, mesh)
+    cast = grpo_loop.make_sampler_cast(params, settings.sampler_dtype, mesh, settings.train.sampler_layout)
     evaluator = evaluators.from_recipe(config, settings, tokenizer=tokenizer, sampler_graphdef=graphdef, mesh=mesh)
     result = evaluator.run(cast(params))
     evaluators.save(result, os.path.join(workdir, "eval"), 0)
