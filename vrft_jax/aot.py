@@ -25,9 +25,10 @@ import re
 import sys
 from collections.abc import Sequence
 
-# libtpu probes for a TPU host at import; these tell it there is none to find (environment.md §7).
+# libtpu probes for a TPU host at import; these tell it there is none to find (environment.md §7). Compiling
+# ahead of time touches no chip, so several processes may load libtpu at once (its lockfile guards real chips).
 for _name, _value in (("TPU_ACCELERATOR_TYPE", "v4-8"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                      ("TPU_WORKER_ID", "0")):
+                      ("TPU_WORKER_ID", "0"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
     os.environ.setdefault(_name, _value)
 
 import jax  # noqa: E402
