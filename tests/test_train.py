@@ -8,7 +8,6 @@ here use one of them, as the child processes do: a mesh over 8 fake devices woul
 2 cores and is tested elsewhere.
 """
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from compile_count import counting_compiles
 from vrft_jax import grpo_loop, model_dir, recipe, sampling, sft, sharding, train
 from vrft_jax.data import make_iterator
 from vrft_jax.metrics import read_metrics
@@ -35,7 +35,6 @@ from vrft_jax.train_step import NonFiniteUpdatesError, TrainConfig, init_state, 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "tests", "train_recipe.py")
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 @pytest.fixture(scope="module")
@@ -78,22 +77,6 @@ def one_device(monkeypatch):
     """`train.train` meshes over the first device only (see the module docstring)."""
     monkeypatch.setattr(recipe, "make_mesh", functools.partial(recipe.make_mesh, devices=jax.devices()[:1]))
     return sharding.make_mesh(devices=jax.devices()[:1])
-
-
-@contextlib.contextmanager
-def counting_compiles():
-    """A list that collects the name of every XLA compilation in the block (cache hits compile nothing)."""
-    names = []
-
-    def listener(event, duration, **kwargs):
-        if event == BACKEND_COMPILE:
-            names.append(kwargs.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield names
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def compiles_per_step(monkeypatch, module, name):

@@ -7,7 +7,6 @@ the metrics reach metrics.jsonl under eval/, and the predictions, the metrics an
 """
 
 import base64
-import contextlib
 import functools
 import io
 import json
@@ -23,6 +22,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from compile_count import counting_compiles
 from vrft_jax import grpo_loop, recipe, train
 from vrft_jax.data import storage
 from vrft_jax.evaluate import evaluators, report
@@ -32,7 +32,6 @@ from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE = os.path.join(REPO, "tests", "train_recipe.py")
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 def detection_config(data: str, **overrides):
@@ -53,21 +52,6 @@ def run(tmp_path_factory):
         patch.setattr(recipe, "make_mesh", functools.partial(recipe.make_mesh, devices=jax.devices()[:1]))
         result = train.train(config, workdir)
     return config, workdir, result
-
-
-@contextlib.contextmanager
-def compiles():
-    names = []
-
-    def listener(event, duration, **kwargs):
-        if event == BACKEND_COMPILE:
-            names.append(kwargs.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield names
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_every_question_is_evaluated_once_the_last_partial_batch_included(run):
@@ -106,7 +90,7 @@ def test_the_decode_compiles_once(run):
     weights = nnx.state(model, nnx.Param)
     evaluator = evaluators.from_recipe(config, settings, tokenizer=tokenizer, sampler_graphdef=graphdef)
     evaluator.run(weights, progress=False)
-    with compiles() as names:
+    with counting_compiles() as names:
         evaluator.run(weights, progress=False)
         evaluators.from_recipe(config, settings, tokenizer=tokenizer, sampler_graphdef=graphdef).run(
             weights, progress=False)
