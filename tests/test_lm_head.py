@@ -101,6 +101,34 @@ def test_entropy_is_a_metric_without_gradient_and_padding_rows_never_win():
     np.testing.assert_allclose(logprobs, exact, rtol=0, atol=16 * np.finfo(np.float32).eps * scale)
 
 
+def test_a_run_time_entropy_flag_computes_it_only_when_true_in_one_program():
+    hidden, head, targets, upstream = inputs(3, 10, 16, 1000)
+    settings = dict(temperature=TEMPERATURE, chunk_size=4, vocab_block=128)
+
+    def value_and_grads(hidden, head, with_entropy):
+        def loss(h, w):
+            logprobs, entropy = token_logprobs(h, w, targets, with_entropy=with_entropy, **settings)
+            return jnp.sum(upstream * logprobs), (logprobs, entropy)
+        return jax.value_and_grad(loss, (0, 1), has_aux=True)(hidden, head)
+
+    expected = jax.jit(lambda hidden, head: value_and_grads(hidden, head, True))(hidden, head)
+    flagged = jax.jit(value_and_grads)
+    measured, unmeasured = flagged(hidden, head, jnp.asarray(True)), flagged(hidden, head, jnp.asarray(False))
+    assert flagged._cache_size() == 1
+    # The same operations either way: values, entropies (when measured) and gradients bit-identical.
+    for got in (measured, unmeasured):
+        (value, (logprobs, _)), grads = got
+        (want_value, (want_logprobs, _)), want_grads = expected
+        assert float(value) == float(want_value)
+        np.testing.assert_array_equal(logprobs, want_logprobs)
+        for g, w in zip(grads, want_grads):
+            np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(measured[0][1][1], expected[0][1][1])
+    assert not np.any(np.asarray(unmeasured[0][1][1]))  # not measured: zeros
+    with pytest.raises(ValueError, match="bool scalar"):
+        token_logprobs(hidden, head, targets, with_entropy=jnp.ones((2,), bool))
+
+
 def test_compute_dtype_runs_the_matmuls_and_gradients_keep_the_input_dtypes():
     hidden, head, targets, upstream = inputs(2, 6, 8, 64)
 

@@ -415,13 +415,13 @@ def test_old_logprobs_come_from_the_policy_scorer_not_the_rollout(loop, monkeypa
     calls = []
     real_step = phases.step
 
-    def step(state, batch):
+    def step(state, batch, measure_entropy=True):
         if not calls:  # the state before the first update: the rollout's policy
             scored = grpo_loop.scored_part(batch)
             calls.append((np.asarray(phases.score(state.params, scored)),
                           np.asarray(phases.score(phases.reference, scored))))
         calls.append(tuple(np.asarray(x) for x in (batch.old_logprobs, batch.ref_logprobs, batch.completion_mask)))
-        return real_step(state, batch)
+        return real_step(state, batch, measure_entropy)
 
     monkeypatch.setattr(grpo_loop, "sample", sample)
     loop["phases"] = dataclasses.replace(phases, step=step)

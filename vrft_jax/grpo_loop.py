@@ -238,11 +238,13 @@ def scored_part(batch: TrainBatch) -> TrainBatch:
     return batch.replace(old_logprobs=None, ref_logprobs=None)
 
 
-def update(phases: Phases, state: TrainState, batch: TrainBatch) -> tuple[TrainState, dict[str, jax.Array]]:
-    """`num_iterations` updates on the same rollout; the last one's metrics, with skips summed."""
+def update(phases: Phases, state: TrainState, batch: TrainBatch, *, log: bool = True
+           ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`num_iterations` updates on the same rollout; the last one's metrics. The entropy, a metric only, is
+    measured in the last update of a logged step (`log`)."""
     metrics = {}
-    for _ in range(phases.train.num_iterations):
-        state, metrics = phases.step(state, batch)
+    for i in range(phases.train.num_iterations):
+        state, metrics = phases.step(state, batch, log and i == phases.train.num_iterations - 1)
     return state, metrics
 
 
@@ -259,9 +261,10 @@ class Outcome:
     samples: list[dict]
 
 
-def iteration(phases: Phases, state: TrainState, batch, key, timer: Timer, *, samples: int = 0
+def iteration(phases: Phases, state: TrainState, batch, key, timer: Timer, *, samples: int = 0, log: bool = True
               ) -> tuple[TrainState, Outcome]:
-    """One GRPO iteration on one data batch (`vrft_jax.data.Batch`); every phase timed on `timer`."""
+    """One GRPO iteration on one data batch (`vrft_jax.data.Batch`); every phase timed on `timer`. `log`: the
+    loop logs this step's metrics (device metrics that only logging reads, the entropy, are measured then)."""
     inputs = batch.model_inputs
     with timer.timed("sampler_weights"):
         weights = jax.block_until_ready(phases.sampler_cast(state.params))
@@ -285,7 +288,7 @@ def iteration(phases: Phases, state: TrainState, batch, key, timer: Timer, *, sa
         train = reference_logprobs(phases, train_batch(phases, inputs, out, advantages, valid))
         train = jax.block_until_ready(old_logprobs(phases, state, train))
     with timer.timed("update"):
-        state, device_metrics = update(phases, state, train)
+        state, device_metrics = update(phases, state, train, log=log)
         jax.block_until_ready(state.step)
     rollout_seconds = timer.seconds.get("rollout", 0.0)
     host = {**reward_stats(everyone.total, everyone.per_reward, phases.group_size, all_valid),

@@ -40,7 +40,7 @@ from vrft_jax.sharding import constrain
 
 
 def token_logprobs(hidden_nld, head_vd, targets_nl, *, temperature: float = 1.0, chunk_size: int = 32,
-                   vocab_block: int = 4096, with_entropy: bool = False, dtype=None, precision=None):
+                   vocab_block: int = 4096, with_entropy: bool | jax.Array = False, dtype=None, precision=None):
     """(logprobs float32[N, L], entropy float32[N, L] or None) of `targets` under `hidden @ head.T / T`.
 
     Args:
@@ -50,6 +50,10 @@ def token_logprobs(hidden_nld, head_vd, targets_nl, *, temperature: float = 1.0,
       temperature: logits are divided by it before the softmax.
       chunk_size: positions per chunk: `N x chunk_size` tokens go through the head at a time.
       vocab_block: vocabulary rows per block: `[N, chunk_size, vocab_block]` float32 logits exist at once.
+      with_entropy: False: no entropy (None); True: the entropy too (about a third more elementwise work
+        per logit, on top of the matmul); a bool scalar array: one program that computes it only when the
+        value is true at run time (a `lax.cond` per chunk), zeros otherwise: the update measures entropy at
+        logged steps only without a second compilation.
       dtype: the matmuls' input dtype (the model's compute dtype; None keeps the inputs'); they accumulate
         in float32, and the softmax is float32.
       precision: `jax.lax.Precision` of the matmuls.
@@ -58,10 +62,16 @@ def token_logprobs(hidden_nld, head_vd, targets_nl, *, temperature: float = 1.0,
         raise ValueError(f"temperature={temperature} must be > 0")
     if chunk_size < 1 or vocab_block < 1:
         raise ValueError(f"chunk_size={chunk_size} and vocab_block={vocab_block} must be >= 1")
-    settings = _Settings(float(temperature), int(chunk_size), int(vocab_block), bool(with_entropy),
+    dynamic = isinstance(with_entropy, jax.Array)
+    if dynamic and (with_entropy.shape != () or with_entropy.dtype != jnp.bool_):
+        raise ValueError(f"with_entropy must be a Python bool or a bool scalar, got {with_entropy.dtype}"
+                         f"{list(with_entropy.shape)}")
+    wanted = True if dynamic else bool(with_entropy)
+    settings = _Settings(float(temperature), int(chunk_size), int(vocab_block), wanted,
                          None if dtype is None else jnp.dtype(dtype), precision)
-    logprobs, entropy = _token_logprobs(settings, hidden_nld, head_vd, targets_nl)
-    return logprobs, (entropy if with_entropy else None)
+    measure = with_entropy if dynamic else None
+    logprobs, entropy = _token_logprobs(settings, hidden_nld, head_vd, targets_nl, measure)
+    return logprobs, (entropy if wanted else None)
 
 
 class _Settings(NamedTuple):
@@ -70,7 +80,7 @@ class _Settings(NamedTuple):
     temperature: float
     chunk_size: int
     vocab_block: int
-    with_entropy: bool
+    with_entropy: bool  # the program can compute the entropy (whether it does is the `measure` input)
     dtype: Any
     precision: Any
 
@@ -162,14 +172,25 @@ def _log_normaliser(settings, hidden_ncd, blocks, mask):
     return top + log_total, entropy
 
 
-def _forward(settings, hidden_nld, head_vd, targets_nl):
+def _forward(settings, hidden_nld, head_vd, targets_nl, measure):
     head_vd = _cast(settings, head_vd)
     hidden, targets = _chunked(settings, _cast(settings, hidden_nld)), _chunked(settings, targets_nl)
     blocks, mask = _blocks(settings, head_vd)
+    plain = settings._replace(with_entropy=False)
+
+    def normaliser(hidden_ncd):
+        if measure is None:  # decided when tracing
+            return _log_normaliser(settings, hidden_ncd, blocks, mask)
+
+        def without(hidden_ncd):
+            log_z, _ = _log_normaliser(plain, hidden_ncd, blocks, mask)
+            return log_z, jnp.zeros_like(log_z)
+
+        return jax.lax.cond(measure, lambda h: _log_normaliser(settings, h, blocks, mask), without, hidden_ncd)
 
     def one_chunk(chunk):
         hidden_ncd, targets_nc = chunk
-        log_z, entropy = _log_normaliser(settings, hidden_ncd, blocks, mask)
+        log_z, entropy = normaliser(hidden_ncd)
         logprobs = _target_logits(settings, hidden_ncd, head_vd, targets_nc) - log_z
         return logprobs, log_z, (log_z if entropy is None else entropy)
 
@@ -179,13 +200,13 @@ def _forward(settings, hidden_nld, head_vd, targets_nl):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _token_logprobs(settings, hidden_nld, head_vd, targets_nl):
-    logprobs, _, entropy = _forward(settings, hidden_nld, head_vd, targets_nl)
+def _token_logprobs(settings, hidden_nld, head_vd, targets_nl, measure):
+    logprobs, _, entropy = _forward(settings, hidden_nld, head_vd, targets_nl, measure)
     return logprobs, jax.lax.stop_gradient(entropy)
 
 
-def _token_logprobs_fwd(settings, hidden_nld, head_vd, targets_nl):
-    logprobs, log_z, entropy = _forward(settings, hidden_nld, head_vd, targets_nl)
+def _token_logprobs_fwd(settings, hidden_nld, head_vd, targets_nl, measure):
+    logprobs, log_z, entropy = _forward(settings, hidden_nld, head_vd, targets_nl, measure)
     return (logprobs, entropy), (hidden_nld, head_vd, targets_nl, log_z)
 
 
@@ -229,7 +250,7 @@ def _token_logprobs_bwd(settings, residuals, cotangents):
     d_hidden = d_hidden + scale_nl[..., None] * target_rows
     d_head = _unblock(d_blocks.swapaxes(1, 2), head_vd.shape[0]).at[targets_nl.reshape(-1)].add(
         (scale_nl[..., None] * compute_hidden.astype(jnp.float32)).reshape(-1, hidden_nld.shape[-1]))
-    return d_hidden.astype(hidden_nld.dtype), d_head.astype(head_vd.dtype), None
+    return d_hidden.astype(hidden_nld.dtype), d_head.astype(head_vd.dtype), None, None
 
 
 _token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)

@@ -57,7 +57,7 @@ def check_left_padded(inputs: ModelInputs, what: str = "generation") -> None:
 
 
 class LeftPaddedBatch:
-    """A jitted `(x, batch) -> ...` (the update's or the scorer's; `batch.inputs` the prompts) that checks,
+    """A jitted `(x, batch, ...) -> ...` (the update's or the scorer's; `batch.inputs` the prompts) that checks,
     on the host and before dispatch, that the batch's prompts are left-padded: inside the program the
     mask is a tracer. Attributes (`lower`, `trace`, `_cache_size`, ...) are the jitted function's, and
     do not check."""
@@ -66,9 +66,9 @@ class LeftPaddedBatch:
         self.jitted = jitted
         self.what = what
 
-    def __call__(self, first, batch):
+    def __call__(self, first, batch, *rest):
         check_left_padded(batch.inputs, self.what)
-        return self.jitted(first, batch)
+        return self.jitted(first, batch, *rest)
 
     def __getattr__(self, name):  # only for names the instance lacks
         if name == "jitted":  # not set yet (copy, unpickling): no recursion

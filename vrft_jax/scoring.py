@@ -52,7 +52,7 @@ class TokenScores:
 
 def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, completion_mask_nl, *,
                       temperature: float = 1.0, chunk_size: int = 32, vocab_block: int = 4096,
-                      with_entropy: bool = False) -> TokenScores:
+                      with_entropy: bool | jax.Array = False) -> TokenScores:
     """Teacher-force B*G completions after their B prompts and score every completion token.
 
     Args:
@@ -66,6 +66,8 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
         is invisible to the real tokens, as in HF with TRL's attention mask.
       temperature: logits are divided by it before the softmax (TRL's `temperature`).
       chunk_size, vocab_block: the LM head's float32 logits exist `[B*G, chunk_size, vocab_block]` at a time.
+      with_entropy: also each token's entropy: a Python bool, or a bool scalar array deciding at run time
+        (`lm_head.token_logprobs`: zeros when false).
     """
     batch = inputs.input_ids.shape[0]
     rows, length = completions_nl.shape
@@ -101,7 +103,8 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
 
 
 def chunked_token_logprobs(model: Qwen2VL, hidden_nld, targets_nl, *, temperature: float = 1.0,
-                           chunk_size: int = 32, vocab_block: int = 4096, with_entropy: bool = False) -> TokenScores:
+                           chunk_size: int = 32, vocab_block: int = 4096,
+                           with_entropy: bool | jax.Array = False) -> TokenScores:
     """log softmax(hidden @ head / temperature)[target] for float[N, L, D] final-norm hidden states,
     by `lm_head.token_logprobs`: `chunk_size` positions and `vocab_block` vocabulary rows of float32
     logits at a time, an online logsumexp over the blocks, and a hand-written backward pass."""

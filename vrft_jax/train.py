@@ -240,14 +240,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
                 timer.reset()
                 with timer.timed("data"):  # a bad record one process meets stops them all, naming it
                     batch = distributed.agreed(next, data)
+                log = every(step, config.log_every, total)
                 if sft_mode:
-                    state, outcome = sft_iteration(phases, state, batch, config, timer)
+                    state, outcome = sft_iteration(phases, state, batch, config, timer, log=log)
                 else:
                     state, outcome = grpo_loop.iteration(
                         phases, state, batch, jax.random.fold_in(key, step), timer,
-                        samples=4 if every(step, config.sample_every, total) else 0)
+                        samples=4 if every(step, config.sample_every, total) else 0, log=log)
                 scalars = None
-                if every(step, config.log_every, total):
+                if log:
                     scalars = {**{k: float(v) for k, v in jax.device_get(outcome.device).items()}, **outcome.host,
                                **timer.scalars(), "skipped_records": float(sum(batch.skipped.values()))}
                     writer.write(step, scalars)
@@ -301,13 +302,13 @@ def write_report(config, workdir: str, evaluation: Evaluation) -> str | None:
                                title=f"{config.name}: {config.total_steps} steps", frame=frame, before=before)
 
 
-def sft_iteration(phases: grpo_loop.Phases, state, batch, config, timer: Timer):
-    """One SFT update on the batch's solutions (G = 1, no rollout)."""
+def sft_iteration(phases: grpo_loop.Phases, state, batch, config, timer: Timer, *, log: bool = True):
+    """One SFT update on the batch's solutions (G = 1, no rollout); the entropy measured when `log`."""
     with timer.timed("update"):
         train_batch = sft.sft_batch(batch.model_inputs, batch.solution, phases.tokenizer,
                                     length=phases.sampling.max_new_tokens, eos_id=phases.sampling.eos_token_ids[0],
                                     pad_id=phases.sampling.pad_token_id, valid=batch.meta.get("valid"))
-        state, metrics = phases.step(state, grpo_loop.place(phases, train_batch))
+        state, metrics = phases.step(state, grpo_loop.place(phases, train_batch), log)
         jax.block_until_ready(state.step)  # the update's time, not its dispatch's, as a GRPO iteration reports
     return state, grpo_loop.Outcome(metrics, {}, [])
 

@@ -63,6 +63,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -258,12 +259,13 @@ def _check_batch(batch: TrainBatch, config: TrainConfig) -> None:
                          "policy's logprobs at rollout time (make_score_fn with the rollout's parameters)")
 
 
-def micro_batch_terms(model: Qwen2VL, batch: TrainBatch, config: TrainConfig):
-    """(LossTerms, entropy sum over real tokens) of one micro-batch under `model`."""
+def micro_batch_terms(model: Qwen2VL, batch: TrainBatch, config: TrainConfig, measure_entropy: bool | jax.Array = True):
+    """(LossTerms, entropy sum over real tokens) of one micro-batch under `model`; the entropy is measured
+    where `measure_entropy` is true (a bool, or a bool scalar read at run time), 0 elsewhere."""
     scores = score_completions(model, batch.inputs, batch.completions, batch.completion_mask,
                                temperature=config.temperature, chunk_size=config.logits_chunk_size,
                                vocab_block=config.logits_vocab_block,
-                               with_entropy=True)
+                               with_entropy=measure_entropy)
     mask = batch.completion_mask.astype(jnp.float32)
     # With one update per rollout the old policy is the current one: ratio exp(lp - sg(lp)) (TRL does the same).
     old = batch.old_logprobs if config.num_iterations > 1 else None
@@ -272,8 +274,9 @@ def micro_batch_terms(model: Qwen2VL, batch: TrainBatch, config: TrainConfig):
 
 
 def loss_and_grads(graphdef, trainable: nnx.State, frozen: nnx.State, batch: TrainBatch, config: TrainConfig,
-                   mesh=None, rules=sharding.DEFAULT_RULES):
-    """The batch's loss, its gradient w.r.t. `trainable`, its summed LossTerms and entropy sum.
+                   mesh=None, rules=sharding.DEFAULT_RULES, measure_entropy: bool | jax.Array = True):
+    """The batch's loss, its gradient w.r.t. `trainable`, its summed LossTerms and entropy sum (0 unless
+    `measure_entropy`).
 
     Gradients of each micro-batch's `loss_sum` are summed over a `lax.scan`, then divided once by the
     batch's `loss_count` (which does not depend on the parameters): exact gradient accumulation.
@@ -281,7 +284,8 @@ def loss_and_grads(graphdef, trainable: nnx.State, frozen: nnx.State, batch: Tra
     _check_batch(batch, config)
 
     def numerator(trainable, micro_batch):
-        terms, entropy_sum = micro_batch_terms(nnx.merge(graphdef, trainable, frozen), micro_batch, config)
+        terms, entropy_sum = micro_batch_terms(nnx.merge(graphdef, trainable, frozen), micro_batch, config,
+                                               measure_entropy)
         return terms.loss_sum, (terms, entropy_sum)
 
     gradient = jax.value_and_grad(numerator, has_aux=True)
@@ -331,14 +335,19 @@ def init_state(model: Qwen2VL, config: TrainConfig, *, mesh=None, rules=sharding
 
 def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=None,
                     rules=sharding.DEFAULT_RULES):
-    """The jitted update `(TrainState, TrainBatch) -> (TrainState, metrics)`; the state is donated.
+    """The jitted update `(TrainState, TrainBatch[, measure_entropy]) -> (TrainState, metrics)`; the state is donated.
 
     `state` (concrete or abstract) fixes the parameter layout. With a mesh, the state keeps the
     rules' layout in and out and the batch is split over the mesh's batch axes on its first axis
     (B and B*G must be divisible by data x fsdp). Each call first checks on the host that the
     batch's prompts are left-padded (`InputError` naming the rows); the returned callable forwards
-    everything else (`lower`, ...) to the jitted function, unchecked. Metrics are float32 scalars:
-    loss, kl (when the batch carries ref_logprobs), entropy, clip_low / clip_high / clip_region
+    everything else (`lower`, ...) to the jitted function `(state, batch, measure_entropy)`, unchecked.
+
+    `step(state, batch, measure_entropy=True)`: the policy's entropy is a metric only, and measuring it
+    costs a third more elementwise work in the LM head's forward, so the loop asks for it at logged steps.
+    The flag is a run-time input (a `lax.cond` in the head): both kinds of step run one compiled program,
+    and the update itself is the same either way. Metrics are float32 scalars:
+    loss, kl (when the batch carries ref_logprobs), entropy (NaN when not measured), clip_low / clip_high / clip_region
     (token fractions), grad_norm (before clipping), learning_rate, tokens, sequences,
     update_skipped (1 when the state was left as it was: a non-finite loss or gradient, or an
     empty batch), empty_batch (1 when no completion token was real: loss_count == 0),
@@ -347,9 +356,10 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
     tx = make_optimizer(config)
     schedule = learning_rate_schedule(config)
 
-    def step(state: TrainState, batch: TrainBatch):
+    def step(state: TrainState, batch: TrainBatch, measure_entropy: jax.Array):
         trainable, frozen = split_params(state.params, config)
-        loss, grads, terms, entropy_sum = loss_and_grads(graphdef, trainable, frozen, batch, config, mesh, rules)
+        loss, grads, terms, entropy_sum = loss_and_grads(graphdef, trainable, frozen, batch, config, mesh, rules,
+                                                         measure_entropy)
         grad_norm = optax.tree.norm(grads)
         # No real token: the zero gradient would still move the parameters through Adam's momentum, and
         # advance its count. Empty takes precedence: padding's NaN is not counted as a non-finite update.
@@ -371,7 +381,8 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
                                step=state.step + apply.astype(jnp.int32),
                                nonfinite_total=state.nonfinite_total + skipped, nonfinite_streak=streak)
         tokens = jnp.maximum(terms.tokens, 1.0)
-        metrics = {"loss": loss, "entropy": entropy_sum / tokens, "grad_norm": grad_norm,
+        entropy = jnp.where(measure_entropy, entropy_sum / tokens, jnp.nan)
+        metrics = {"loss": loss, "entropy": entropy, "grad_norm": grad_norm,
                    "learning_rate": jnp.asarray(schedule(state.step), jnp.float32), "tokens": terms.tokens,
                    "sequences": terms.sequences, "update_skipped": (~apply).astype(jnp.float32),
                    "empty_batch": empty.astype(jnp.float32),
@@ -383,7 +394,19 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
 
     shardings = {}
     if mesh is not None:  # the batch sharding is a prefix: every batch leaf on its axis 0
-        state_shardings = tree_shardings(state, mesh, rules)
-        shardings = dict(in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1, rules=rules)),
-                         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
-    return LeftPaddedBatch(jit_on_mesh(step, mesh, rules, donate_argnums=0, **shardings), "training")
+        state_shardings, replicated = tree_shardings(state, mesh, rules), NamedSharding(mesh, PartitionSpec())
+        shardings = dict(in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1, rules=rules), replicated),
+                         out_shardings=(state_shardings, replicated))
+    return TrainStep(jit_on_mesh(step, mesh, rules, donate_argnums=0, **shardings), "training")
+
+
+class TrainStep(LeftPaddedBatch):
+    """`make_train_step`'s callable: `(state, batch, measure_entropy=True) -> (state, metrics)`."""
+
+    def __call__(self, state: TrainState, batch: TrainBatch, measure_entropy: bool = True):
+        # A host value: on many processes jit reads it as the same replicated value on every device.
+        return super().__call__(state, batch, np.asarray(measure_entropy, np.bool_))
+
+    def lower(self, state, batch, measure_entropy: bool = True):
+        """The jitted update lowered for these (concrete or abstract) arguments: the program every step runs."""
+        return self.jitted.lower(state, batch, np.asarray(measure_entropy, np.bool_))

@@ -139,15 +139,28 @@ def test_the_sharded_update_equals_the_single_device_update(policy, reference, s
 
 
 def test_the_step_compiles_once_over_a_run_of_changing_batches(policy, reference, score, single):
-    """As in a run: each step new prompts (other image sizes), new completions and new logprobs."""
+    """As in a run: each step new prompts (other image sizes), new completions and new logprobs, and the
+    entropy measured at logged steps only."""
     _, state = ts.init_state(policy, CONFIG)
-    for seed in (1, 2, 3):
+    for seed, logged in ((1, True), (2, False), (3, True)):
         batch = with_logprobs(score, policy, reference,
                               train_batch(policy.config, G, L, groups_of_four=GROUPS_OF_FOUR, seed=seed))
-        state, metrics = single.step(state, batch)
+        state, metrics = single.step(state, batch, logged)
         assert float(metrics["update_skipped"]) == 0
+        assert np.isfinite(float(metrics["entropy"])) == logged
     assert int(state.step) == 3
     assert single.step._cache_size() == 1
+
+
+def test_an_unlogged_step_skips_the_entropy_and_makes_the_same_update(policy, batch, single):
+    _, state = ts.init_state(policy, CONFIG)
+    state, metrics = single.step(state, batch, False)
+    assert np.isnan(float(metrics["entropy"]))  # not measured: NaN, never a plausible 0
+    for name, value in metrics.items():
+        if name != "entropy":
+            assert float(value) == single.metrics[name], name
+    # The entropy is a metric, not part of the loss: the update is the logged step's, bit for bit.
+    assert max_difference(host(state), single.after) == 0
 
 
 def test_a_non_finite_loss_skips_the_update_and_is_counted(policy, batch, single):
