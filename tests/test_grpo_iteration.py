@@ -102,3 +102,60 @@ def test_one_grpo_iteration_end_to_end(setup):
     # largest move is lr up to half a float32 spacing of the largest parameter.
     largest = max(float(np.abs(b).max()) for b in jax.tree.leaves(before))
     assert moved == pytest.approx(train_config.learning_rate, abs=float(np.spacing(np.float32(largest))) / 2)
+
+
+def test_a_frozen_vision_tower_runs_once_per_iteration(setup):
+    """With freeze_vision the rollout's image features feed the reference, the old policy and the update,
+    which then run no vision tower: the same logprobs and update, fewer FLOPs."""
+    tokenizer, model, mesh, batches = setup
+    prompts = next(batches).model_inputs
+    sampler_config = sampling.SamplingConfig(max_new_tokens=NEW_TOKENS, group_size=GROUP, top_k=50,
+                                             eos_token_ids=EOS_TOKEN_IDS, pad_token_id=ENDOFTEXT_ID)
+    with jax.set_mesh(mesh):
+        out = sampling.rollout(sampling.reshard(model, mesh), prompts, jax.random.key(1), sampler_config,
+                               keep_image_features=True)
+    features = np.asarray(out.image_features)
+    # The prefill program's features against the tower alone: float32 programs of the same ops, a few ulps.
+    direct = np.asarray(jax.jit(lambda m, x: m.image_features(x))(model, jax.device_get(prompts)))
+    np.testing.assert_allclose(features, direct, rtol=0, atol=1e-6 * np.abs(direct).max())
+
+    # Adam with eps = 1 moves each parameter by ~lr x g, so comparing parameters compares gradients.
+    train_config = TrainConfig(freeze_vision=True, adam_eps=1.0, learning_rate=0.1)
+    advantages = jnp.asarray(np.random.default_rng(0).normal(size=PROMPTS * GROUP).astype(np.float32))
+    plain = shard_batch(TrainBatch(prompts, out.tokens, out.mask.astype(jnp.int32), advantages), mesh)
+    reused = shard_batch(plain.replace(image_features=out.image_features), mesh)
+    graphdef, state = init_state(model, train_config, mesh=mesh)
+    score = make_score_fn(graphdef, state.params, train_config, mesh=mesh)
+    mask = np.asarray(out.mask)
+    # Logits below 16 (ulp 1.9e-6): features a few ulps apart move logprobs by a few ulps of the logits.
+    ref_plain, ref_reused = score(state.params, plain), score(state.params, reused)
+    np.testing.assert_allclose(np.asarray(ref_reused)[mask], np.asarray(ref_plain)[mask], atol=1e-5)
+    plain, reused = plain.replace(ref_logprobs=ref_plain), reused.replace(ref_logprobs=ref_reused)
+
+    # The update no longer runs the tower's forward (a frozen tower has no backward either way). On one
+    # device: a mesh's FLOP counts are per device, split by the batch's layout.
+    one_graphdef, one_state = init_state(model, train_config)
+    one_step = make_train_step(one_graphdef, one_state, train_config)
+    updates = {name: one_step.lower(one_state, jax.device_get(b)).compile()
+               for name, b in (("plain", plain), ("reused", reused))}
+    flops = {name: update.cost_analysis()["flops"] for name, update in updates.items()}
+    tower = jax.jit(lambda m, x: m.image_features(x)).lower(model, jax.device_get(prompts)).compile()
+    print(f"update FLOPs {flops}, the vision tower's forward {tower.cost_analysis()['flops']}")
+    assert flops["plain"] - flops["reused"] >= 0.9 * tower.cost_analysis()["flops"] > 0, flops
+
+    after = {}
+    for name, b in (("plain", plain), ("reused", reused)):
+        _, fresh = init_state(model, train_config)
+        after[name] = updates[name](fresh, jax.device_get(b), np.True_)
+    assert float(after["reused"][1]["loss"]) == pytest.approx(float(after["plain"][1]["loss"]), rel=1e-5, abs=1e-7)
+    # lr x (a gradient difference of a few ulps of O(1) gradients): far below 1e-6.
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(jax.device_get(after["plain"][0].params)),
+                                jax.tree.leaves(jax.device_get(after["reused"][0].params))))
+    assert moved <= 1e-6
+
+    # Features carry no gradient: with a vision tower that trains they are refused.
+    trains_vision = TrainConfig()
+    graphdef, state = init_state(model, trains_vision, mesh=mesh)
+    with pytest.raises(ValueError, match="freeze_vision"):
+        make_train_step(graphdef, state, trains_vision, mesh=mesh)(state, reused)

@@ -246,7 +246,10 @@ def report(config, topology: str) -> Report:
                        ref_logprobs=(_spec((rows, length), jnp.float32, batch_layout(2)) if train.grpo.beta > 0
                                      else None),
                        old_logprobs=(_spec((rows, length), jnp.float32, batch_layout(2))
-                                     if train.num_iterations > 1 else None))
+                                     if train.num_iterations > 1 else None),
+                       image_features=(_spec((b, p // model_config.vision.merge_tokens, model_config.text.hidden_size),
+                                             settings.sampler_dtype, batch_layout(3))
+                                       if train.freeze_vision else None))
 
     programs = result.programs
     step = make_train_step(graphdef, state, train, mesh=mesh)

@@ -13,6 +13,9 @@ Seams that matter (review M1, M2):
   they never alias the train state, which the update donates. They are dropped before the update.
 - `old_logprobs` come from the policy scorer (the update's own program, in float32), never from
   `Rollout.logprobs` (the decode program's dtype and a top-k-filtered distribution).
+- With `freeze_vision` the vision tower runs once per iteration, in the rollout's prefill: its features
+  (the sampler's dtype, which is the recipe's compute dtype) travel in the `TrainBatch` to the reference,
+  the old policy and the update, which would each have recomputed the same frozen features.
 - Rows with `valid=False` (a finite stream's padding) get a NaN reward, so they stay out of every
   group statistic and get advantage 0, and their completion mask is zeroed: they add nothing.
 """
@@ -108,19 +111,21 @@ def sampler_graphdef(config: Qwen2VLConfig, dtype):
 def sample(phases: Phases, weights: nnx.State, inputs, key) -> Rollout:
     """G completions of every prompt from the sampler's weights; on a mesh, rows split over the batch axes as
     the prompts are, so each process's devices hold the rows of its own prompts (`local_rows`)."""
-    out = rollout(nnx.merge(phases.sampler_graphdef, weights), inputs, key, phases.sampling)
+    out = rollout(nnx.merge(phases.sampler_graphdef, weights), inputs, key, phases.sampling,
+                  keep_image_features=phases.train.freeze_vision)
     return out if phases.mesh is None else pin_rows(out, phases.mesh)
 
 
 def pin_rows(out: Rollout, mesh) -> Rollout:
     """`out` with its rows split over the mesh's batch axes (a no-op when they already are)."""
-    return _row_pinner(mesh)(out)
+    return _row_pinner(mesh, out.image_features is not None)(out)
 
 
 @functools.cache
-def _row_pinner(mesh):  # one jitted identity per mesh: compiled once, not at every step
+def _row_pinner(mesh, with_features: bool):  # one jitted identity per mesh: compiled once, not at every step
     layouts = Rollout(tokens=sharding.batch_sharding(mesh, 2), logprobs=sharding.batch_sharding(mesh, 2),
-                      lengths=sharding.batch_sharding(mesh, 1))
+                      lengths=sharding.batch_sharding(mesh, 1),
+                      image_features=sharding.batch_sharding(mesh, 3) if with_features else None)
     return jax.jit(lambda out: out, out_shardings=layouts)
 
 
@@ -205,9 +210,11 @@ def group_advantages(phases: Phases, total: np.ndarray) -> np.ndarray:
 
 def train_batch(phases: Phases, inputs, out: Rollout, advantages: np.ndarray, valid: np.ndarray) -> TrainBatch:
     """The update's batch on the devices from this process's rows' advantages and validity: padding rows'
-    completion masks zeroed."""
+    completion masks zeroed; with a frozen vision tower, the rollout's image features, which the
+    reference, the old policy and the update then reuse."""
     mask = out.mask.astype(jnp.int32) * to_global(phases, np.asarray(valid, np.int32))[:, None]
-    return place(phases, TrainBatch(inputs, out.tokens, mask, to_global(phases, np.asarray(advantages, np.float32))))
+    return place(phases, TrainBatch(inputs, out.tokens, mask, to_global(phases, np.asarray(advantages, np.float32)),
+                                    image_features=out.image_features))
 
 
 def place(phases: Phases, batch: TrainBatch) -> TrainBatch:

@@ -92,11 +92,15 @@ class Rollout:
     tokens:   int32[B*G, L], `pad_token_id` after a row's EOS (the EOS itself is kept)
     logprobs: float32[B*G, L], log softmax(logits / temperature) of each sampled token; 0 on padding
     lengths:  int32[B*G], tokens up to and including the first EOS (L when none)
+    image_features: [B, P / merge^2, D] the prompts' vision features from prefill (`rollout(...,
+              keep_image_features=True)`: with a frozen vision tower, scoring and the update embed them
+              instead of running the tower again), else None
     """
 
     tokens: jax.Array
     logprobs: jax.Array
     lengths: jax.Array
+    image_features: jax.Array | None = None
 
     @property
     def mask(self) -> jax.Array:
@@ -111,16 +115,20 @@ class Prefilled:
     logits: jax.Array  # float32[B, V] at each prompt's last token
     cache: KVCache  # [L, B, T, K, H]: the prompts' keys and values, shared by each group's samples
     next_positions: jax.Array  # int32[B]: M-RoPE position of the first generated token
+    image_features: jax.Array  # [B, P / merge^2, D]: what the vision tower made of the prompts' images
     seen: jax.Array | None = None  # bool[B, V]: the prompt's real tokens, with a repetition penalty
 
 
-def rollout(model: Qwen2VL, inputs: ModelInputs, key: jax.Array, config: SamplingConfig) -> Rollout:
-    """Sample `config.group_size` completions of every left-padded prompt in `inputs`."""
+def rollout(model: Qwen2VL, inputs: ModelInputs, key: jax.Array, config: SamplingConfig, *,
+            keep_image_features: bool = False) -> Rollout:
+    """Sample `config.group_size` completions of every left-padded prompt in `inputs`; with
+    `keep_image_features`, the rollout also returns the prompts' vision features."""
     check_left_padded(inputs)
     config = config.resolve(model.config)
     graphdef, state = nnx.split(model)
     prefilled = prefill(graphdef, state, inputs, config)
-    return decode(graphdef, state, prefilled, key, config)
+    out = decode(graphdef, state, prefilled, key, config)
+    return out.replace(image_features=prefilled.image_features) if keep_image_features else out
 
 
 def reshard(model: Qwen2VL, mesh: jax.sharding.Mesh, rules=sharding.SAMPLING_RULES) -> Qwen2VL:
@@ -136,14 +144,15 @@ def prefill(graphdef, state, inputs: ModelInputs, config: SamplingConfig) -> Pre
     model = nnx.merge(graphdef, state)
     batch, length = inputs.input_ids.shape
     cache = KVCache.zeros(model.config, batch, length)
-    logits, cache = model.prefill(inputs, cache)
+    features = model.image_features(inputs)
+    logits, cache = model.prefill(inputs, cache, features)
     next_positions = jnp.sum(inputs.attention_mask, axis=1) + inputs.rope_deltas
     seen = None
     if config.repetition_penalty != 1.0:  # padding is not a token of the prompt (HF's batches count it)
         ids = jnp.where(inputs.attention_mask > 0, inputs.input_ids, logits.shape[-1])  # out of range: dropped
         seen = jnp.zeros(logits.shape, bool).at[jnp.arange(batch)[:, None], ids].set(True, mode="drop")
     return Prefilled(logits=logits.astype(jnp.float32), cache=cache, next_positions=next_positions.astype(jnp.int32),
-                     seen=seen)
+                     image_features=features, seen=seen)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))

@@ -52,7 +52,7 @@ class TokenScores:
 
 def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, completion_mask_nl, *,
                       temperature: float = 1.0, chunk_size: int = 32, vocab_block: int = 4096,
-                      with_entropy: bool | jax.Array = False) -> TokenScores:
+                      with_entropy: bool | jax.Array = False, image_features=None) -> TokenScores:
     """Teacher-force B*G completions after their B prompts and score every completion token.
 
     Args:
@@ -68,6 +68,9 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
       chunk_size, vocab_block: the LM head's float32 logits exist `[B*G, chunk_size, vocab_block]` at a time.
       with_entropy: also each token's entropy: a Python bool, or a bool scalar array deciding at run time
         (`lm_head.token_logprobs`: zeros when false).
+      image_features: the prompts' `model.image_features(inputs)` when already computed (the rollout's,
+        `Rollout.image_features`): the vision tower does not run again. Only for a frozen tower: features
+        given as an input carry no gradient to it.
     """
     batch = inputs.input_ids.shape[0]
     rows, length = completions_nl.shape
@@ -86,7 +89,8 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
     # sees its completions), exactly as the sampler decodes them.
     # Each layer's keys and values are the scan's outputs, not a carried cache: under the gradient a carried
     # [layers, ...] cache would be saved at every layer (memory quadratic in depth; `TextDecoder`).
-    prompt_x = model.embed(inputs.input_ids, model.image_features(inputs))
+    features = model.image_features(inputs) if image_features is None else image_features
+    prompt_x = model.embed(inputs.input_ids, features)
     prompt_hidden, prefix = model.text(prompt_x, inputs.positions, inputs.attention_mask, keep_kv=True)
     # Completions, embedded as plain text: token k sits in slot T + k at M-RoPE position
     # (valid prompt tokens + k + rope delta) on all three axes, as HF's rope index puts it.
@@ -119,21 +123,22 @@ def chunked_token_logprobs(model: Qwen2VL, hidden_nld, targets_nl, *, temperatur
 def make_score_fn(graphdef, params: nnx.State, config: TrainConfig, *, mesh=None, rules=sharding.DEFAULT_RULES):
     """The jitted `(params, TrainBatch) -> float32[B*G, L]` completion logprobs under `params`: the
     reference's (frozen initial parameters) or the old policy's, with the update's exact scoring
-    (`config`'s temperature and logits chunking, image features once per prompt), micro-batch by
-    micro-batch. `params` (concrete or abstract) fixes the parameter layout on a mesh. Each call first
-    checks on the host that the batch's prompts are left-padded, as the update does."""
+    (`config`'s temperature and logits chunking, image features once per prompt, or the batch's own
+    `image_features` when it carries them), micro-batch by micro-batch. `params` (concrete or abstract)
+    fixes the parameter layout on a mesh. Each call first checks on the host that the batch's prompts
+    are left-padded, as the update does."""
 
     def score(params, batch: TrainBatch):
         model = nnx.merge(graphdef, params)
         prompts = batch.inputs.input_ids.shape[0]
-        parts = (batch.inputs, batch.completions, batch.completion_mask)
+        parts = (batch.inputs, batch.completions, batch.completion_mask, batch.image_features)
         micro = split_micro_batches(parts, prompts, config.micro_batches, mesh, rules)
 
         def one(part):
-            inputs, completions, mask = part
+            inputs, completions, mask, features = part
             return score_completions(model, inputs, completions, mask, temperature=config.temperature,
-                                     chunk_size=config.logits_chunk_size,
-                                     vocab_block=config.logits_vocab_block).logprobs
+                                     chunk_size=config.logits_chunk_size, vocab_block=config.logits_vocab_block,
+                                     image_features=features).logprobs
 
         return merge_micro_batches(jax.lax.map(one, micro), prompts)
 

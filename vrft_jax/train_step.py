@@ -100,7 +100,7 @@ class TrainConfig:
                       gives float32 master weights with bf16 compute)
     remat:            the model's rematerialisation policy per layer: "none", "block", "save_dots"
     freeze_vision:    train the language model only; the vision tower gets no gradient and no
-                      optimizer state
+                      optimizer state, and runs once per rollout (its features travel in the batch)
     max_consecutive_nonfinite: this many updates skipped in a row stop the run: the step only
                       counts them (`TrainState.nonfinite_streak`), `check_nonfinite` raises
     sampler_layout:   the rollout's copy of the weights on a mesh: "whole" within each fsdp group (split
@@ -187,6 +187,9 @@ class TrainBatch:
                      `make_score_fn`'s under the rollout's parameters, never the sampler's `Rollout.logprobs`
     ref_logprobs:    float32[B*G, L] the reference's logprobs; needed when beta > 0, and gives the
                      `kl` metric whenever present
+    image_features:  [B, P / merge^2, D] the prompts' vision features, only with `freeze_vision`: the
+                     rollout's (`Rollout.image_features`), so the reference, the old policy and the update
+                     embed them instead of running the frozen tower three more times; None runs the tower
     """
 
     inputs: ModelInputs
@@ -195,6 +198,7 @@ class TrainBatch:
     advantages: jax.Array
     old_logprobs: jax.Array | None = None
     ref_logprobs: jax.Array | None = None
+    image_features: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -254,6 +258,9 @@ def _check_batch(batch: TrainBatch, config: TrainConfig) -> None:
     if config.grpo.beta and batch.ref_logprobs is None:
         raise ValueError(f"GRPOConfig.beta={config.grpo.beta} needs TrainBatch.ref_logprobs: score the completions "
                          "with the reference parameters (make_score_fn), or set beta=0")
+    if batch.image_features is not None and not config.freeze_vision:
+        raise ValueError("TrainBatch.image_features are given but the vision tower trains (freeze_vision=False): "
+                         "features computed outside the update carry no gradient to it; leave them None")
     if config.num_iterations > 1 and batch.old_logprobs is None:
         raise ValueError(f"TrainConfig.num_iterations={config.num_iterations} needs TrainBatch.old_logprobs: the "
                          "policy's logprobs at rollout time (make_score_fn with the rollout's parameters)")
@@ -265,7 +272,7 @@ def micro_batch_terms(model: Qwen2VL, batch: TrainBatch, config: TrainConfig, me
     scores = score_completions(model, batch.inputs, batch.completions, batch.completion_mask,
                                temperature=config.temperature, chunk_size=config.logits_chunk_size,
                                vocab_block=config.logits_vocab_block,
-                               with_entropy=measure_entropy)
+                               with_entropy=measure_entropy, image_features=batch.image_features)
     mask = batch.completion_mask.astype(jnp.float32)
     # With one update per rollout the old policy is the current one: ratio exp(lp - sg(lp)) (TRL does the same).
     old = batch.old_logprobs if config.num_iterations > 1 else None

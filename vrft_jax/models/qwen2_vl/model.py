@@ -32,9 +32,11 @@ class Qwen2VL(nnx.Module):
         features = jnp.take_along_axis(image_features_bmd, index[..., None], axis=1)
         return jnp.where(is_image[..., None], features.astype(x.dtype), x)
 
-    def hidden_states(self, inputs: ModelInputs, cache: KVCache | None = None):
-        """(float[B, T, D] final-norm hidden states, updated cache or None)."""
-        x = self.embed(inputs.input_ids, self.image_features(inputs))
+    def hidden_states(self, inputs: ModelInputs, cache: KVCache | None = None, image_features=None):
+        """(float[B, T, D] final-norm hidden states, updated cache or None); `image_features` given
+        (`image_features(inputs)` computed before) skip the vision tower."""
+        features = self.image_features(inputs) if image_features is None else image_features
+        x = self.embed(inputs.input_ids, features)
         return self.text(x, inputs.positions, inputs.attention_mask, cache)
 
     def __call__(self, inputs: ModelInputs):
@@ -42,12 +44,12 @@ class Qwen2VL(nnx.Module):
         hidden, _ = self.hidden_states(inputs)
         return self.text.logits(hidden)
 
-    def prefill(self, inputs: ModelInputs, cache: KVCache):
-        """Run left-padded prompts into `cache` from slot `cache.index`.
+    def prefill(self, inputs: ModelInputs, cache: KVCache, image_features):
+        """Run left-padded prompts, with their `image_features(inputs)`, into `cache` from slot `cache.index`.
 
         Returns (float[B, V] logits at the last slot, which is each row's last prompt token, cache).
         """
-        hidden, cache = self.hidden_states(inputs, cache)
+        hidden, cache = self.hidden_states(inputs, cache, image_features)
         return self.text.logits(hidden[:, -1:])[:, 0], cache
 
     def decode(self, tokens_b, positions_b3, cache: KVCache, prefix: SharedPrefix | None = None):
