@@ -153,6 +153,7 @@ class Report:
     phases: dict[str, int]  # phase -> bytes per chip live at its peak
     step_flops: float  # model FLOPs per chip (`model_flops`)
     note: str = ""
+    shapes: str = ""  # the batch's buckets
 
     @property
     def hbm(self) -> int:
@@ -179,6 +180,8 @@ class Report:
                  f"mesh {self.mesh}, micro_batches {self.micro_batches}, {self.parameters / 1e9:.2f}B parameters",
                  f"  per chip: train state {g(self.state)}, reference weights {g(self.reference)}, "
                  f"sampler weights {g(self.sampler)}"]
+        if self.shapes:
+            lines.append(f"  batch: {self.shapes}")
         for p in self.programs.values():
             lines.append(f"  {p.name:22s} " + (f"NOT COMPILED: {p.error}" if p.error else
                                                 f"arguments {g(p.arguments)} outputs {g(p.outputs)} aliased "
@@ -231,6 +234,9 @@ def report(config, topology: str) -> Report:
     b, g, t = config.prompts_per_step, settings.sampling.group_size, data.max_prompt_len
     length = settings.sampling.max_new_tokens
     p = resolve_patch_bucket(data, model_config)
+    result.shapes = (f"{b} prompts x {t} tokens and {p} patches, {g} completions x {length} tokens each"
+                     + ("; the buckets are the recipe's limits, which hold any dataset (a run sizes them from its "
+                        "data: data.buckets='data')" if data.buckets == "data" else ""))
     batch_layout = lambda ndim: sharding.batch_sharding(mesh, ndim, rules=rules)  # noqa: E731
     patch_dtype = jnp.dtype(data.patch_dtype)
     inputs = ModelInputs(

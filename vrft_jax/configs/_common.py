@@ -131,8 +131,9 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
     c.data = dict(
         path="",
         split="train",
-        max_prompt_len=1024,  # Visual-RFT's max_prompt_length
-        patch_bucket=config_dict.placeholder(int),  # None: max_pixels / 14^2 (2048 patches)
+        max_prompt_len=1024,  # Visual-RFT's max_prompt_length: the limit; the bucket is sized from the data
+        patch_bucket=config_dict.placeholder(int),  # None: max_pixels / 14^2 (2048 patches): the limit
+        buckets="data",  # T and P measured from the split (`vrft_jax.data.buckets`); "fixed" uses the limits
         patch_dtype="float32",
         drop_remainder=True,
         min_pixels=3136,

@@ -10,6 +10,7 @@ from vrft_jax.data.records import check_policy
 from vrft_jax.fields import known_fields
 
 PATCH_DTYPES = ("float32", "bfloat16")
+BUCKETS = ("fixed", "data")
 _KINDS = {"str": (str,), "int": (int,), "bool": (bool,), "int | None": (int, type(None)),
           "str | None": (str, type(None))}
 
@@ -27,6 +28,9 @@ class DataConfig:
       max_prompt_len:  the text bucket T in tokens, image tokens included; prompts are left-padded to it
       patch_bucket:    the patch bucket P; None = max_pixels / 14^2 rounded up to whole merged tokens
                        (2048 for Visual-RFT's max_pixels), which holds any image
+      buckets:         "fixed": T and P as given; "data": measured from the split before the first batch,
+                       the smallest multiples of 64 that hold every record, with max_prompt_len and
+                       patch_bucket as the limits (`vrft_jax.data.buckets`)
       patch_dtype:     "float32" (bit-identical to HF) or "bfloat16" (half the host->device bytes)
       drop_remainder:  drop a final partial batch of a finite run; else pad it with valid=False rows
     Images (Qwen2-VL smart_resize bounds; Visual-RFT trains with 3136..401408):
@@ -54,6 +58,7 @@ class DataConfig:
     batch_size: int = 8
     max_prompt_len: int = 1024
     patch_bucket: int | None = None
+    buckets: str = "fixed"
     patch_dtype: str = "float32"
     drop_remainder: bool = True
     min_pixels: int = 3136
@@ -93,6 +98,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.patch_bucket must be a positive int or None, got {self.patch_bucket!r}")
         if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs <= 0):
             raise ValueError(f"DataConfig.num_epochs must be a positive int or None, got {self.num_epochs!r}")
+        if self.buckets not in BUCKETS:
+            raise ValueError(f"DataConfig.buckets must be one of {BUCKETS}, got {self.buckets!r}")
         if self.patch_dtype not in PATCH_DTYPES:
             raise ValueError(f"DataConfig.patch_dtype must be one of {PATCH_DTYPES}, got {self.patch_dtype!r}")
 

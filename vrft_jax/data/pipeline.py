@@ -50,8 +50,9 @@ from jax.sharding import Mesh
 from vrft_jax.data import records as rec
 from vrft_jax.data import storage
 from vrft_jax.data.batching import BatchLayout, StaticBatchDataset
+from vrft_jax.data.buckets import resolve_patch_bucket as resolve_patch_bucket  # re-exported: the pipeline's API
+from vrft_jax.data.buckets import size_buckets
 from vrft_jax.data.config import DataConfig
-from vrft_jax.data.image import ImageGeometry
 from vrft_jax.data.preprocess import ExampleEncoder
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
@@ -80,17 +81,6 @@ class Batch:
     @property
     def solution(self) -> list[str]:
         return self.meta["solution"]
-
-
-def resolve_patch_bucket(config: DataConfig, model_config: Qwen2VLConfig) -> int:
-    """The patch bucket P: DataConfig.patch_bucket, or max_pixels / patch^2 in whole merged tokens."""
-    geometry = ImageGeometry.from_vision(model_config.vision, min_pixels=config.min_pixels,
-                                        max_pixels=config.max_pixels)
-    bucket = geometry.max_patches if config.patch_bucket is None else config.patch_bucket
-    if bucket % geometry.merge_tokens:
-        raise ValueError(f"DataConfig.patch_bucket {bucket} is not a multiple of {geometry.merge_tokens} "
-                         f"(patches merged into one token)")
-    return bucket
 
 
 def batch_layout(config: DataConfig, model_config: Qwen2VLConfig, pad_id: int) -> BatchLayout:
@@ -127,6 +117,7 @@ def build_dataset(config: DataConfig, model_config: Qwen2VLConfig, *, tokenizer=
     num_records = len(source)
     if num_records == 0:
         raise ValueError(f"{name} has no records")
+    config = size_buckets(config, model_config, tokenizer, source, name)
     process_index, process_count = _process(process_index, process_count)
     encoder = ExampleEncoder(
         tokenizer, model_config, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
@@ -303,6 +294,9 @@ def make_iterator(config: DataConfig, model_config: Qwen2VLConfig, *, mesh: Mesh
     tokenizer = _tokenizer(config, tokenizer, checkpoint_dir)
     process_index, process_count = _process(process_index, process_count)
     opened, name = open_source(config, source)
+    if len(opened) == 0:
+        raise ValueError(f"{name} has no records")
+    config = size_buckets(config, model_config, tokenizer, opened, name)  # once: build_dataset gets fixed ones
     dataset = build_dataset(config, model_config, tokenizer=tokenizer, source=opened,
                             process_index=process_index, process_count=process_count)
     return DataIterator(dataset, mesh=mesh, device_prefetch=config.device_prefetch, rules=rules,

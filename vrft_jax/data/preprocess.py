@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,6 +40,19 @@ class Example:
     pixels: np.ndarray
     grid_thw: tuple[int, int, int]
     meta: dict[str, Any]
+
+
+class _Prompt(NamedTuple):
+    """A record's rendered prompt and its image, opened (header read, pixels not decoded)."""
+
+    problem: str
+    ids: list[int]  # the prompt with its one unexpanded <|image_pad|>
+    slot: int  # where that token is
+    image: Any
+    source_hw: tuple[int, int]
+    num_patches: int
+    num_tokens: int  # image tokens (patches merged)
+    length: int  # prompt tokens, image tokens included
 
 
 class _Bad(Exception):
@@ -102,7 +115,17 @@ class ExampleEncoder:
         # call, which races between the pipeline's reader threads. Same ids (the HF parity test checks).
         return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode(self, record: Mapping[str, Any], index: int) -> Example:
+    def size(self, record: Mapping[str, Any]) -> tuple[int, int] | None:
+        """(prompt tokens with the image's, image patches) of a record from its text and its image's header
+        alone (no pixel is decoded), whatever the buckets; None for a record that cannot become an example
+        for another reason (the pipeline reports it by its policy)."""
+        try:
+            prompt = self._prompt(record)
+        except _Bad:
+            return None
+        return prompt.length, prompt.num_patches
+
+    def _prompt(self, record: Mapping[str, Any]) -> _Prompt:
         error = rec.record_error(record)
         if error:
             raise _Bad(*error)
@@ -121,11 +144,14 @@ class ExampleEncoder:
         except image_lib.ImageError as e:
             raise _Bad(rec.BAD_IMAGE, str(e)) from None
         num_patches = int(np.prod(grid))
+        num_tokens = num_patches // self.geometry.merge_tokens
+        return _Prompt(problem, ids, slots[0], image, source_hw, num_patches, num_tokens, len(ids) - 1 + num_tokens)
+
+    def encode(self, record: Mapping[str, Any], index: int) -> Example:
+        problem, ids, slot, image, source_hw, num_patches, num_tokens, length = self._prompt(record)
         if num_patches > self.patch_bucket:
             raise _Bad(rec.TOO_MANY_PATCHES, f"image {source_hw[0]}x{source_hw[1]} makes {num_patches} patches, "
                                              f"more than the patch bucket of {self.patch_bucket}")
-        num_tokens = num_patches // self.geometry.merge_tokens
-        length = len(ids) - 1 + num_tokens
         if length > self.max_prompt_len:
             raise _Bad(rec.PROMPT_TOO_LONG, f"prompt is {length} tokens ({num_tokens} image tokens), more than "
                                             f"max_prompt_len {self.max_prompt_len}")
@@ -134,7 +160,6 @@ class ExampleEncoder:
         except image_lib.ImageError as e:
             raise _Bad(rec.BAD_IMAGE, str(e)) from None
 
-        slot = slots[0]
         input_ids = np.asarray(ids[:slot] + [self.image_token_id] * num_tokens + ids[slot + 1:], np.int32)
         positions, delta = rope.rope_positions(input_ids, np.asarray([grid]), merge=self.geometry.merge_size,
                                                image_token_id=self.image_token_id)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from vrft_jax import distributed, grpo_loop
 from vrft_jax.data import make_iterator, storage
+from vrft_jax.data.buckets import size_buckets
 from vrft_jax.data.pipeline import open_source
 from vrft_jax.evaluate import classification, detection, grounding, readers
 from vrft_jax.evaluate.settings import EvaluationSettings
@@ -70,7 +71,10 @@ class Evaluator:
         self.data, self.model_config, self.sampling = data, model_config, sampling
         self.reward_fn, self.tokenizer, self.graphdef = reward_fn, tokenizer, sampler_graphdef
         self.settings, self.mesh, self.reward_columns = settings, mesh, reward_columns
-        self.examples = len(open_source(data)[0])
+        source, name = open_source(data)
+        self.examples = len(source)
+        # Sized once (`buckets="data"`): every evaluation of a run then decodes the same shapes, compiled once.
+        self.data = size_buckets(data, model_config, tokenizer, source, name)
 
     # -- decoding ---------------------------------------------------------------------------------
 
