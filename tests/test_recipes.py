@@ -267,6 +267,28 @@ def test_cli_without_config_runs_the_demo_and_takes_a_recipe_file(tmp_path):
         os.path.join("runs", "mine"), 3, 4)
 
 
+_PLATFORM = """
+import sys
+import jax
+from vrft_jax import recipe
+recipe.use_platform(recipe.load(sys.argv[1]))
+print(jax.config.jax_platforms or "any", jax.devices()[0].platform)
+"""
+
+
+@pytest.mark.parametrize("name, platforms", [("demo", "cpu"), ("lvis_fewshot", "any")])
+def test_a_cpu_recipe_runs_on_the_cpu_without_probing_for_a_tpu(name, platforms):
+    """The test extra installs libtpu, which logs initialization errors when JAX probes it on a machine without
+    a TPU: the demo (slice "cpu") asks for the CPU backend alone; a TPU recipe leaves JAX to choose."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    result = subprocess.run([sys.executable, "-c", _PLATFORM, name], capture_output=True, text=True, cwd=REPO,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [platforms, "cpu"]
+    if name == "demo":
+        assert "TPU" not in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.no_such_key=1"], r"unknown config key 'no_such_key'"),
     (["--config=lvis_fewshot", "--config.train.learnin_rate=1e-5"], r"did you mean 'train.learning_rate'"),

@@ -281,6 +281,15 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
     return os.path.join("runs", config.name)
 
 
+def use_platform(config: ml_collections.ConfigDict) -> None:
+    """Run a recipe sized for the CPU (`slice="cpu"`: the demo) on JAX's CPU backend, without probing the
+    accelerator plugins installed beside it: the `tpu` extra's libtpu logs initialization errors on a machine
+    without a TPU before JAX falls back to the CPU. JAX_PLATFORMS, when set, decides instead. Call it before
+    anything touches a device (and before `distributed.initialize`)."""
+    if config.slice == "cpu" and not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+
+
 # ---------------------------------------------------------------------------------------------- settings
 
 

@@ -351,9 +351,10 @@ def export_hf(directory: str, out: str) -> None:
 
 def main(argv) -> None:
     del argv
-    distributed.initialize()  # a multi-host run's processes find each other (launch/); nothing on one host
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO; the Reporter shows progress
     config, workdir = recipe.from_flags()
+    recipe.use_platform(config)
+    distributed.initialize()  # a multi-host run's processes find each other (launch/); nothing on one host
     result = train(config, workdir)
     if result.preempted:
         sys.exit(0)

@@ -58,6 +58,7 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     config = flags.FLAGS.config
+    recipe.use_platform(config)
     if flags.FLAGS.split:
         config.unlock()
         config.eval.split = flags.FLAGS.split
