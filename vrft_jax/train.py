@@ -344,9 +344,8 @@ def _report_heldout(when: str, value) -> None:
 def export_hf(directory: str, out: str) -> None:
     """The model directory as a Hugging Face checkpoint, by `model_port` in its own process, on the host's CPU:
     the run's process holds the accelerator (and libtpu, probed on a machine without a TPU, logs errors)."""
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS") or "cpu"}
     subprocess.run([sys.executable, "-m", "model_port.flax_to_hf", "--ckpt", directory, "--out", out], check=True,
-                   env=env)
+                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 # ------------------------------------------------------------------------------------------------ CLI

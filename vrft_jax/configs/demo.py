@@ -18,7 +18,7 @@ training reward climbed from 0.13 to 0.50 (means of the first and last ten steps
 its report, runs/demo/report/report.html.
 
 Those are the default seed's numbers, and GRPO at this learning rate is fragile. With seed 1 or 2 the
-policy collapses within ten steps to text with no answer, every sample's reward 0, so no advantage is
+policy collapses by the third step to text with no answer, every sample's reward 0, so no advantage is
 left to bring it back (held-out 0.215 -> 0.000, 0.441 -> 0.000); ten warmup steps delay it (seed 1
 still collapses; seed 2 ends at 0.461). Learning rates of 1e-4 and 3e-4, and beta = 0.04 at 1e-3, are
 stable but move the held-out accuracy by +1 to +2 standard errors in 100 steps (1e-4 and 3e-4 with
