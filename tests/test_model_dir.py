@@ -1,5 +1,6 @@
 """Model directories (review M3): saving over a model never leaves the directory without a complete
-one, whatever the moment of a crash, and a load without a mesh does not put the model on one device."""
+one, whatever the moment of a crash, and a load without a mesh does not put the model on one device.
+(The same in a bucket: tests/test_storage.py.)"""
 
 from __future__ import annotations
 
@@ -34,51 +35,66 @@ class Crash(RuntimeError):
     pass
 
 
-def test_a_save_that_dies_before_the_swap_keeps_the_old_model(tmp_path, monkeypatch):
+def test_a_save_that_dies_before_the_pointer_keeps_the_old_model(tmp_path, monkeypatch):
     old, new = tiny_model(seed=1), tiny_model(seed=2)
     model_dir.save_model(old, str(tmp_path))
+    assert entries(tmp_path) == {"params-1", "params.json", "config.json"}
     with monkeypatch.context() as patch:
-        patch.setattr(model_dir, "_swap_in_pending", lambda directory: (_ for _ in ()).throw(Crash()))
+        patch.setattr(model_dir, "_write_pointer", lambda *args: (_ for _ in ()).throw(Crash()))
         with pytest.raises(Crash):
             model_dir.save_model(new, str(tmp_path))
-    assert {"params", "params.pending", "config.json"} <= entries(tmp_path)  # the new copy complete, not in place
+    assert entries(tmp_path) == {"params-1", "params-2", "params.json", "config.json"}  # the new copy complete
+    assert model_dir.params_path(str(tmp_path)) == str(tmp_path / "params-1")
     assert_same_params(model_dir.load_model(str(tmp_path)), params_of(old))
     model_dir.save_model(new, str(tmp_path))  # the next save cleans up and succeeds
-    assert entries(tmp_path) == {"params", "config.json"}
+    assert entries(tmp_path) == {"params-3", "params.json", "config.json"}
     assert_same_params(model_dir.load_model(str(tmp_path)), params_of(new))
 
 
-def test_a_crash_between_the_two_renames_loses_neither_copy(tmp_path, monkeypatch):
+def test_a_crash_after_the_pointer_leaves_the_new_model_and_the_next_save_deletes_the_old(tmp_path, monkeypatch):
     old, new, newest = tiny_model(seed=1), tiny_model(seed=2), tiny_model(seed=3)
     model_dir.save_model(old, str(tmp_path))
-
-    def first_rename_only(directory):
-        os.rename(os.path.join(directory, "params"), os.path.join(directory, "params.old"))
-        raise Crash()
-
     with monkeypatch.context() as patch:
-        patch.setattr(model_dir, "_swap_in_pending", first_rename_only)
+        patch.setattr(model_dir.storage, "rmtree", lambda path: (_ for _ in ()).throw(Crash()))
         with pytest.raises(Crash):
             model_dir.save_model(new, str(tmp_path))
-    assert "params" not in entries(tmp_path) and {"params.old", "params.pending"} <= entries(tmp_path)
-    assert_same_params(model_dir.load_model(str(tmp_path)), params_of(new))  # the newer complete copy
-    os.rename(tmp_path / "params.pending", tmp_path / "params.lost")  # had only the old copy survived:
-    assert_same_params(model_dir.load_model(str(tmp_path)), params_of(old))
-    os.rename(tmp_path / "params.lost", tmp_path / "params.pending")
+    assert {"params-1", "params-2"} <= entries(tmp_path)
+    assert_same_params(model_dir.load_model(str(tmp_path)), params_of(new))
     model_dir.save_model(newest, str(tmp_path))
-    assert entries(tmp_path) == {"params", "config.json"}
+    assert entries(tmp_path) == {"params-3", "params.json", "config.json"}
     assert_same_params(model_dir.load_model(str(tmp_path)), params_of(newest))
 
 
 def test_an_unfinished_orbax_write_is_never_loaded_and_is_cleaned_up(tmp_path):
     model = tiny_model(seed=1)
     model_dir.save_model(model, str(tmp_path))
-    unfinished = tmp_path / "params.pending.orbax-checkpoint-tmp-1234"  # what a crash inside orbax leaves
+    unfinished = tmp_path / "params-7.orbax-checkpoint-tmp-1234"  # what a crash inside orbax leaves
     unfinished.mkdir()
     (unfinished / "junk").write_text("half a shard")
-    assert model_dir.params_path(str(tmp_path)) == str(tmp_path / "params")
+    assert model_dir.params_path(str(tmp_path)) == str(tmp_path / "params-1")
     model_dir.save_model(model, str(tmp_path))
-    assert entries(tmp_path) == {"params", "config.json"}
+    assert entries(tmp_path) == {"params-8", "params.json", "config.json"}  # never reuses a leftover's name
+
+
+def test_a_directory_saved_before_the_pointer_loads_and_is_replaced_by_the_next_save(tmp_path):
+    old, new = tiny_model(seed=1), tiny_model(seed=2)
+    model_dir.save_model(old, str(tmp_path))
+    os.rename(tmp_path / "params-1", tmp_path / "params")  # the earlier layout: params/ and no pointer
+    os.remove(tmp_path / "params.json")
+    assert model_dir.is_model_dir(str(tmp_path))
+    assert_same_params(model_dir.load_model(str(tmp_path)), params_of(old))
+    model_dir.save_model(new, str(tmp_path))
+    assert entries(tmp_path) == {"params-1", "params.json", "config.json"}
+    assert_same_params(model_dir.load_model(str(tmp_path)), params_of(new))
+
+
+def test_a_directory_without_parameters_is_an_error_naming_it(tmp_path):
+    assert not model_dir.is_model_dir(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} holds neither params.json nor params/"):
+        model_dir.params_path(str(tmp_path))
+    (tmp_path / "params.json").write_text(json.dumps({"params": "params-4"}))
+    with pytest.raises(FileNotFoundError, match="params.json names params-4/, which is missing"):
+        model_dir.params_path(str(tmp_path))
 
 
 def test_load_without_a_mesh_spreads_the_model_over_every_device(tmp_path):

@@ -1,4 +1,5 @@
-"""Where a run's numbers go: `metrics.jsonl`, TensorBoard event files and `samples.jsonl` in its workdir.
+"""Where a run's numbers go: `metrics.jsonl`, TensorBoard event files and `samples.jsonl` in its workdir
+(a local directory or a `gs://` URL: every file goes through `vrft_jax.storage`).
 
     writer = MetricWriter(workdir, start_step=restored_step)      # 0 on a fresh run
     if every(step, config.log_every, total):
@@ -13,10 +14,12 @@ nothing, so the loop never branches on the process index):
                  strict JSON: NaN and +-inf are written as the strings "NaN", "Infinity" and
                  "-Infinity" (the tokens `float()` parses), and `read_metrics` turns them back into
                  floats. Each row is flushed when written, so a preempted run loses at most a torn
-                 last line, which the next open drops.
+                 last line, which the next open drops. (In a bucket, where an object has no append,
+                 each flush uploads the whole file: see `storage.AppendFile`.)
   events.out.tfevents.*  TensorBoard scalars (`simple_value`) and the samples as text. Written with
                  tensorboard's record format and protos alone: `tensorboard.compat.tf` is never
-                 resolved, so TensorFlow is not imported even where it is installed.
+                 resolved, so TensorFlow is not imported even where it is installed. Without
+                 TensorFlow, `tensorboard --logdir gs://...` reads them through fsspec (gcsfs).
   samples.jsonl  one row per sample completion: `step`, then the sample's own keys (non-finite
                  rewards as in metrics.jsonl).
 
@@ -45,6 +48,8 @@ import jax
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
+
+from vrft_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -150,7 +155,7 @@ def reward_stats(total: Any, rewards: Mapping[str, Any], group_size: int, valid:
 def _read_rows(path: str) -> tuple[list[dict], bool]:
     """(the rows of a jsonl file up to its first unreadable line, whether every line was readable)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path) as f:
         for line in f:
             try:
                 row = json.loads(line)
@@ -166,33 +171,28 @@ def truncate_after(path: str, step: int) -> int:
     """Drop the rows of jsonl `path` with `step` > `step`, and a torn last line; returns rows dropped.
 
     The rows written after the restored checkpoint belong to steps the resumed run computes again.
-    The kept rows go to a temporary file that replaces `path` atomically, so a crash here leaves
+    The kept rows replace `path` atomically (`storage.write_text_atomic`), so a crash here leaves
     either the old file or the new one. A missing file is a fresh run: nothing to do.
     """
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return 0
     rows, whole = _read_rows(path)
     kept = [row for row in rows if row.get("step", 0) <= step]
     dropped = len(rows) - len(kept) + (0 if whole else 1)
     if dropped:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, allow_nan=False) + "\n" for row in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        storage.write_text_atomic(path, "".join(json.dumps(row, allow_nan=False) + "\n" for row in kept))
     return dropped
 
 
 def read_metrics(workdir: str) -> list[dict]:
     """The rows of `metrics.jsonl`, with "NaN", "Infinity" and "-Infinity" back as floats."""
-    rows, _ = _read_rows(os.path.join(workdir, METRICS_FILE))
+    rows, _ = _read_rows(storage.join(workdir, METRICS_FILE))
     return [{k: _number(v) for k, v in row.items()} for row in rows]
 
 
 def read_samples(workdir: str) -> list[dict]:
     """The rows of `samples.jsonl`, with each row's `rewards` values back as floats."""
-    rows, _ = _read_rows(os.path.join(workdir, SAMPLES_FILE))
+    rows, _ = _read_rows(storage.join(workdir, SAMPLES_FILE))
     for row in rows:
         if isinstance(row.get("rewards"), dict):
             row["rewards"] = {k: _number(v) for k, v in row["rewards"].items()}
@@ -203,8 +203,9 @@ class _EventFile:
     """An append-only TensorBoard event file: length-prefixed, CRC-checked `Event` protos.
 
     tensorboard's `EventFileWriter` opens its file through `tensorboard.compat.tf.io.gfile`, which
-    imports TensorFlow when it is installed; this writes the same records to a plain file, and
-    synchronously, so a flushed step is on disk (no writer thread to lose a queue at preemption).
+    imports TensorFlow when it is installed and without it cannot write to a bucket; this writes the
+    same records through `storage.open_append`, and synchronously, so a flushed step is stored (no
+    writer thread to lose a queue at preemption).
     """
 
     _opened = 0  # distinguishes files opened in the same second by one process; names sort in order
@@ -212,8 +213,8 @@ class _EventFile:
     def __init__(self, logdir: str):
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{_EventFile._opened}"
         _EventFile._opened += 1
-        self.path = os.path.join(logdir, name)
-        self._file = open(self.path, "wb")
+        self.path = storage.join(logdir, name)
+        self._file = storage.open_append(self.path)
         self._records = RecordWriter(self._file)
         self.add(event_pb2.Event(file_version="brain.Event:2"))
 
@@ -223,9 +224,10 @@ class _EventFile:
         self._records.write(event.SerializeToString())
 
     def flush(self, sync: bool = False) -> None:
-        self._file.flush()
         if sync:
-            os.fsync(self._file.fileno())
+            self._file.sync()
+        else:
+            self._file.flush()
 
     def close(self) -> None:
         self._file.close()
@@ -261,7 +263,7 @@ class MetricWriter:
         self._metrics = self._samples = self._events = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
         self._metrics = self._open(METRICS_FILE, start_step)
         self._samples = self._open(SAMPLES_FILE, start_step)
         if tensorboard:
@@ -269,10 +271,10 @@ class MetricWriter:
             self._events.add(event_pb2.Event(step=start_step + 1,
                                              session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
-    def _open(self, name: str, start_step: int):
-        path = os.path.join(self.workdir, name)
+    def _open(self, name: str, start_step: int) -> storage.AppendFile:
+        path = storage.join(self.workdir, name)
         truncate_after(path, start_step)
-        return open(path, "a", encoding="utf-8")
+        return storage.open_append(path)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One row of `metrics.jsonl` and one TensorBoard scalar per entry of `scalars`.
@@ -286,7 +288,7 @@ class MetricWriter:
             raise ValueError("'step' is the row's key; pass it as the step argument")
         values = {name: _scalar(name, v) for name, v in jax.device_get(dict(scalars)).items()}
         row = {"step": int(step), **values}
-        self._metrics.write(json.dumps(_json_value(row), allow_nan=False) + "\n")
+        self._metrics.write((json.dumps(_json_value(row), allow_nan=False) + "\n").encode("utf-8"))
         self._metrics.flush()
         if self._events is not None:
             summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
@@ -304,7 +306,8 @@ class MetricWriter:
             return
         samples = [dict(s) for s in samples]
         for sample in samples:
-            self._samples.write(json.dumps(_json_value({"step": int(step), **sample}), allow_nan=False) + "\n")
+            line = json.dumps(_json_value({"step": int(step), **sample}), allow_nan=False) + "\n"
+            self._samples.write(line.encode("utf-8"))
         self._samples.flush()
         if self._events is not None and samples:
             summary = summary_pb2.Summary(value=[_text_value(tag, [_sample_markdown(s) for s in samples])])
@@ -312,12 +315,12 @@ class MetricWriter:
             self._events.flush()
 
     def flush(self) -> None:
-        """Everything written so far onto the disk, not only to the OS (before a checkpoint, say)."""
+        """Everything written so far onto the disk (or into the bucket), not only to the OS (before a
+        checkpoint, say)."""
         if not self.enabled:
             return
         for f in (self._metrics, self._samples):
-            f.flush()
-            os.fsync(f.fileno())
+            f.sync()
         if self._events is not None:
             self._events.flush(sync=True)
 

@@ -1,42 +1,53 @@
-"""A model directory on disk: the weights of one Qwen2-VL with what it takes to serve or export it.
+"""A model directory: the weights of one Qwen2-VL with what it takes to serve or export it, on a local
+disk or in a bucket (`gs://...`; every file goes through `vrft_jax.storage`).
 
     config.json   the HF form of the architecture, so the export back to HF is exact
-    params/       an orbax checkpoint of the parameters
+    params.json   {"params": "params-<n>"}: which parameter checkpoint is the model's, written last
+    params-<n>/   an orbax checkpoint of the parameters
     hf_assets/    tokenizer, processor and generation files carried over from the source HF checkpoint
 
 This is a model, not a run: run checkpoints (optimizer state, data position, ...) are `checkpoints.py`.
 
-Saving over an existing directory never leaves it without a complete set of parameters: the new ones
-are written to `params.pending/` (orbax itself writes to a temporary name and renames it when the
-save is complete), and only then swapped in for `params/` by two renames, the old copy becoming
-`params.old/` until the new one is in place. `load_model` and the next `save_model` recover from a
-crash anywhere in between. `config.json` and the assets follow the parameters, each replaced by one
-rename. Renames make this safe on local (and mounted) filesystems. In a multi-process run every
-process takes part in the orbax save (each writes its own shards) while process 0 alone writes the
-metadata, swaps and deletes.
+Saving over an existing model never leaves the directory without a complete set of parameters, on a
+disk or in a bucket (which has no directory rename): the new parameters go to a new `params-<n+1>/`,
+`config.json` and the assets are replaced (each in one atomic write), and only then does the pointer
+`params.json` (one atomic write) name the new checkpoint, after which the old one is deleted. A crash
+before the pointer leaves the previous model in force; what it left behind is deleted by the next save.
+A directory written before the pointer existed (`params/` alone) still loads. In a multi-process run
+every process takes part in the orbax save (each writes its own shards) while process 0 alone writes
+the other files and deletes, its failures agreed by every process (`distributed.agreed`).
+
+Conversions from and to Hugging Face run `model_port` in a subprocess on the CPU (`import_hf`,
+`export_hf`): the run's process holds the accelerator.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from vrft_jax import sharding
+from vrft_jax import distributed, sharding, storage
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
 
 HF_ASSETS = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
              "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json", "processor_config.json",
              "chat_template.json", "chat_template.jinja")
-CONFIG_FILE, PARAMS_DIR, ASSETS_DIR = "config.json", "params", "hf_assets"
-PENDING_DIR, OLD_DIR = PARAMS_DIR + ".pending", PARAMS_DIR + ".old"
+CONFIG_FILE, POINTER_FILE, ASSETS_DIR = "config.json", "params.json", "hf_assets"
+PARAMS_PREFIX = "params-"
+LEGACY_PARAMS_DIR = "params"  # the layout before the pointer: loaded, replaced by the next save
+_VERSION = re.compile(r"^params-(\d+)(\..*)?$")  # a checkpoint, or orbax's unfinished `params-<n>.orbax-...-tmp-*`
+_LEGACY_LEFTOVERS = ("params.pending", "params.old")
 
 
 def save_model(model: Qwen2VL, directory: str, *, hf_source: str | None = None) -> None:
@@ -45,30 +56,12 @@ def save_model(model: Qwen2VL, directory: str, *, hf_source: str | None = None) 
     `hf_source` (an HF checkpoint directory) supplies the config fields we do not model and the
     tokenizer/processor assets. Every process must call it (the parameters are saved collectively).
     """
-    directory = os.path.abspath(directory)
-    primary = jax.process_index() == 0
-    if primary:
-        os.makedirs(directory, exist_ok=True)
-        _recover(directory)
-        # Never the only complete copy once `_recover` ran; orbax's temporary dirs are unfinished saves.
-        stale = [os.path.join(directory, n) for n in (PENDING_DIR, OLD_DIR)]
-        for path in stale + glob.glob(os.path.join(glob.escape(directory), PENDING_DIR + ".*")):
-            shutil.rmtree(path, ignore_errors=True)
-    _sync_processes("vrft_jax.model_dir.save_model:prepared")
+    directory = storage.absolute(directory)
+    name = _on_primary(_prepare, directory)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(directory, PENDING_DIR), nnx.state(model, nnx.Param))
+        checkpointer.save(storage.join(directory, name), nnx.state(model, nnx.Param))
         checkpointer.wait_until_finished()
-    _sync_processes("vrft_jax.model_dir.save_model:written")
-    if primary:
-        _swap_in_pending(directory)
-        base = None
-        if hf_source is not None:
-            with open(os.path.join(hf_source, CONFIG_FILE), encoding="utf-8") as f:
-                base = json.load(f)
-            copy_hf_assets(hf_source, os.path.join(directory, ASSETS_DIR))
-        _write_atomically(os.path.join(directory, CONFIG_FILE),
-                          json.dumps(model.config.to_hf_dict(base), indent=2, sort_keys=True))
-    _sync_processes("vrft_jax.model_dir.save_model:done")
+    _on_primary(_publish, directory, name, model.config, hf_source)
 
 
 def load_model(directory: str, *, dtype=None, compute_dtype=None, mesh: jax.sharding.Mesh | None = None,
@@ -80,9 +73,8 @@ def load_model(directory: str, *, dtype=None, compute_dtype=None, mesh: jax.shar
     dtype: casts the parameters (default: as saved).
     Returns the model, or (model, HF config dict).
     """
-    directory = os.path.abspath(directory)
-    with open(os.path.join(directory, CONFIG_FILE), encoding="utf-8") as f:
-        hf_config = json.load(f)
+    directory = storage.absolute(directory)
+    hf_config = json.loads(storage.read_text(storage.join(directory, CONFIG_FILE)))
     saved_dtype = jnp.dtype(hf_config.get("dtype") or "float32")
     config = Qwen2VLConfig.from_hf(hf_config, param_dtype=saved_dtype, dtype=compute_dtype or dtype or saved_dtype,
                                    **runtime)
@@ -98,59 +90,127 @@ def load_model(directory: str, *, dtype=None, compute_dtype=None, mesh: jax.shar
 
 
 def params_path(directory: str) -> str:
-    """The complete parameter checkpoint of `directory`: `params/`, or after a crash mid-swap the new
-    (`params.pending/`, finalized by orbax) or else the old (`params.old/`) copy."""
-    for name in (PARAMS_DIR, PENDING_DIR, OLD_DIR):
-        path = os.path.join(directory, name)
-        if os.path.isdir(path):
-            return path
-    raise FileNotFoundError(f"{directory} holds no {PARAMS_DIR}/ checkpoint (not a model directory)")
+    """The parameter checkpoint in force in `directory`: the one `params.json` names (or `params/`, in a
+    directory written before the pointer)."""
+    name = _current_params(directory)
+    if name is None:
+        raise FileNotFoundError(f"{directory} holds neither {POINTER_FILE} nor {LEGACY_PARAMS_DIR}/ "
+                                "(not a model directory)")
+    path = storage.join(directory, name)
+    if not storage.isdir(path):
+        raise FileNotFoundError(f"{storage.join(directory, POINTER_FILE)} names {name}/, which is missing")
+    return path
+
+
+def is_model_dir(directory: str) -> bool:
+    """Whether `directory` holds a model saved by `save_model` (rather than, say, a Hugging Face checkpoint)."""
+    return _current_params(directory) is not None
 
 
 def copy_hf_assets(source: str, destination: str) -> list[str]:
     """Copy the tokenizer/processor/generation files present in `source` (or its `hf_assets/`), each
-    replacing its namesake in one rename."""
-    for root in (os.path.join(source, ASSETS_DIR), source):
-        names = [n for n in HF_ASSETS if os.path.isfile(os.path.join(root, n))]
+    replacing its namesake in one atomic write; returns their names."""
+    for root in (storage.join(source, ASSETS_DIR), source):
+        present = set(storage.listdir(root)) if storage.isdir(root) else set()
+        names = [n for n in HF_ASSETS if n in present and storage.isfile(storage.join(root, n))]
         if names:
-            os.makedirs(destination, exist_ok=True)
             for name in names:
-                temporary = os.path.join(destination, f".{name}.tmp")
-                shutil.copy2(os.path.join(root, name), temporary)
-                os.replace(temporary, os.path.join(destination, name))
+                data = storage.read_bytes(storage.join(root, name))
+                storage.write_bytes_atomic(storage.join(destination, name), data)
             return names
     return []
 
 
-def _recover(directory: str) -> None:
-    """After a crash between the two renames of a swap, make `params/` the complete copy again."""
-    if os.path.isdir(os.path.join(directory, PARAMS_DIR)):
-        return
-    for name in (PENDING_DIR, OLD_DIR):  # the newer complete copy first
-        if os.path.isdir(os.path.join(directory, name)):
-            os.rename(os.path.join(directory, name), os.path.join(directory, PARAMS_DIR))
+# ------------------------------------------------------------------------------------ the swap
+
+
+def _current_params(directory: str) -> str | None:
+    """The name of the parameter checkpoint in force: the pointer's, else a legacy `params/`, else None."""
+    pointer = storage.join(directory, POINTER_FILE)
+    if storage.isfile(pointer):
+        return json.loads(storage.read_text(pointer))["params"]
+    return LEGACY_PARAMS_DIR if storage.isdir(storage.join(directory, LEGACY_PARAMS_DIR)) else None
+
+
+def _prepare(directory: str) -> str:
+    """Delete what earlier unfinished saves left (never the checkpoint in force); the name of the next one."""
+    storage.makedirs(directory)
+    current = _current_params(directory)
+    entries = storage.listdir(directory) if storage.isdir(directory) else []
+    numbers = [int(m.group(1)) for m in map(_VERSION.match, entries) if m]
+    for entry in entries:
+        if _VERSION.match(entry) and entry != current:
+            storage.rmtree(storage.join(directory, entry))
+    return f"{PARAMS_PREFIX}{max(numbers, default=0) + 1}"
+
+
+def _publish(directory: str, name: str, config: Qwen2VLConfig, hf_source: str | None) -> None:
+    """Once `name` is complete: the config and assets, then the pointer to `name`, then delete the old copy."""
+    base = None
+    if hf_source is not None:
+        base = json.loads(storage.read_text(storage.join(hf_source, CONFIG_FILE)))
+        copy_hf_assets(hf_source, storage.join(directory, ASSETS_DIR))
+    storage.write_text_atomic(storage.join(directory, CONFIG_FILE),
+                              json.dumps(config.to_hf_dict(base), indent=2, sort_keys=True))
+    previous = _current_params(directory)
+    _write_pointer(directory, name)
+    for stale in ({previous} - {None, name}) | set(_LEGACY_LEFTOVERS):
+        storage.rmtree(storage.join(directory, stale))
+
+
+def _write_pointer(directory: str, name: str) -> None:
+    storage.write_text_atomic(storage.join(directory, POINTER_FILE), json.dumps({"params": name}))
+
+
+def _on_primary(fn, *args) -> Any:
+    """`fn(*args)` on process 0, its failure agreed by every process; every process gets its JSON-able value."""
+    value = distributed.agreed(lambda: fn(*args) if jax.process_index() == 0 else None)
+    return distributed.gather_objects(value)[0] if jax.process_count() > 1 else value
+
+
+# ------------------------------------------------------------------------- Hugging Face conversions
+
+
+def import_hf(checkpoint: str, converted: str) -> str:
+    """The model directory of `checkpoint`: itself when it is one, else `converted`, into which the Hugging
+    Face checkpoint is converted once (kept for later runs). A collective: process 0 converts, on the CPU,
+    staging a `gs://` checkpoint locally first, while the others wait; a failure raises on every process."""
+    if is_model_dir(checkpoint):
+        return checkpoint
+
+    def convert():
+        if jax.process_index() != 0 or is_model_dir(converted):
             return
+        with tempfile.TemporaryDirectory(prefix="vrft-hf-") as staging:
+            source = storage.local_copy(checkpoint, staging)
+            _run_model_port("hf_to_flax", "--hf", source, "--out", storage.absolute(converted))
+
+    distributed.agreed(convert)
+    return converted
 
 
-def _swap_in_pending(directory: str) -> None:
-    params, pending, old = (os.path.join(directory, n) for n in (PARAMS_DIR, PENDING_DIR, OLD_DIR))
-    if os.path.isdir(params):
-        os.rename(params, old)  # a directory cannot be renamed over a non-empty one
-    os.rename(pending, params)
-    shutil.rmtree(old, ignore_errors=True)
+def export_hf(directory: str, out: str) -> None:
+    """The model directory as a Hugging Face checkpoint in `out` (local or `gs://`). A collective: process 0
+    converts, on the CPU, from the saved directory (no process holds the model whole), into a local
+    temporary directory that it uploads for a URL (`config.json` last); a failure raises on every process."""
+
+    def export():
+        if jax.process_index() != 0:
+            return
+        if not storage.is_url(out):
+            _run_model_port("flax_to_hf", "--ckpt", storage.absolute(directory), "--out", out)
+            return
+        with tempfile.TemporaryDirectory(prefix="vrft-hf-export-") as local:
+            _run_model_port("flax_to_hf", "--ckpt", storage.absolute(directory), "--out", local)
+            storage.copy_tree(local, out, last=(CONFIG_FILE,))
+
+    distributed.agreed(export)
 
 
-def _write_atomically(path: str, text: str) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
-def _sync_processes(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+def _run_model_port(command: str, *args: str) -> None:
+    """`python -m model_port.<command> ARGS` on the host's CPU (the run's process holds the accelerator, and
+    libtpu, probed on a machine without a TPU, logs errors); its error output is in the exception."""
+    argv = [sys.executable, "-m", f"model_port.{command}", *args]
+    done = subprocess.run(argv, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(argv[1:])} failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")

@@ -14,9 +14,9 @@ sources:
                   [--label shape|colour] [--shape-size mixed|large]
 
 Category lists are comma-separated names or @FILE (one name per line). The dataset lands in
-DATA_DIR/NAME/1.0.0; its metadata.json holds the conversion report (records written, skipped by
-reason and which). --on-bad-record error (default) stops at the first bad record and names it;
-skip leaves it out and counts it.
+DATA_DIR/NAME/1.0.0 (DATA_DIR may be a gs:// URL: written locally, then uploaded); its metadata.json
+holds the conversion report (records written, skipped by reason and which). --on-bad-record error
+(default) stops at the first bad record and names it; skip leaves it out and counts it.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vrft_jax.data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", choices=("virft", "coco", "lvis", "classification", "lisa", "synthetic"))
-    p.add_argument("--output", required=True, help="data directory; the dataset goes to OUTPUT/NAME/1.0.0")
+    p.add_argument("--output", required=True,
+                   help="data directory, local or gs://; the dataset goes to OUTPUT/NAME/1.0.0")
     p.add_argument("--name", required=True, help="dataset name (lower-case, digits, underscores)")
     p.add_argument("--split", default="train", help="split name when the source makes one split")
     p.add_argument("--on-bad-record", choices=rec.ON_BAD_RECORD, default="error")

@@ -1,10 +1,16 @@
-"""Records on disk: a TFDS dataset stored as ArrayRecord files, written and read without TensorFlow.
+"""Records on disk or in a bucket: a TFDS dataset stored as ArrayRecord files, written and read without
+TensorFlow.
 
 Layout: `<data_dir>/<name>/<version>/` holds `dataset_info.json`, `features.json`, `metadata.json`
 (the conversion report) and `<name>-<split>.array_record-NNNNN-of-NNNNN` shards. Readers need only
 that directory (`tfds.builder_from_directory`), not the builder class. TFDS orders the records of a
 split by a hash of their id, so the stored order is deterministic and independent of the source
 order; the pipeline shuffles on top of it.
+
+`<data_dir>` may be a `gs://` URL. The readers read it in place: TFDS reads the JSON files through
+`etils.epath` (gcsfs), and ArrayRecord's reader reads `gs://` shards natively (google-cloud-cpp, with the
+host's application default credentials). A dataset is written locally and then uploaded,
+`dataset_info.json` last, so an interrupted upload is never taken for a dataset.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from vrft_jax import storage
 from vrft_jax.data.records import FIELDS, Record
 
 VERSION = "1.0.0"
+INFO_FILE, METADATA_FILE = "dataset_info.json", "metadata.json"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -76,9 +84,23 @@ def write_dataset(data_dir: str, name: str, splits: Mapping[str, Iterable[Record
         raise ValueError(f"dataset name {name!r} must be lower-case letters, digits and underscores")
     if not splits:
         raise ValueError("no splits to write")
-    metadata = {} if metadata is None else metadata
+    data_dir = storage.absolute(data_dir)
+    if not storage.is_url(data_dir):
+        return _write_local(data_dir, name, splits, {} if metadata is None else metadata, description)
+    target = storage.join(data_dir, name, VERSION)
+    if storage.isfile(storage.join(target, INFO_FILE)):
+        raise FileExistsError(f"{target} exists; remove it or pick another --name")
+    storage.rmtree(target)  # what an interrupted upload left
+    with tempfile.TemporaryDirectory(prefix="vrft-dataset-") as local:
+        written = _write_local(local, name, splits, {} if metadata is None else metadata, description)
+        storage.copy_tree(written, target, last=(INFO_FILE,))
+    return target
+
+
+def _write_local(data_dir: str, name: str, splits: Mapping[str, Iterable[Record]], metadata: Mapping[str, Any],
+                 description: str) -> str:
     builder = _builder_class(name)(splits=splits, metadata=metadata, description=description,
-                                   data_dir=os.path.abspath(data_dir), file_format="array_record")
+                                   data_dir=data_dir, file_format="array_record")
     if os.path.exists(builder.data_dir):
         raise FileExistsError(f"{builder.data_dir} exists; remove it or pick another --name")
     # tfds wants a download directory even though nothing is downloaded, and prints progress to stdout,
@@ -86,22 +108,24 @@ def write_dataset(data_dir: str, name: str, splits: Mapping[str, Iterable[Record
     with tempfile.TemporaryDirectory() as downloads, contextlib.redirect_stdout(sys.stderr):
         builder.download_and_prepare(download_dir=downloads)
     # The report was filled while the generators ran, after tfds snapshotted the metadata: write it again.
-    with open(os.path.join(builder.data_dir, "metadata.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(metadata), f, indent=2, sort_keys=True)
+    storage.write_text_atomic(os.path.join(builder.data_dir, METADATA_FILE),
+                              json.dumps(dict(metadata), indent=2, sort_keys=True))
     return builder.data_dir
 
 
 def dataset_dir(path: str) -> str:
     """The versioned directory of a dataset given it or its parent (`<data_dir>/<name>`, newest version)."""
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, "dataset_info.json")):
+    path = storage.absolute(path)
+    if storage.isfile(storage.join(path, INFO_FILE)):
         return path
-    versions = sorted((d for d in os.listdir(path) if re.fullmatch(r"\d+\.\d+\.\d+", d)) if os.path.isdir(path) else [],
+    names = storage.listdir(path) if storage.isdir(path) else []
+    versions = sorted((d for d in names if re.fullmatch(r"\d+\.\d+\.\d+", d)),
                       key=lambda v: tuple(int(x) for x in v.split(".")))
-    if not versions:
-        raise FileNotFoundError(f"{path} is not a prepared dataset (no dataset_info.json); "
-                                "make one with `python -m vrft_jax.data.prepare`")
-    return os.path.join(path, versions[-1])
+    for version in reversed(versions):  # the newest complete one: an interrupted upload has no dataset_info.json
+        if storage.isfile(storage.join(path, version, INFO_FILE)):
+            return storage.join(path, version)
+    raise FileNotFoundError(f"{path} is not a prepared dataset (no {INFO_FILE}); "
+                            "make one with `python -m vrft_jax.data.prepare`")
 
 
 def open_split(path: str, split: str):
@@ -122,11 +146,10 @@ def split_names(path: str) -> list[str]:
 
 
 def read_metadata(path: str) -> dict[str, Any]:
-    file = os.path.join(dataset_dir(path), "metadata.json")
-    if not os.path.exists(file):
+    file = storage.join(dataset_dir(path), METADATA_FILE)
+    if not storage.exists(file):
         return {}
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(storage.read_text(file))
 
 
 def read_records(path: str, split: str) -> list[Record]:

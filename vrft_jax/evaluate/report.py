@@ -6,7 +6,8 @@
 `workdir/report/` gets `curves_*.png` (each reward, KL, completion length, evaluation metrics, from
 `metrics.jsonl`) and `report.html`: the evaluation's numbers, the plots, and the best, the worst and random
 examples, each drawn with its ground-truth (green) and predicted (red) boxes, its `<think>` text, its answer
-and its rewards. Every image is inline (base64 PNG), so the page can be mailed or attached as it is.
+and its rewards. Every image is inline (base64 PNG), so the page can be mailed or attached as it is. The
+workdir may be a `gs://` URL (files go through `vrft_jax.storage`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from vrft_jax import storage
 from vrft_jax.evaluate import readers
 from vrft_jax.rewards import parse
 from vrft_jax.rewards.frames import REL_SCALE
@@ -50,7 +52,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], directory: str) -> list[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
     paths = []
     for stem, title, member in CURVES:
         names = sorted({k for row in history for k in row if member(k)})
@@ -67,8 +69,9 @@ def plot_curves(history: Sequence[Mapping[str, Any]], directory: str) -> list[st
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(directory, f"curves_{stem}.png")
-        fig.savefig(path)
+        path = storage.join(directory, f"curves_{stem}.png")
+        with storage.open(path, "wb") as f:
+            fig.savefig(f, format="png")
         plt.close(fig)
         paths.append(path)
     return paths
@@ -210,7 +213,7 @@ def write_report(workdir: str, *, predictions: Sequence[Mapping[str, Any]], metr
                  title: str = "vrft_jax", frame: str = "rel1000", before: Mapping[str, Any] | None = None,
                  samples: int = 4) -> str:
     """Write `workdir/report/` (module docstring); returns the HTML page's path."""
-    directory = os.path.join(workdir, REPORT_DIR)
+    directory = storage.join(workdir, REPORT_DIR)
     plots = plot_curves(history, directory) if history else []
     picked = pick_samples(predictions, samples) if predictions else {}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -221,8 +224,7 @@ def write_report(workdir: str, *, predictions: Sequence[Mapping[str, Any]], metr
     if plots:
         parts.append("<h2>training curves</h2><div class='plots'>")
         for path in plots:
-            with open(path, "rb") as f:
-                parts.append(f"<img alt='{os.path.basename(path)}' src='{_data_uri(f.read())}'>")
+            parts.append(f"<img alt='{os.path.basename(path)}' src='{_data_uri(storage.read_bytes(path))}'>")
         parts.append("</div>")
     parts.append("<div class='legend'>boxes: <span style='background:rgb(40,200,60)'></span>ground truth"
                  "<span style='background:rgb(230,40,40)'></span>predicted</div>")
@@ -231,8 +233,6 @@ def write_report(workdir: str, *, predictions: Sequence[Mapping[str, Any]], metr
         parts.extend(_card(row, image_of, frame) for row in rows)
         parts.append("</div>")
     parts.append("</body></html>")
-    path = os.path.join(directory, "report.html")
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("".join(parts))
+    path = storage.join(directory, "report.html")
+    storage.write_text_atomic(path, "".join(parts))
     return path

@@ -17,8 +17,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import tempfile
 
 from transformers import Qwen2TokenizerFast
+
+from vrft_jax import storage
 
 QWEN2VL_VOCAB = 151657  # ids 0..151656: 151,643 BPE tokens + 14 special tokens
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -74,17 +77,24 @@ def resolve_tokenizer_path(tokenizer_path: str | None = None, checkpoint_dir: st
     initialisation saved without an HF source) falls back to the packaged tokenizer.
     """
     if tokenizer_path is not None:
-        return tokenizer_path
+        return _local(tokenizer_path)
     if checkpoint_dir is None:
         return None
-    for directory in (os.path.join(checkpoint_dir, MODEL_DIR_ASSETS_DIR), checkpoint_dir):
+    for directory in (storage.join(checkpoint_dir, MODEL_DIR_ASSETS_DIR), checkpoint_dir):
         if has_tokenizer_files(directory):
-            return directory
+            return _local(directory)
     return None
 
 
 def has_tokenizer_files(directory: str) -> bool:
-    return any(all(os.path.isfile(os.path.join(directory, name)) for name in names) for names in TOKENIZER_FILES)
+    return any(all(storage.isfile(storage.join(directory, name)) for name in names) for names in TOKENIZER_FILES)
+
+
+def _local(directory: str) -> str:
+    """`directory` itself, or a `gs://` one's files staged once on this host (transformers reads local files)."""
+    if not storage.is_url(directory):
+        return directory
+    return storage.local_copy(directory, os.path.join(tempfile.gettempdir(), "vrft-jax-tokenizers"))
 
 
 def packaged_tokenizer_file() -> str:
