@@ -16,7 +16,7 @@ AdamW at lr 1e-6 decaying linearly to 0 over the run, clipping at 1, float32 on 
 CPU, one process.
 
 A step is, for ours, `grpo_loop.iteration` as `vrft_jax.train` runs it (the library's phases:
-`Phases`, `make_sampler_cast`, `sampler_graphdef`, `init_state`, `make_train_step`,
+`RunContext`, `make_sampler_cast`, `sampler_graphdef`, `init_state`, `make_train_step`,
 `make_score_fn`) plus the data pipeline's next batch; for TRL, the time from the Trainer's
 `on_step_begin` to `on_step_end` (generation, rewards, reference logprobs, loss, backward, clipping,
 optimizer and schedule). The first step of each side is a warm-up (our compile); the printed
@@ -195,25 +195,28 @@ def run_ours(args, model, batches, tokenizer) -> dict:
 
     from vrft_jax import grpo, grpo_loop
     from vrft_jax.models.qwen2_vl.processor import ENDOFTEXT_ID, EOS_TOKEN_IDS
+    from vrft_jax.optimizer import OptimizerConfig
     from vrft_jax.progress import Timer
     from vrft_jax.rewards import combine
-    from vrft_jax.sampling import SamplingConfig
-    from vrft_jax.train_step import TrainConfig, init_state, make_score_fn, make_train_step
+    from vrft_jax.sampling import SamplingConfig, make_sampler_cast, sampler_graphdef
+    from vrft_jax.scoring import ScoringConfig, make_score_fn
+    from vrft_jax.train_step import TrainConfig, init_state, make_train_step
 
     total = 1 + args.steps
     train = TrainConfig(grpo=grpo.GRPOConfig(loss="paper", advantage="group", beta=args.beta),
-                        learning_rate=args.lr, decay_steps=total, temperature=args.temperature)
+                        optimizer=OptimizerConfig(learning_rate=args.lr, decay_steps=total),
+                        scoring=ScoringConfig(temperature=args.temperature))
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, group_size=args.group, temperature=args.temperature,
                               top_k=args.top_k, eos_token_ids=EOS_TOKEN_IDS,
                               pad_token_id=ENDOFTEXT_ID).resolve(model.config)
     graphdef, state = init_state(model, train)
     reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(state.params) if args.beta > 0 else None
-    phases = grpo_loop.Phases(
+    context = grpo_loop.RunContext(
         graphdef=graphdef, train=train, sampling=sampling, reward_fn=combine("detection", mode="paper"),
         tokenizer=tokenizer, step=make_train_step(graphdef, state, train),
-        score=make_score_fn(graphdef, state.params, train), reference=reference,
-        sampler_graphdef=grpo_loop.sampler_graphdef(model.config, jnp.float32),
-        sampler_cast=grpo_loop.make_sampler_cast(state.params, jnp.float32))
+        score=make_score_fn(graphdef, state.params, train.scoring), reference=reference,
+        sampler_graphdef=sampler_graphdef(model.config, jnp.float32),
+        sampler_cast=make_sampler_cast(state.params, jnp.float32))
 
     timer = Timer()
     key = jax.random.key(args.seed)
@@ -223,7 +226,7 @@ def run_ours(args, model, batches, tokenizer) -> dict:
         start = time.perf_counter()
         with timer.timed("data"):
             batch = next(batches)
-        state, outcome = grpo_loop.iteration(phases, state, batch, jax.random.fold_in(key, step), timer)
+        state, outcome = grpo_loop.iteration(context, state, batch, jax.random.fold_in(key, step), timer)
         seconds = time.perf_counter() - start
         metrics = jax.device_get(outcome.device)
         if not np.isfinite(float(metrics["loss"])) or float(metrics["update_skipped"]):

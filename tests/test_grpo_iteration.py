@@ -16,6 +16,7 @@ from vrft_jax.data import DataConfig, InMemorySource, make_iterator
 from vrft_jax.data.synthetic import detection_records
 from vrft_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, TextConfig, VisionConfig
 from vrft_jax.models.qwen2_vl.tokenizer import ENDOFTEXT_ID, EOS_TOKEN_IDS, load_tokenizer
+from vrft_jax.optimizer import OptimizerConfig
 from vrft_jax.placement import shard_batch
 from vrft_jax.rewards import combine
 from vrft_jax.scoring import make_score_fn, score_completions
@@ -73,8 +74,8 @@ def test_one_grpo_iteration_end_to_end(setup):
     train_config = TrainConfig()
     graphdef, state = init_state(model, train_config, mesh=mesh)
     train_batch = shard_batch(TrainBatch(prompts, out.tokens, out.mask.astype(jnp.int32), advantages), mesh)
-    score = make_score_fn(graphdef, state.params, train_config, mesh=mesh)
-    reference = score(state.params, train_batch)
+    score = make_score_fn(graphdef, state.params, train_config.scoring, mesh=mesh)
+    reference = score(state.params, train_batch.scored())
     # Logprobs of one model from two float32 programs (decode loop, teacher-forced scorer): a few
     # ulps of the logits' size, which stays below 16 for this tiny random model (ulp 1.9e-6).
     assert np.abs(np.asarray(out.logprobs)[mask]).max() < 16
@@ -101,7 +102,7 @@ def test_one_grpo_iteration_end_to_end(setup):
     # p - lr x g / (|g| + eps) is rounded to float32 (the difference read back is exact, Sterbenz): the
     # largest move is lr up to half a float32 spacing of the largest parameter.
     largest = max(float(np.abs(b).max()) for b in jax.tree.leaves(before))
-    assert moved == pytest.approx(train_config.learning_rate, abs=float(np.spacing(np.float32(largest))) / 2)
+    assert moved == pytest.approx(train_config.optimizer.learning_rate, abs=float(np.spacing(np.float32(largest))) / 2)
 
 
 def test_a_frozen_vision_tower_runs_once_per_iteration(setup):
@@ -120,15 +121,15 @@ def test_a_frozen_vision_tower_runs_once_per_iteration(setup):
     np.testing.assert_allclose(features, direct, rtol=0, atol=1e-6 * np.abs(direct).max())
 
     # Adam with eps = 1 moves each parameter by ~lr x g, so comparing parameters compares gradients.
-    train_config = TrainConfig(freeze_vision=True, adam_eps=1.0, learning_rate=0.1)
+    train_config = TrainConfig(freeze_vision=True, optimizer=OptimizerConfig(adam_eps=1.0, learning_rate=0.1))
     advantages = jnp.asarray(np.random.default_rng(0).normal(size=PROMPTS * GROUP).astype(np.float32))
     plain = shard_batch(TrainBatch(prompts, out.tokens, out.mask.astype(jnp.int32), advantages), mesh)
     reused = shard_batch(plain.replace(image_features=out.image_features), mesh)
     graphdef, state = init_state(model, train_config, mesh=mesh)
-    score = make_score_fn(graphdef, state.params, train_config, mesh=mesh)
+    score = make_score_fn(graphdef, state.params, train_config.scoring, mesh=mesh)
     mask = np.asarray(out.mask)
     # Logits below 16 (ulp 1.9e-6): features a few ulps apart move logprobs by a few ulps of the logits.
-    ref_plain, ref_reused = score(state.params, plain), score(state.params, reused)
+    ref_plain, ref_reused = score(state.params, plain.scored()), score(state.params, reused.scored())
     np.testing.assert_allclose(np.asarray(ref_reused)[mask], np.asarray(ref_plain)[mask], atol=1e-5)
     plain, reused = plain.replace(ref_logprobs=ref_plain), reused.replace(ref_logprobs=ref_reused)
 

@@ -21,12 +21,12 @@ from flax import nnx
 from vrft_jax import recipe, sampling, sharding
 from vrft_jax.configs import _common, cls_fewshot
 from vrft_jax.data import prepare
-from vrft_jax.data.pipeline import resolve_patch_bucket
+from vrft_jax.data.buckets import resolve_patch_bucket
 from vrft_jax.grpo import GRPOConfig
 from vrft_jax.models.qwen2_vl import ModelInputs, Qwen2VL, Qwen2VLConfig
-from vrft_jax.optimizer import make_optimizer
+from vrft_jax.optimizer import OptimizerConfig, make_optimizer
 from vrft_jax.sampling import SamplingConfig
-from vrft_jax.scoring import make_score_fn
+from vrft_jax.scoring import ScoringConfig, make_score_fn
 from vrft_jax.train_step import TrainBatch, TrainConfig, TrainState, make_train_step, prepare_model, split_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,12 +73,12 @@ def test_every_recipe_builds_every_setting(spec):
     assert isinstance(settings.model, Qwen2VLConfig) and isinstance(settings.train, TrainConfig)
     assert isinstance(settings.sampling, SamplingConfig) and isinstance(settings.train.grpo, GRPOConfig)
     assert settings.data.batch_size == config.prompts_per_step
-    assert settings.sampling.temperature == settings.train.temperature == config.temperature
+    assert settings.sampling.temperature == settings.train.scoring.temperature == config.temperature
     assert settings.train.param_dtype == settings.model.param_dtype == jnp.dtype(config.param_dtype)
     assert settings.train.compute_dtype == settings.model.dtype == settings.sampler_dtype
     assert settings.train.remat == settings.model.remat == config.remat
     assert settings.sampling.eos_token_ids == tuple(config.eos_token_ids)
-    assert settings.train.decay_steps == config.total_steps  # linear decay to 0 over the run
+    assert settings.train.optimizer.decay_steps == config.total_steps  # linear decay to 0 over the run
     assert recipe.make_mesh(config).devices.size == len(jax.devices())
     assert config.slice and config.mode == "grpo" and config.train.num_iterations == 1
     if spec.startswith("demo"):  # the demo exports its model (and names where); the reproductions leave it to you
@@ -101,13 +101,15 @@ def test_reproduction_recipes_have_visual_rfts_hyperparameters(spec):
     config, s = _build(spec)
     assert s.train.grpo == GRPOConfig(beta=0.04, loss="paper", advantage="group", advantage_eps=1e-4, kl="k3")
     assert config.grpo.beta == 0.04  # explicit in the recipe, not left to a default
-    assert (s.train.learning_rate, s.train.warmup_steps, s.train.end_learning_rate) == (1e-6, 0, 0.0)
-    assert (s.train.adam_b1, s.train.adam_b2, s.train.adam_eps, s.train.weight_decay) == (0.9, 0.999, 1e-8, 0.0)
-    assert s.train.max_grad_norm == 1.0 and s.train.num_iterations == 1
+    assert (s.train.optimizer.learning_rate, s.train.optimizer.warmup_steps, s.train.optimizer.end_learning_rate) == (
+        1e-6, 0, 0.0)
+    optimizer = s.train.optimizer
+    assert (optimizer.adam_b1, optimizer.adam_b2, optimizer.adam_eps, optimizer.weight_decay) == (0.9, 0.999, 1e-8, 0.0)
+    assert optimizer.max_grad_norm == 1.0 and s.train.num_iterations == 1
     assert config.prompts_per_step == 16
     assert s.sampling.group_size == (4 if "model=7b" in spec else 8)
     assert (s.sampling.max_new_tokens, s.sampling.top_k, s.sampling.top_p) == (256, 50, 1.0)
-    assert s.sampling.temperature == s.train.temperature == 1.0 and not s.sampling.greedy
+    assert s.sampling.temperature == s.train.scoring.temperature == 1.0 and not s.sampling.greedy
     # evaluation: greedy, one answer, Qwen2-VL's shipped repetition penalty, Visual-RFT's evaluation lengths
     length = 1024 if spec.startswith(("coco_fewshot", "lvis_fewshot", "cls_fewshot")) else (
         128 if spec.startswith("lisa") else 256)
@@ -127,12 +129,12 @@ def test_a_shared_value_is_one_field():
     config = recipe.load("lvis_fewshot", {"sampling.temperature": 0.7, "total_steps": 50, "compute_dtype": "float32",
                                           "train.remat": "save_dots"})
     settings = recipe.build(config, process_count=1, check_paths=False)
-    assert settings.train.temperature == settings.sampling.temperature == 0.7
-    assert settings.train.decay_steps == 50
+    assert settings.train.scoring.temperature == settings.sampling.temperature == 0.7
+    assert settings.train.optimizer.decay_steps == 50
     assert settings.train.compute_dtype == settings.model.dtype == settings.sampler_dtype == jnp.float32
     assert settings.model.remat == "save_dots"
     assert recipe.build(recipe.load("lvis_fewshot", {"train.decay_steps": 10}), process_count=1,
-                        check_paths=False).train.decay_steps == 10
+                        check_paths=False).train.optimizer.decay_steps == 10
 
 
 def test_a_recipe_whose_shared_values_disagree_is_refused():
@@ -142,7 +144,7 @@ def test_a_recipe_whose_shared_values_disagree_is_refused():
         recipe.build(plain, process_count=1, check_paths=False)
 
 
-@pytest.mark.parametrize("cls, block", [(TrainConfig, "train"), (SamplingConfig, "sampling"), (GRPOConfig, "grpo")])
+@pytest.mark.parametrize("cls, block", [(SamplingConfig, "sampling"), (GRPOConfig, "grpo")])
 def test_from_dict_names_unknown_keys(cls, block):
     values = recipe.load("lvis_fewshot")[block].to_dict()
     assert cls.from_dict(values) is not None
@@ -150,11 +152,17 @@ def test_from_dict_names_unknown_keys(cls, block):
         cls.from_dict({**values, "no_such_key": 1})
 
 
-def test_train_config_from_dict_builds_its_grpo_block():
-    config = TrainConfig.from_dict({"learning_rate": 2e-6, "grpo": {"beta": 0.0, "loss": "dapo"}})
-    assert config.grpo == GRPOConfig(beta=0.0, loss="dapo") and config.learning_rate == 2e-6
+def test_the_flat_train_block_is_split_into_the_leaf_configs_train_config_composes():
+    config = recipe.load("lvis_fewshot", {"train.learning_rate": 2e-6, "grpo.loss": "dapo", "grpo.beta": 0.0,
+                                          "train.logits_chunk_size": 8, "train.sampler_layout": "sharded",
+                                          "temperature": 0.7})
+    s = recipe.build(config, process_count=1, check_paths=False)
+    assert s.train.grpo.loss == "dapo" and s.train.grpo.beta == 0.0
+    assert s.train.optimizer == OptimizerConfig(learning_rate=2e-6, decay_steps=config.total_steps)
+    assert s.train.scoring == ScoringConfig(temperature=0.7, chunk_size=8, vocab_block=4096)
+    assert s.sampling.layout == "sharded" and s.sampling.temperature == 0.7
     with pytest.raises(KeyError, match="unknown GRPOConfig key"):
-        TrainConfig.from_dict({"grpo": {"betta": 0.0}})
+        GRPOConfig.from_dict({"betta": 0.0})
 
 
 def test_load_names_an_unknown_key_a_wrong_type_a_recipe_and_an_argument():
@@ -312,7 +320,7 @@ def _lowering_groups():
     groups = {}
     for spec in SPECS:
         config, s = _build(spec)
-        key = (s.model, s.sampling, dataclasses.replace(s.train, decay_steps=None), s.data.batch_size,
+        key = (s.model, s.sampling, s.train.replace(optimizer=s.train.optimizer.replace(decay_steps=None)), s.data.batch_size,
                s.data.max_prompt_len, resolve_patch_bucket(s.data, s.model), s.data.patch_dtype, s.sampler_dtype,
                tuple(config.mesh.to_dict().items()))
         groups.setdefault(key, []).append(spec)
@@ -348,7 +356,7 @@ def test_rollout_scoring_and_update_lower_with_the_real_shapes(specs):
     graphdef, params = nnx.split(nnx.eval_shape(lambda: prepare_model(Qwen2VL(s.model, rngs=nnx.Rngs(0)), s.train)))
     trainable, _ = split_params(params, s.train)
     counter = sds((), jnp.int32)
-    state = TrainState(params=params, opt_state=jax.eval_shape(make_optimizer(s.train).init, trainable),
+    state = TrainState(params=params, opt_state=jax.eval_shape(make_optimizer(s.train.optimizer).init, trainable),
                        step=counter, nonfinite_total=counter, nonfinite_streak=counter)
     batch = TrainBatch(inputs=inputs, completions=sds((rows, length), jnp.int32),
                        completion_mask=sds((rows, length), jnp.int32), advantages=sds((rows,), jnp.float32),
@@ -358,7 +366,7 @@ def test_rollout_scoring_and_update_lower_with_the_real_shapes(specs):
     assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == jax.tree.map(lambda x: (x.shape, x.dtype), state)
     assert {"loss", "grad_norm", "learning_rate"} <= set(metrics)
     assert ("kl" in metrics) == (s.train.grpo.beta > 0)  # no reference, no KL metric
-    scores = make_score_fn(graphdef, params, s.train, mesh=mesh).lower(params, batch).out_info
+    scores = make_score_fn(graphdef, params, s.train.scoring, mesh=mesh).lower(params, batch.scored()).out_info
     assert (scores.shape, scores.dtype) == ((rows, length), jnp.float32)
 
     # The rollout's two programs, on the sampler's weights: the compute dtype, the sampling layout.

@@ -14,6 +14,7 @@ from hf_reference import TINY_CONFIGS, count_vision_calls, mixed_batch, random_h
 from model_port.hf_to_flax import load_hf
 from vrft_jax import sampling, sharding
 from vrft_jax.models.qwen2_vl import ModelInputs, forward
+from vrft_jax.models.qwen2_vl.inputs import InputError
 from vrft_jax.sampling import SamplingConfig, rollout
 
 pytestmark = pytest.mark.parity
@@ -237,7 +238,7 @@ def test_bad_sampling_configs_name_the_field(pair):
     with pytest.raises(ValueError, match=r"eos_token_ids has ids \[151645\] outside the vocabulary of 1024"):
         sampling.rollout(model, inputs_of(model, left_batch(29)), jax.random.key(0),
                          dataclasses.replace(config(), eos_token_ids=(151645,)))
-    with pytest.raises(sampling.InputError, match=r"rows \[1\] end in padding"):
+    with pytest.raises(InputError, match=r"rows \[1\] end in padding"):
         sampling.rollout(model, inputs_of(model, mixed_batch(TINY, seed=1)), jax.random.key(0), config())
 
 
@@ -246,7 +247,7 @@ def test_right_padding_is_caught_shard_by_shard_on_the_mesh(pair):
     mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
     inputs = jax.tree.map(lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)),
                           inputs_of(model, mixed_batch(TINY, seed=1)))
-    with pytest.raises(sampling.InputError, match=r"rows \[1\] end in padding"):
+    with pytest.raises(InputError, match=r"rows \[1\] end in padding"):
         sampling.check_left_padded(inputs)
 
 

@@ -10,7 +10,7 @@ zero from the first step. It is registered when this file is loaded, in the proc
 recipe (a child `python -m vrft_jax.train` too); the guard lets the file be loaded again.
 
 The data paths are relative, like the demo's: tests override `data.path` and `eval.path` to their
-tmp_path, where `train.make_synthetic_data` writes the 16 training and 8 held-out images.
+tmp_path, where `run.make_synthetic_data` writes the 16 training and 8 held-out images.
 """
 
 import numpy as np
@@ -19,6 +19,8 @@ from vrft_jax.configs import demo
 from vrft_jax.rewards import Reward, available_rewards, register
 
 LENGTH_REWARD = "test_completion_length"
+# Metric keys (prefixes) that differ between two runs of identical numbers: wall-clock timings.
+TIMING_KEYS = ("time/", "rollout_tokens_per_s", "eval/examples_per_s")
 
 if LENGTH_REWARD not in available_rewards():
 

@@ -36,8 +36,8 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from vrft_jax import grpo_loop, recipe, sampling, sharding  # noqa: E402
-from vrft_jax.data.pipeline import resolve_patch_bucket  # noqa: E402
+from vrft_jax import recipe, sampling, sharding  # noqa: E402
+from vrft_jax.data.buckets import resolve_patch_bucket  # noqa: E402
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs  # noqa: E402
 from vrft_jax.models.qwen2_vl.model import Qwen2VL  # noqa: E402
 from vrft_jax.placement import placements  # noqa: E402
@@ -219,8 +219,8 @@ def report(config, topology: str) -> Report:
     params = state.params
     state_bytes = shard_bytes(state)
     reference_bytes = shard_bytes(params) if train.grpo.beta > 0 else 0
-    sampler_params = jax.eval_shape(grpo_loop.make_sampler_cast(params, settings.sampler_dtype, mesh,
-                                                                 train.sampler_layout), params)
+    sampler_params = jax.eval_shape(sampling.make_sampler_cast(params, settings.sampler_dtype, mesh,
+                                                               settings.sampling.layout), params)
     sampler_bytes = shard_bytes(sampler_params)
     parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     result = Report(recipe=config.name, slice=target, mesh=dict(zip(mesh.axis_names, mesh.devices.shape)),
@@ -261,11 +261,10 @@ def report(config, topology: str) -> Report:
     step = make_train_step(graphdef, state, train, mesh=mesh)
     programs["update"] = measure("update", lambda: step.lower(state, batch))
     if train.grpo.beta > 0:
-        score = make_score_fn(graphdef, params, train, mesh=mesh)
-        scored = batch.replace(ref_logprobs=None, old_logprobs=None)
-        programs["reference"] = measure("reference scoring", lambda: score.lower(params, scored))
+        score = make_score_fn(graphdef, params, train.scoring, micro_batches=train.micro_batches, mesh=mesh)
+        programs["reference"] = measure("reference scoring", lambda: score.lower(params, batch.scored()))
     sampler_config = settings.sampling.resolve(model_config)
-    sampler_graphdef = grpo_loop.sampler_graphdef(model_config, settings.sampler_dtype)
+    sampler_graphdef = sampling.sampler_graphdef(model_config, settings.sampler_dtype)
     key = jax.eval_shape(lambda: jax.random.key(0))
     with jax.set_mesh(mesh):
         programs["prefill"] = measure("sampler prefill", lambda: sampling.prefill.lower(

@@ -1,4 +1,7 @@
-"""Joining the other processes of a multi-host run (a TPU pod slice, several GPU hosts), or nothing on one host.
+"""Joining the other processes of a multi-host run (a TPU pod slice, several GPU hosts), and the host <->
+global-array plumbing every multi-process phase shares: gathering host values, this process's rows of a
+global array, rows pinned to the batch layout, and errors agreed by every process before anyone enters a
+collective. On one process each is the plain local operation.
 
 The launchers say which (`launch/tpu_pod.sh`, `launch/gpu.sh`):
   VRFT_DISTRIBUTED=1                   jax.distributed.initialize() finds the others itself (Cloud TPU's
@@ -10,13 +13,17 @@ Neither set: one process, which needs no coordinator.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from vrft_jax import sharding
 
 T = TypeVar("T")
 
@@ -77,8 +84,69 @@ def agreed(fn: Callable[..., T], *args, **kwargs) -> T:
         error = e
     failures = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
+        error.vrft_agreed = True
         raise error
     failed = [(i, message) for i, message in enumerate(failures) if message is not None]
     if failed:
-        raise PeerError("; ".join(f"process {i} failed: {message}" for i, message in failed))
+        peer = PeerError("; ".join(f"process {i} failed: {message}" for i, message in failed))
+        peer.vrft_agreed = True
+        raise peer
     return value
+
+
+def is_agreed(error: BaseException) -> bool:
+    """Whether every process raised `error` (or a PeerError for it) at the same point (`agreed`): then they can
+    all still meet in a collective, e.g. to finish a checkpoint in flight."""
+    return getattr(error, "vrft_agreed", False)
+
+
+def on_primary(fn: Callable[..., T], *args, **kwargs) -> T | None:
+    """`fn(*args, **kwargs)` on process 0 only (a file write, a conversion), its failure agreed by every
+    process (`agreed`), which also makes it a barrier: no process goes on before process 0 is done. Process 0
+    gets the value, the others None."""
+    return agreed(lambda: fn(*args, **kwargs) if jax.process_index() == 0 else None)
+
+
+# ----------------------------------------------------------------------------------- host <-> global rows
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's rows of a per-row host array, in global row order (a collective; itself on one process)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, *local.shape[1:])
+
+
+def to_global(mesh, local: np.ndarray) -> jax.Array:
+    """A per-row host array of this process's rows as the global array the devices use (rows over the mesh's
+    batch axes, each process contributing its block in process order); the array itself without a mesh."""
+    if mesh is None:
+        return jnp.asarray(local)
+    return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, local.ndim), local)
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a global array, as NumPy in global order: every row on one process; across
+    processes the rows of its addressable shards (each row once, whichever devices replicate it)."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    shards = {}
+    for shard in array.addressable_shards:
+        shards.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+    return np.concatenate([shards[k] for k in sorted(shards)])
+
+
+def pin_rows(tree, mesh):
+    """`tree` (arrays with a leading row axis) with its rows split over the mesh's batch axes, as the batch's
+    prompts are: each process's devices then hold the rows of its own prompts (a no-op when they already do).
+    One jitted identity per (mesh, tree structure, ranks), compiled once."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return _row_pinner(mesh, treedef, tuple(x.ndim for x in leaves))(tree)
+
+
+@functools.cache
+def _row_pinner(mesh, treedef, ranks: tuple[int, ...]):
+    layouts = jax.tree.unflatten(treedef, [sharding.batch_sharding(mesh, rank) for rank in ranks])
+    return jax.jit(lambda tree: tree, out_shardings=layouts)

@@ -394,6 +394,16 @@ def dapo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: 
     return _terms(jnp.sum(loss * mask), jnp.sum(mask), mask, kl, low, high)
 
 
+@register_loss("sft")
+def sft_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+    """Supervised fine-tuning's token-level cross-entropy of the completions (the solutions, `vrft_jax.sft`):
+    loss_sum = -sum m lp, loss_count = tokens. Advantages, old and reference logprobs are ignored."""
+    del old_logprobs, ref_logprobs, advantages_n, config
+    mask = mask.astype(jnp.float32)
+    zero = jnp.zeros_like(mask)
+    return _terms(-jnp.sum(logprobs.astype(jnp.float32) * mask), jnp.sum(mask), mask, zero, zero, zero)
+
+
 def loss_terms(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
     """`config.loss`'s terms for float32[N, L] logprobs (old and ref may be None), float32[N]
     advantages and an [N, L] mask of the real completion tokens."""

@@ -30,6 +30,7 @@ import dataclasses
 import difflib
 import glob
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -44,13 +45,19 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vrft_jax import sharding
+from vrft_jax import storage as files
 from vrft_jax.configs._common import SHARED
 from vrft_jax.data import storage
 from vrft_jax.data.config import DataConfig
+from vrft_jax.evaluate import evaluators
 from vrft_jax.evaluate.settings import EvaluationSettings
+from vrft_jax.fields import known_fields
+from vrft_jax.grpo import GRPOConfig
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig, TextConfig, VisionConfig
+from vrft_jax.optimizer import OptimizerConfig
 from vrft_jax.rewards import RewardSpec, WeightedReward, combine, reward_options
 from vrft_jax.sampling import SamplingConfig
+from vrft_jax.scoring import ScoringConfig
 from vrft_jax.train_step import TrainConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -62,8 +69,8 @@ PRESETS = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_vl_72b", "custom")
 # its `from_dict`; the others by BLOCK_KEYS.
 TOP_LEVEL_KEYS = frozenset({
     "name", "slice", "mode", "seed", "total_steps", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
-    "eval_every", "export_hf", "prompts_per_step", "categories", "model", "source", "data", "eval", "sampling",
-    "grpo", "train", "rewards", "mesh", "warm_start", *SHARED})
+    "eval_every", "export_hf", "shared_mount", "prompts_per_step", "categories", "model", "source", "data", "eval",
+    "sampling", "grpo", "train", "rewards", "mesh", "warm_start", *SHARED})
 OPTIONAL_KEYS = frozenset({"categories"})
 BLOCK_KEYS = {
     "model": frozenset({"preset", "checkpoint", "hub_id", "precision", "param_dtype", "dtype", "remat", "text",
@@ -380,12 +387,38 @@ def model_config(config: ml_collections.ConfigDict) -> Qwen2VLConfig:
                          tie_word_embeddings=block.get("tie_word_embeddings", False), **runtime)
 
 
+# The recipe's flat `train` block, split into the leaf configs TrainConfig composes: {recipe key: (leaf, field)}.
+# `sampler_layout` is the sampler's (SamplingConfig.layout); every other key is TrainConfig's own.
+_TRAIN_BLOCK_LEAVES = {
+    **{f.name: ("optimizer", f.name) for f in dataclasses.fields(OptimizerConfig)},
+    "temperature": ("scoring", "temperature"),
+    "logits_chunk_size": ("scoring", "chunk_size"),
+    "logits_vocab_block": ("scoring", "vocab_block"),
+    "sampler_layout": ("sampling", "layout"),
+}
+
+
+def _split_train_block(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+    """{"train": TrainConfig's own keys, "optimizer": ..., "scoring": ..., "sampling": ...} of the `train` block."""
+    parts: dict[str, dict[str, Any]] = {"train": {}, "optimizer": {}, "scoring": {}, "sampling": {}}
+    for key, value in config.train.to_dict().items():
+        leaf, field = _TRAIN_BLOCK_LEAVES.get(key, ("train", key))
+        parts[leaf][field] = value
+    return parts
+
+
 def train_config(config: ml_collections.ConfigDict) -> TrainConfig:
-    return TrainConfig.from_dict({**config.train.to_dict(), "grpo": config.grpo.to_dict()})
+    """The update's settings from the `train` and `grpo` blocks (an unknown key is an error naming it)."""
+    parts = _split_train_block(config)
+    values = known_fields(TrainConfig, parts["train"])
+    return TrainConfig(**values, grpo=GRPOConfig.from_dict(config.grpo.to_dict()),
+                       optimizer=OptimizerConfig.from_dict(parts["optimizer"]),
+                       scoring=ScoringConfig(**parts["scoring"]))
 
 
 def sampling_config(config: ml_collections.ConfigDict) -> SamplingConfig:
-    return SamplingConfig.from_dict(config.sampling.to_dict())
+    """The rollout's settings: the `sampling` block, with the sampler's weight layout (`train.sampler_layout`)."""
+    return SamplingConfig.from_dict({**config.sampling.to_dict(), **_split_train_block(config)["sampling"]})
 
 
 def eval_sampling_config(config: ml_collections.ConfigDict) -> SamplingConfig:
@@ -402,6 +435,16 @@ def eval_settings(config: ml_collections.ConfigDict) -> EvaluationSettings:
     block = config.eval
     return EvaluationSettings(type=block.type, gt=block.gt, protocol=block.protocol, parse=block.parse,
                               categories=tuple(config.get("categories", ())), frame=config.rewards.frame)
+
+
+def evaluator(config: ml_collections.ConfigDict, settings: Settings, *, tokenizer, sampler_graphdef,
+              mesh=None) -> evaluators.Evaluator | None:
+    """The recipe's evaluator (`eval.type` over `eval.path`), or None when it has no held-out set."""
+    if settings.eval_data is None:
+        return None
+    return evaluators.build(data=settings.eval_data, model_config=settings.model,
+                            sampling=eval_sampling_config(config), reward_fn=settings.reward_fn, tokenizer=tokenizer,
+                            sampler_graphdef=sampler_graphdef, settings=eval_settings(config), mesh=mesh)
 
 
 def data_config(config: ml_collections.ConfigDict, process_count: int | None = None) -> DataConfig:
@@ -446,7 +489,10 @@ def _prepare_parts(config: ml_collections.ConfigDict, which: str) -> tuple[str, 
                                                                                       config.eval.path)
     if not tail:
         raise ValueError(f"the recipe names no command that makes its {which} dataset {path}")
-    output, name = os.path.split(os.path.normpath(path))
+    if files.is_url(path):  # os.path would make gs://b/x gs:/b/x
+        output, _, name = path.rstrip("/").rpartition("/")
+    else:
+        output, name = os.path.split(os.path.normpath(path))
     return tail, ["--output", output or ".", "--name", name]
 
 
@@ -482,10 +528,11 @@ def check_inputs_exist(config: ml_collections.ConfigDict) -> None:
     checkpoint = config.model.checkpoint
     if not checkpoint:
         return
-    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+    config_file = files.join(checkpoint, "config.json")
+    if not files.isfile(config_file):
         raise MissingPathError(f"the initial checkpoint {checkpoint} is not there (no config.json); fetch it with: "
                                f"huggingface-cli download {config.model.hub_id} --local-dir {checkpoint}")
-    found, expected = Qwen2VLConfig.from_hf(checkpoint), model_config(config)
+    found, expected = Qwen2VLConfig.from_hf(json.loads(files.read_text(config_file))), model_config(config)
     if (found.text, found.vision) != (expected.text, expected.vision):
         raise ValueError(f"the checkpoint {checkpoint} is not a {config.model.preset} model: its text model is "
                          f"{found.text}, the recipe's {expected.text}")

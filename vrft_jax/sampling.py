@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.struct
@@ -23,13 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vrft_jax import sharding
+from vrft_jax import distributed, sharding
 from vrft_jax.fields import known_fields
-from vrft_jax.models.qwen2_vl.inputs import InputError as InputError  # re-exported: check_left_padded raises it
+from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
 from vrft_jax.models.qwen2_vl.text import KVCache, SharedPrefix
 from vrft_jax.padding import check_left_padded
+
+LAYOUTS = ("whole", "sharded")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,8 +51,14 @@ class SamplingConfig:
     # tokens and what it generated) is divided by it when positive, multiplied when negative, before
     # the temperature. 1.0 is off; Qwen2-VL's shipped generation config and Visual-RFT's evaluation use 1.05.
     repetition_penalty: float = 1.0
+    # The sampler's copy of the weights on a mesh (`make_sampler_cast`): "whole" within each fsdp group (split
+    # over tensor only: decoding reads local weights; `sharding.SAMPLING_RULES`) or "sharded" as the train
+    # state (a fraction of the memory, an all-gather per layer per decoded token).
+    layout: str = "whole"
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"SamplingConfig.layout={self.layout!r} is not one of {LAYOUTS}")
         if self.max_new_tokens < 1 or self.group_size < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} and group_size={self.group_size} must be >= 1")
         if not self.greedy and self.temperature <= 0:
@@ -129,6 +137,45 @@ def rollout(model: Qwen2VL, inputs: ModelInputs, key: jax.Array, config: Samplin
     prefilled = prefill(graphdef, state, inputs, config)
     out = decode(graphdef, state, prefilled, key, config)
     return out.replace(image_features=prefilled.image_features) if keep_image_features else out
+
+
+def make_sampler_cast(params: nnx.State, dtype, mesh=None, layout: str = "whole") -> Callable[[nnx.State], nnx.State]:
+    """A jitted `params -> the rollout's weights`: a fresh copy in `dtype`, on a mesh in the sampling `layout`
+    (`SamplingConfig.layout`). The copy is explicit, so even when nothing changes (float32 on one device) its
+    outputs are new buffers: a donated train step can never invalidate them, nor they it."""
+    dtype = jnp.dtype(dtype)
+    shardings = None if mesh is None else sharding.state_shardings(params, mesh, layout_rules(layout))
+
+    def cast(params):
+        return jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params)
+
+    return jax.jit(cast, out_shardings=shardings)
+
+
+def layout_rules(layout: str):
+    """The logical-axis rules of a sampler layout (`SamplingConfig.layout`)."""
+    return sharding.SAMPLING_RULES if layout == "whole" else sharding.DEFAULT_RULES
+
+
+def sampler_graphdef(config: Qwen2VLConfig, dtype):
+    """The model structure that computes in `dtype` over `dtype` parameters: the rollout's."""
+    config = config.replace(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0))))
+    return graphdef
+
+
+def local_completions(out: Rollout) -> tuple[np.ndarray, np.ndarray]:
+    """This process's completion rows (tokens, bool mask) as NumPy, in the order of its batch meta: every row
+    on one process; across processes the rows of its addressable shards (`distributed.local_rows`), which hold
+    its own prompts' completions when the rollout's rows are pinned to the batch layout (`distributed.pin_rows`)."""
+    tokens, lengths = distributed.local_rows(out.tokens), distributed.local_rows(out.lengths)
+    return tokens, np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+
+
+def detokenize(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+    """Each completion's text up to and including its EOS, special tokens dropped (as TRL decodes)."""
+    pad = tokenizer.pad_token_id
+    return tokenizer.batch_decode(np.where(mask, tokens, pad).tolist(), skip_special_tokens=True)
 
 
 def reshard(model: Qwen2VL, mesh: jax.sharding.Mesh, rules=sharding.SAMPLING_RULES) -> Qwen2VL:

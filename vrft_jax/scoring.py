@@ -14,14 +14,14 @@ a chunk of positions and a block of the vocabulary at a time, with an online log
 hand-written backward pass, so neither the `[B*G, T, V]` logits of a full forward (V = 151,657 for
 Qwen2-VL) nor a chunk's `[B*G, chunk, V]` ever exist.
 
-`make_score_fn` jits this scoring for a whole `TrainBatch`: the reference model's logprobs for the
-KL term, and the old policy's when one rollout feeds several updates (the update itself scores with
-`score_completions` too, so the three agree exactly).
+`make_score_fn` jits this scoring for a whole `CompletionBatch`: the reference model's logprobs for
+the KL term, and the old policy's when one rollout feeds several updates (the update itself scores
+with `score_completions` too, under the same `ScoringConfig`, so the three agree exactly).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
 
 import flax.struct
 import jax
@@ -36,8 +36,46 @@ from vrft_jax.models.qwen2_vl.model import Qwen2VL
 from vrft_jax.padding import LeftPaddedBatch, check_left_padded
 from vrft_jax.placement import jit_on_mesh, merge_micro_batches, split_micro_batches, tree_shardings
 
-if TYPE_CHECKING:  # only for annotations: train_step imports this module
-    from vrft_jax.train_step import TrainBatch, TrainConfig
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScoringConfig:
+    """How completion tokens are scored, by the update and by the reference / old-policy scorer alike.
+
+    temperature:  logits are divided by it before the log-softmax (TRL's); the sampler's, set once by the recipe
+    chunk_size, vocab_block: the LM head's float32 logits exist [rows, chunk_size, vocab_block] at a time
+                  (`vrft_jax.lm_head`): completion positions per chunk, vocabulary rows per block
+    """
+
+    temperature: float = 1.0
+    chunk_size: int = 32
+    vocab_block: int = 4096
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"ScoringConfig.temperature={self.temperature} must be > 0")
+        for name in ("chunk_size", "vocab_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ScoringConfig.{name}={getattr(self, name)} must be >= 1")
+
+    def replace(self, **changes) -> ScoringConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@flax.struct.dataclass
+class CompletionBatch:
+    """What a scorer reads: B left-padded prompts and G completions of each (row b*G + g is sample g of prompt b).
+
+    inputs:          the prompts with their images, [B, ...] (the rollout's ModelInputs)
+    completions:     int32[B*G, L] sampled tokens, padding after the first EOS
+    completion_mask: int32[B*G, L] 1 through the first EOS (included), 0 after
+    image_features:  [B, P / merge^2, D] the prompts' vision features when already computed (a frozen tower's,
+                     from the rollout); None runs the tower
+    """
+
+    inputs: ModelInputs
+    completions: jax.Array
+    completion_mask: jax.Array
+    image_features: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -120,25 +158,24 @@ def chunked_token_logprobs(model: Qwen2VL, hidden_nld, targets_nl, *, temperatur
     return TokenScores(logprobs=logprobs, entropy=entropy)
 
 
-def make_score_fn(graphdef, params: nnx.State, config: TrainConfig, *, mesh=None, rules=sharding.DEFAULT_RULES):
-    """The jitted `(params, TrainBatch) -> float32[B*G, L]` completion logprobs under `params`: the
+def make_score_fn(graphdef, params: nnx.State, config: ScoringConfig, *, micro_batches: int = 1, mesh=None,
+                  rules=sharding.DEFAULT_RULES):
+    """The jitted `(params, CompletionBatch) -> float32[B*G, L]` completion logprobs under `params`: the
     reference's (frozen initial parameters) or the old policy's, with the update's exact scoring
-    (`config`'s temperature and logits chunking, image features once per prompt, or the batch's own
-    `image_features` when it carries them), micro-batch by micro-batch. `params` (concrete or abstract)
-    fixes the parameter layout on a mesh. Each call first checks on the host that the batch's prompts
-    are left-padded, as the update does."""
+    (`config`, image features once per prompt, or the batch's own `image_features` when it carries them),
+    `micro_batches` groups of whole prompts one after another. `params` (concrete or abstract) fixes the
+    parameter layout on a mesh. Each call first checks on the host that the batch's prompts are
+    left-padded, as the update does."""
 
-    def score(params, batch: TrainBatch):
+    def score(params, batch: CompletionBatch):
         model = nnx.merge(graphdef, params)
         prompts = batch.inputs.input_ids.shape[0]
-        parts = (batch.inputs, batch.completions, batch.completion_mask, batch.image_features)
-        micro = split_micro_batches(parts, prompts, config.micro_batches, mesh, rules)
+        micro = split_micro_batches(batch, prompts, micro_batches, mesh, rules)
 
-        def one(part):
-            inputs, completions, mask, features = part
-            return score_completions(model, inputs, completions, mask, temperature=config.temperature,
-                                     chunk_size=config.logits_chunk_size, vocab_block=config.logits_vocab_block,
-                                     image_features=features).logprobs
+        def one(part: CompletionBatch):
+            return score_completions(model, part.inputs, part.completions, part.completion_mask,
+                                     temperature=config.temperature, chunk_size=config.chunk_size,
+                                     vocab_block=config.vocab_block, image_features=part.image_features).logprobs
 
         return merge_micro_batches(jax.lax.map(one, micro), prompts)
 

@@ -1,8 +1,8 @@
 """Supervised fine-tuning on the records' solution text: the paper's SFT baseline, through the same
 data, update program, checkpoints and metrics as GRPO.
 
-The SFT loss is one more entry of the GRPO loss registry: the token-mean cross-entropy of the
-target completions, `-sum_t m_t lp_t / sum_t m_t`. With it, the GRPO train step (exact gradient
+The SFT loss is one more entry of the GRPO loss registry (`grpo.sft_loss`): the token-mean cross-entropy
+of the target completions, `-sum_t m_t lp_t / sum_t m_t`. With it, the GRPO train step (exact gradient
 accumulation, micro-batches, sharding, non-finite skips, donated state) is the SFT step: each prompt
 has one completion (G = 1), its solution followed by `<|im_end|>`, and there is no reference model,
 no advantage and no ratio.
@@ -12,23 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vrft_jax import grpo
-from vrft_jax.train_step import TrainBatch
-
-
-@grpo.register_loss("sft")
-def sft_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: grpo.GRPOConfig) -> grpo.LossTerms:
-    """Token-level cross-entropy of the completions: loss_sum = -sum m lp, loss_count = tokens.
-    Advantages, old and reference logprobs are ignored (SFT has none)."""
-    del old_logprobs, ref_logprobs, advantages_n, config
-    mask = mask.astype(jnp.float32)
-    zero = jnp.zeros_like(mask)
-    return grpo.LossTerms(loss_sum=-jnp.sum(logprobs.astype(jnp.float32) * mask), loss_count=jnp.sum(mask),
-                          tokens=jnp.sum(mask), sequences=jnp.sum(jnp.sum(mask, axis=1) > 0).astype(jnp.float32),
-                          kl_sum=jnp.sum(zero), clip_low_sum=jnp.sum(zero), clip_high_sum=jnp.sum(zero))
+from vrft_jax import distributed, grpo
+from vrft_jax.grpo_loop import Outcome, RunContext, place
+from vrft_jax.progress import Timer
+from vrft_jax.train_step import TrainBatch, TrainState
 
 
 def sft_config() -> grpo.GRPOConfig:
@@ -62,3 +53,17 @@ def sft_batch(inputs, solutions: Sequence[str], tokenizer, *, length: int, eos_i
     """The update's batch for SFT: the prompts, their targets, no advantages (zeros)."""
     tokens, mask = target_tokens(tokenizer, solutions, length, eos_id, pad_id, valid)
     return TrainBatch(inputs, jnp.asarray(tokens), jnp.asarray(mask), jnp.zeros((len(solutions),), jnp.float32))
+
+
+def iteration(context: RunContext, state: TrainState, batch, timer: Timer, *, log: bool = True
+              ) -> tuple[TrainState, Outcome]:
+    """One SFT update on the batch's solutions (G = 1, no rollout); the entropy measured when `log`. A target
+    too long for the completion bucket stops every process, naming the row, before any enters the update."""
+    with timer.timed("update"):
+        train_batch = distributed.agreed(
+            sft_batch, batch.model_inputs, batch.solution, context.tokenizer, length=context.sampling.max_new_tokens,
+            eos_id=context.sampling.eos_token_ids[0], pad_id=context.sampling.pad_token_id,
+            valid=batch.meta.get("valid"))
+        state, metrics = context.step(state, place(context, train_batch), log)
+        jax.block_until_ready(state.step)  # the update's time, not its dispatch's, as a GRPO iteration reports
+    return state, Outcome(metrics, {}, [])

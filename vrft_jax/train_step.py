@@ -27,37 +27,33 @@ scorer (`scoring.make_score_fn`, the update's own scoring code in float32), comp
 and carried in the batch. `old_logprobs` are never the sampler's `Rollout.logprobs`: those come from
 another program in the sampler's dtype, from a top-k-filtered distribution (review M2). The sampler
 does not decode from the train state's float32 training-layout parameters either: each iteration
-makes a fresh copy in the compute dtype and the sampling layout (`grpo_loop.make_sampler_cast`),
+makes a fresh copy in the compute dtype and the sampling layout (`sampling.make_sampler_cast`),
 dropped before the update donates the state (review M1). One step of a run, as
-`vrft_jax.grpo_loop.iteration` does it (`vrft_jax.train` builds everything once):
+`vrft_jax.grpo_loop.iteration` does it (`vrft_jax.run` builds everything once):
 
     graphdef, state = init_state(model, config, mesh=mesh)          # once
     step = make_train_step(graphdef, state, config, mesh=mesh)      # once
-    score = make_score_fn(graphdef, reference_params, config, mesh=mesh)
-    cast = grpo_loop.make_sampler_cast(state.params, compute_dtype, mesh)
+    score = scoring.make_score_fn(graphdef, reference_params, config.scoring,
+                                  micro_batches=config.micro_batches, mesh=mesh)
+    cast = sampling.make_sampler_cast(state.params, compute_dtype, mesh)
     ...
     weights = cast(state.params)                                    # the sampler's copy
     out = sampling.rollout(nnx.merge(sampler_graphdef, weights), prompts, key, sampling_config)
     del weights
     rewards = ...                                                   # host, per completion
-    batch = shard_batch(TrainBatch(prompts, out.tokens, out.mask.astype(jnp.int32),
-                                   grpo.advantages(rewards, G, config.grpo)), mesh)
-    batch = batch.replace(ref_logprobs=score(reference_params, batch))
+    batch = placement.shard_batch(TrainBatch(prompts, out.tokens, out.mask.astype(jnp.int32),
+                                             grpo.advantages(rewards, G, config.grpo)), mesh)
+    batch = batch.replace(ref_logprobs=score(reference_params, batch.scored()))
     if config.num_iterations > 1:
-        batch = batch.replace(old_logprobs=score(state.params, batch))
+        batch = batch.replace(old_logprobs=score(state.params, batch.scored()))
     for _ in range(config.num_iterations):
         state, metrics = step(state, batch)
     check_nonfinite(state, config)                                  # at log steps: it syncs the host
-
-`make_score_fn` and `shard_batch` are importable from here too (they live in `vrft_jax.scoring` and
-`vrft_jax.placement`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
@@ -69,33 +65,27 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vrft_jax import grpo, sharding
-from vrft_jax.fields import known_fields
 from vrft_jax.models.qwen2_vl.config import REMAT_POLICIES
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
-from vrft_jax.optimizer import learning_rate_schedule, make_optimizer
+from vrft_jax.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from vrft_jax.padding import LeftPaddedBatch
 from vrft_jax.placement import jit_on_mesh, placements, split_micro_batches, tree_shardings
-from vrft_jax.placement import shard_batch as shard_batch  # re-exported: part of a step's API (see above)
-from vrft_jax.scoring import make_score_fn as make_score_fn  # re-exported, as shard_batch
-from vrft_jax.scoring import score_completions
-
-SAMPLER_LAYOUTS = ("whole", "sharded")
+from vrft_jax.scoring import CompletionBatch, ScoringConfig, score_completions
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """One GRPO update's settings. Optimizer defaults are Visual-RFT's (visual-rft.md §10.2): AdamW,
-    no weight decay, global-norm clipping at 1, linear decay without warmup (set `decay_steps`).
+    """One GRPO update's settings, composed of the leaf configs of the modules it drives.
 
-    decay_steps:      steps of linear decay to `end_learning_rate` after the warmup (HF's
-                      `num_training_steps - warmup`); None keeps the rate constant after warmup
+    grpo:             the loss, advantages and KL (`vrft_jax.grpo`)
+    optimizer:        clipping, AdamW and the learning-rate schedule (`vrft_jax.optimizer`); Visual-RFT's
+                      defaults (visual-rft.md §10.2)
+    scoring:          how completion tokens are scored (`vrft_jax.scoring`): the temperature and the LM
+                      head's chunking, shared with the reference and old-policy scorer
     micro_batches:    groups of whole prompts run one after another (gradient accumulation); must
                       divide the prompts of a batch
     num_iterations:   updates per rollout (TRL's mu); above 1 the batch must carry `old_logprobs`
-    temperature:      the sampler's; logits are divided by it before the log-softmax (as TRL)
-    logits_chunk_size, logits_vocab_block: the LM head's float32 logits exist [rows, chunk, block] at
-                      a time (`vrft_jax.lm_head`): completion positions per chunk, vocabulary rows per block
     compute_dtype:    activations' dtype; None means param_dtype (bfloat16 over float32 parameters
                       gives float32 master weights with bf16 compute)
     remat:            the model's rematerialisation policy per layer: "none", "block", "save_dots"
@@ -103,54 +93,24 @@ class TrainConfig:
                       optimizer state, and runs once per rollout (its features travel in the batch)
     max_consecutive_nonfinite: this many updates skipped in a row stop the run: the step only
                       counts them (`TrainState.nonfinite_streak`), `check_nonfinite` raises
-    sampler_layout:   the rollout's copy of the weights on a mesh: "whole" within each fsdp group (split
-                      over tensor only: decoding reads local weights; `sharding.SAMPLING_RULES`) or
-                      "sharded" as the train state (a fraction of the memory, an all-gather per layer
-                      per decoded token): what lets a 7B rollout fit a v4-16 beside its train state
     """
 
     grpo: grpo.GRPOConfig = grpo.GRPOConfig()
-    learning_rate: float = 1e-6
-    warmup_steps: int = 0
-    decay_steps: int | None = None
-    end_learning_rate: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scoring: ScoringConfig = ScoringConfig()
     micro_batches: int = 1
     num_iterations: int = 1
-    temperature: float = 1.0
-    logits_chunk_size: int = 32
-    logits_vocab_block: int = 4096
     param_dtype: Any = jnp.float32
     compute_dtype: Any = None
     remat: str = "none"
     freeze_vision: bool = False
     max_consecutive_nonfinite: int = 10
-    sampler_layout: str = "whole"
 
     def __post_init__(self):
         errors = []
-        if self.sampler_layout not in SAMPLER_LAYOUTS:
-            errors.append(f"sampler_layout={self.sampler_layout!r} must be one of {SAMPLER_LAYOUTS}")
-        for name in ("warmup_steps", "micro_batches", "num_iterations", "logits_chunk_size",
-                     "logits_vocab_block", "max_consecutive_nonfinite"):
-            minimum = 0 if name == "warmup_steps" else 1
-            if getattr(self, name) < minimum:
-                errors.append(f"{name}={getattr(self, name)} must be >= {minimum}")
-        if self.decay_steps is not None and self.decay_steps < 1:
-            errors.append(f"decay_steps={self.decay_steps} must be >= 1 or None")
-        for name in ("learning_rate", "end_learning_rate", "weight_decay"):
-            # NaN or inf would pass a sign check and be applied: the loss and gradient stay finite, so the
-            # non-finite guard would only catch the step after the parameters became NaN.
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                errors.append(f"{name}={getattr(self, name)} must be finite and >= 0")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            errors.append(f"max_grad_norm={self.max_grad_norm} must be > 0 or None")
-        if self.temperature <= 0:
-            errors.append(f"temperature={self.temperature} must be > 0")
+        for name in ("micro_batches", "num_iterations", "max_consecutive_nonfinite"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.remat not in REMAT_POLICIES:
             errors.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         if self.grpo.loss == "paper" and self.num_iterations != 1:
@@ -164,15 +124,6 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """From a plain mapping (a recipe's `train` block); unknown keys are errors, and a mapping
-        under "grpo" becomes a `GRPOConfig` by its own `from_dict`."""
-        values = known_fields(cls, values)
-        if isinstance(values.get("grpo"), Mapping):
-            values["grpo"] = grpo.GRPOConfig.from_dict(values["grpo"])
-        return cls(**values)
 
 
 @flax.struct.dataclass
@@ -199,6 +150,11 @@ class TrainBatch:
     old_logprobs: jax.Array | None = None
     ref_logprobs: jax.Array | None = None
     image_features: jax.Array | None = None
+
+    def scored(self) -> CompletionBatch:
+        """What the reference and old-policy scorer read: one pytree structure whichever logprobs the
+        batch carries already, so both share one compiled scorer."""
+        return CompletionBatch(self.inputs, self.completions, self.completion_mask, self.image_features)
 
 
 @flax.struct.dataclass
@@ -269,10 +225,11 @@ def _check_batch(batch: TrainBatch, config: TrainConfig) -> None:
 def micro_batch_terms(model: Qwen2VL, batch: TrainBatch, config: TrainConfig, measure_entropy: bool | jax.Array = True):
     """(LossTerms, entropy sum over real tokens) of one micro-batch under `model`; the entropy is measured
     where `measure_entropy` is true (a bool, or a bool scalar read at run time), 0 elsewhere."""
+    scoring = config.scoring
     scores = score_completions(model, batch.inputs, batch.completions, batch.completion_mask,
-                               temperature=config.temperature, chunk_size=config.logits_chunk_size,
-                               vocab_block=config.logits_vocab_block,
-                               with_entropy=measure_entropy, image_features=batch.image_features)
+                               temperature=scoring.temperature, chunk_size=scoring.chunk_size,
+                               vocab_block=scoring.vocab_block, with_entropy=measure_entropy,
+                               image_features=batch.image_features)
     mask = batch.completion_mask.astype(jnp.float32)
     # With one update per rollout the old policy is the current one: ratio exp(lp - sg(lp)) (TRL does the same).
     old = batch.old_logprobs if config.num_iterations > 1 else None
@@ -324,7 +281,7 @@ def init_state(model: Qwen2VL, config: TrainConfig, *, mesh=None, rules=sharding
     from it, stay valid.
     """
     graphdef, params = nnx.split(prepare_model(model, config))
-    tx = make_optimizer(config)
+    tx = make_optimizer(config.optimizer)
 
     def placement(tree):
         return placements(tree, mesh, rules)  # the default device without a mesh
@@ -360,8 +317,8 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
     empty batch), empty_batch (1 when no completion token was real: loss_count == 0),
     nonfinite_streak, nonfinite_total.
     """
-    tx = make_optimizer(config)
-    schedule = learning_rate_schedule(config)
+    tx = make_optimizer(config.optimizer)
+    schedule = learning_rate_schedule(config.optimizer)
 
     def step(state: TrainState, batch: TrainBatch, measure_entropy: jax.Array):
         trainable, frozen = split_params(state.params, config)

@@ -9,8 +9,9 @@ import pytest
 from sample_data import png_bytes
 
 from vrft_jax.data import buckets, prompts, synthetic
+from vrft_jax.data.buckets import resolve_patch_bucket
 from vrft_jax.data.config import DataConfig
-from vrft_jax.data.pipeline import make_iterator, resolve_patch_bucket
+from vrft_jax.data.pipeline import make_iterator
 from vrft_jax.data.preprocess import ExampleEncoder
 from vrft_jax.data.records import BadRecordError, Record
 from vrft_jax.data.storage import InMemorySource

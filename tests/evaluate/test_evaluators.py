@@ -23,7 +23,8 @@ from flax import nnx
 from PIL import Image
 
 from compile_count import counting_compiles
-from vrft_jax import grpo_loop, recipe, train
+from vrft_jax import recipe, sampling
+from vrft_jax import run as runs
 from vrft_jax.data import storage
 from vrft_jax.evaluate import evaluators, report
 from vrft_jax.metrics import read_metrics
@@ -50,7 +51,7 @@ def run(tmp_path_factory):
     config = detection_config(data)
     with pytest.MonkeyPatch.context() as patch:  # one device, as test_train's runs
         patch.setattr(recipe, "make_mesh", functools.partial(recipe.make_mesh, devices=jax.devices()[:1]))
-        result = train.train(config, workdir)
+        result = runs.train(config, workdir)
     return config, workdir, result
 
 
@@ -86,13 +87,13 @@ def test_the_decode_compiles_once(run):
     settings = recipe.build(config, process_count=1)
     tokenizer = load_tokenizer(resolve_tokenizer_path(checkpoint_dir=None))
     model = Qwen2VL(settings.model, rngs=nnx.Rngs(0))
-    graphdef = grpo_loop.sampler_graphdef(settings.model, settings.sampler_dtype)
+    graphdef = sampling.sampler_graphdef(settings.model, settings.sampler_dtype)
     weights = nnx.state(model, nnx.Param)
-    evaluator = evaluators.from_recipe(config, settings, tokenizer=tokenizer, sampler_graphdef=graphdef)
+    evaluator = recipe.evaluator(config, settings, tokenizer=tokenizer, sampler_graphdef=graphdef)
     evaluator.run(weights, progress=False)
     with counting_compiles() as names:
         evaluator.run(weights, progress=False)
-        evaluators.from_recipe(config, settings, tokenizer=tokenizer, sampler_graphdef=graphdef).run(
+        recipe.evaluator(config, settings, tokenizer=tokenizer, sampler_graphdef=graphdef).run(
             weights, progress=False)
     assert names == []
 

@@ -24,16 +24,17 @@ from grpo.conftest import train_batch
 from vrft_jax import grpo, sharding
 from vrft_jax import train_step as ts
 from vrft_jax.models.qwen2_vl import InputError, Qwen2VL
-from vrft_jax.optimizer import learning_rate_schedule, make_optimizer
+from vrft_jax.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from vrft_jax.placement import shard_batch
-from vrft_jax.scoring import make_score_fn, score_completions
+from vrft_jax.scoring import ScoringConfig, make_score_fn, score_completions
 
 pytestmark = pytest.mark.parity
 
 G, L = 2, 8
 GROUPS_OF_FOUR = 4  # 16 prompts, 32 completions: 2 prompts and 4 completions per device on 8 devices
 CONFIG = ts.TrainConfig(grpo=grpo.GRPOConfig.trl("dapo", beta=0.04, epsilon_high=0.28), num_iterations=2,
-                        learning_rate=0.1, adam_eps=1.0, temperature=0.9, logits_chunk_size=3)
+                        optimizer=OptimizerConfig(learning_rate=0.1, adam_eps=1.0),
+                        scoring=ScoringConfig(temperature=0.9, chunk_size=3))
 
 
 def host(tree):
@@ -53,15 +54,15 @@ def max_difference(a, b) -> float:
 
 def with_logprobs(score, policy, reference, batch):
     """The batch with the reference's logprobs and the rollout policy's, shifted by up to +-0.4 nats."""
-    old = np.asarray(score(nnx.state(policy), batch))
+    old = np.asarray(score(nnx.state(policy), batch.scored()))
     old = old + np.random.default_rng(7).uniform(-0.4, 0.4, old.shape).astype(np.float32)
-    return batch.replace(ref_logprobs=score(nnx.state(reference), batch), old_logprobs=old)
+    return batch.replace(ref_logprobs=score(nnx.state(reference), batch.scored()), old_logprobs=old)
 
 
 @pytest.fixture(scope="module")
 def score(policy):
     graphdef, params = nnx.split(policy)
-    return make_score_fn(graphdef, params, CONFIG)
+    return make_score_fn(graphdef, params, CONFIG.scoring)
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +127,10 @@ def test_the_sharded_update_equals_the_single_device_update(policy, reference, s
     q = nnx.to_flat_state(sharded.state.params)
     assert any(v.get_raw_value().addressable_shards[0].data.size < v.get_raw_value().size for _, v in q)
     # The scoring program shards the same way and gives the same logprobs.
-    sharded_score = make_score_fn(sharded.graphdef, sharded.state.params, CONFIG, mesh=mesh)
-    single_score = make_score_fn(single.graphdef, single.state.params, CONFIG)
-    np.testing.assert_allclose(np.asarray(sharded_score(sharded.state.params, shard_batch(batch, mesh))),
-                               np.asarray(single_score(single.state.params, batch)), atol=1e-5)
+    sharded_score = make_score_fn(sharded.graphdef, sharded.state.params, CONFIG.scoring, mesh=mesh)
+    single_score = make_score_fn(single.graphdef, single.state.params, CONFIG.scoring)
+    np.testing.assert_allclose(np.asarray(sharded_score(sharded.state.params, shard_batch(batch.scored(), mesh))),
+                               np.asarray(single_score(single.state.params, batch.scored())), atol=1e-5)
     # The next rollout's batch runs the same compiled program.
     other = with_logprobs(score, policy, reference, train_batch(policy.config, G, L, groups_of_four=GROUPS_OF_FOUR,
                                                                 seed=1))
@@ -235,12 +236,12 @@ def test_prompts_that_end_in_padding_are_refused_by_row_before_dispatch(policy, 
         single.step(state, right)
     assert not state.step.is_deleted()  # not donated: the step never ran
     with pytest.raises(InputError, match=r"scoring needs left-padded prompts: rows \[3, 9\] end in padding"):
-        score(nnx.state(policy), right)
+        score(nnx.state(policy), right.scored())
     mesh = sharding.make_mesh(1, 8, 1)
     params = nnx.state(policy)
-    sharded_score = make_score_fn(single.graphdef, params, CONFIG, mesh=mesh)
+    sharded_score = make_score_fn(single.graphdef, params, CONFIG.scoring, mesh=mesh)
     with pytest.raises(InputError, match=r"scoring needs left-padded prompts: rows \[3, 9\] end in padding"):
-        sharded_score(params, shard_batch(right, mesh))
+        sharded_score(params, shard_batch(right.scored(), mesh))
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +279,7 @@ def test_the_compiled_step_holds_no_float32_logits_of_the_whole_sequence(policy)
     config = policy.config.replace(text=dataclasses.replace(policy.config.text, vocab_size=vocab))
     model = Qwen2VL(config, rngs=nnx.Rngs(0))
     length, chunk = 64, 4
-    train = CONFIG.replace(logits_chunk_size=chunk)
+    train = CONFIG.replace(scoring=CONFIG.scoring.replace(chunk_size=chunk))
     batch = train_batch(config, G, length, groups_of_four=2)
     rows, prompt_length = batch.completions.shape[0], batch.inputs.input_ids.shape[1]
     batch = batch.replace(ref_logprobs=np.zeros((rows, length), np.float32),
@@ -302,7 +303,7 @@ def test_learning_rate_schedule_is_hf_linear_with_warmup():
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    config = CONFIG.replace(learning_rate=3e-4, warmup_steps=5, decay_steps=15)
+    config = OptimizerConfig(learning_rate=3e-4, warmup_steps=5, decay_steps=15)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
     hf = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=5, num_training_steps=20)
     schedule = learning_rate_schedule(config)
@@ -313,7 +314,7 @@ def test_learning_rate_schedule_is_hf_linear_with_warmup():
 
 
 def test_weight_decay_skips_biases_and_norm_weights(policy):
-    config = CONFIG.replace(weight_decay=0.1, max_grad_norm=None)
+    config = OptimizerConfig(weight_decay=0.1, max_grad_norm=None)
     _, params = nnx.split(policy)
     tx = make_optimizer(config)
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -332,8 +333,8 @@ def test_batches_and_configs_that_cannot_work_are_refused_by_name(policy, batch,
     with pytest.raises(ValueError, match="remat='blocks' is not one of"):
         ts.TrainConfig(remat="blocks")
     for bad in (float("nan"), float("inf"), -1e-6):  # a NaN rate keeps loss and gradient finite: no guard sees it
-        with pytest.raises(ValueError, match=f"learning_rate={bad} must be finite and >= 0"):
-            ts.TrainConfig(learning_rate=bad)
+        with pytest.raises(ValueError, match=f"invalid OptimizerConfig: learning_rate={bad} must be finite and >= 0"):
+            OptimizerConfig(learning_rate=bad)
     _, state = ts.init_state(policy, CONFIG)
     with pytest.raises(ValueError, match="beta=0.04 needs TrainBatch.ref_logprobs"):
         single.step(state, batch.replace(ref_logprobs=None))

@@ -31,7 +31,7 @@ from model_port.hf_to_flax import load_hf
 from vrft_jax import grpo
 from vrft_jax import train_step as ts
 from vrft_jax.models.qwen2_vl import ModelInputs
-from vrft_jax.scoring import make_score_fn
+from vrft_jax.scoring import ScoringConfig, make_score_fn
 
 # transformers 5.23 deprecates the `gradient_checkpointing` names that TRL 1.16 still uses.
 pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")]
@@ -133,8 +133,8 @@ def grpo_config(mode) -> grpo.GRPOConfig:
 
 
 def train_config(mode) -> ts.TrainConfig:
-    return ts.TrainConfig(grpo=grpo_config(mode), num_iterations=MODES[mode][2], temperature=TEMPERATURE,
-                          logits_chunk_size=4)
+    return ts.TrainConfig(grpo=grpo_config(mode), num_iterations=MODES[mode][2],
+                          scoring=ScoringConfig(temperature=TEMPERATURE, chunk_size=4))
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +148,10 @@ def scored(world, trl_runs):
     inputs = trl_runs["paper"].inputs
     batch = our_batch(world, inputs, inputs["advantages"].numpy())
     graphdef, params = nnx.split(world.policy)
-    score = make_score_fn(graphdef, params, train_config("paper"))
+    score = make_score_fn(graphdef, params, train_config("paper").scoring)
     mask = batch.completion_mask.astype(bool)
-    return types.SimpleNamespace(logprobs=np.asarray(score(params, batch)), mask=mask,
-                                 ref_logprobs=np.asarray(score(nnx.state(world.reference), batch)))
+    return types.SimpleNamespace(logprobs=np.asarray(score(params, batch.scored())), mask=mask,
+                                 ref_logprobs=np.asarray(score(nnx.state(world.reference), batch.scored())))
 
 
 def test_the_batch_has_what_the_comparison_needs(world, trl_runs):

@@ -107,6 +107,9 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
     c.sample_every = 20
     c.eval_every = 50
     c.export_hf = False
+    # The workdir and the data are on a POSIX mount every host of a multi-host run sees (NFS, Filestore,
+    # gcsfuse): without it such a run needs gs:// paths, and refuses a local workdir before any step.
+    c.shared_mount = False
 
     # Shared values, set once (see SHARED). Sampling at temperature 1 (hard-coded in Visual-RFT); the
     # Instruct models stop at <|im_end|> or <|endoftext|>; float32 master weights, bfloat16 compute.

@@ -50,8 +50,7 @@ from jax.sharding import Mesh
 from vrft_jax.data import records as rec
 from vrft_jax.data import storage
 from vrft_jax.data.batching import BatchLayout, StaticBatchDataset
-from vrft_jax.data.buckets import resolve_patch_bucket as resolve_patch_bucket  # re-exported: the pipeline's API
-from vrft_jax.data.buckets import size_buckets
+from vrft_jax.data.buckets import resolve_patch_bucket, size_buckets
 from vrft_jax.data.config import DataConfig
 from vrft_jax.data.preprocess import ExampleEncoder
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig

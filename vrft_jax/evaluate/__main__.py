@@ -8,6 +8,9 @@ batches, and scores it with the recipe's evaluator (`eval.type`): `--ckpt` is a 
 `model/`) or a Hugging Face checkpoint (converted once into WORKDIR/initial). WORKDIR (default
 runs/NAME/evaluate) gets the predictions (`eval/step_0.jsonl`), the metrics (`eval/step_0.json`) and the visual
 report (`report/report.html`); the metrics are printed as one JSON object. The second is `evaluate.score`.
+
+Under a launcher (`launch/`) its processes join one job as the train command's do, each decoding its share of
+the set; the weights are loaded once, in the sampler's dtype and layout.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from flax import nnx
 
-from vrft_jax import grpo_loop, model_dir, recipe, train
+from vrft_jax import distributed, model_dir, recipe, sampling
 from vrft_jax.data import storage
 from vrft_jax.evaluate import evaluators, report, score
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
@@ -37,19 +40,22 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str) -> dict:
     except FileNotFoundError:
         command = recipe.prepare_command(config, "eval") if config.eval.prepare else "python -m vrft_jax.data.prepare"
         raise app.UsageError(f"the held-out set {config.eval.path} is not there; make it with: {command}") from None
-    directory = train.model_directory(checkpoint, os.path.join(workdir, "initial"))
-    model = model_dir.load_model(directory, dtype=settings.sampler_dtype)
+    directory = model_dir.import_hf(checkpoint, os.path.join(workdir, "initial"))
     mesh = recipe.make_mesh(config) if jax.device_count() > 1 else None
-    tokenizer = load_tokenizer(resolve_tokenizer_path(checkpoint_dir=directory))
-    graphdef = grpo_loop.sampler_graphdef(settings.model, settings.sampler_dtype)
+    # One copy of the weights: loaded straight into the sampler's dtype and layout, which the evaluator decodes with.
+    layout = {} if mesh is None else dict(mesh=mesh, rules=sampling.layout_rules(settings.sampling.layout))
+    model = model_dir.load_model(directory, dtype=settings.sampler_dtype, **layout)
     params = nnx.state(model, nnx.Param)
-    cast = grpo_loop.make_sampler_cast(params, settings.sampler_dtype, mesh, settings.train.sampler_layout)
-    evaluator = evaluators.from_recipe(config, settings, tokenizer=tokenizer, sampler_graphdef=graphdef, mesh=mesh)
-    result = evaluator.run(cast(params))
-    evaluators.save(result, os.path.join(workdir, "eval"), 0)
+    del model
+    tokenizer = load_tokenizer(resolve_tokenizer_path(checkpoint_dir=directory))
+    graphdef = sampling.sampler_graphdef(settings.model, settings.sampler_dtype)
+    evaluator = recipe.evaluator(config, settings, tokenizer=tokenizer, sampler_graphdef=graphdef, mesh=mesh)
+    result = evaluator.run(params)
+    distributed.on_primary(evaluators.save, result, os.path.join(workdir, "eval"), 0)
     frame = "rel1000" if frame_of(config.rewards.frame) is Frame.REL1000 else "pixels"
-    path = report.write_report(workdir, predictions=result.predictions, metrics=result.metrics,
-                               image_of=evaluator.image_bytes, title=f"{config.name}: {checkpoint}", frame=frame)
+    path = distributed.on_primary(report.write_report, workdir, predictions=result.predictions,
+                                  metrics=result.metrics, image_of=evaluator.image_bytes,
+                                  title=f"{config.name}: {checkpoint}", frame=frame)
     return {**result.metrics, "checkpoint": checkpoint, "report": path,
             "predictions": os.path.join(workdir, "eval", "step_0.jsonl")}
 
@@ -59,13 +65,15 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     config = flags.FLAGS.config
     recipe.use_platform(config)
+    distributed.initialize()  # under a launcher: one job with the other processes, as the train command
     if flags.FLAGS.split:
         config.unlock()
         config.eval.split = flags.FLAGS.split
         config.lock()
     workdir = flags.FLAGS.workdir or os.path.join(recipe.default_workdir(config), "evaluate")
     metrics = evaluate_checkpoint(config, flags.FLAGS.ckpt, workdir)
-    print(json.dumps(metrics, indent=2, default=str), flush=True)
+    if jax.process_index() == 0:
+        print(json.dumps(metrics, indent=2, default=str), flush=True)
 
 
 def run(argv: list[str]) -> int:

@@ -1,7 +1,7 @@
 """Evaluators, registered by type and built from a recipe's `eval` block (big_vision's evaluator shape).
 
-    evaluator = build(config, settings, tokenizer=..., sampler_graphdef=..., mesh=...)
-    result = evaluator.run(weights)   # the sampler's weights (`grpo_loop.make_sampler_cast`)
+    evaluator = build(data=..., model_config=..., sampling=..., settings=..., ...)   # `recipe.evaluator` for a recipe's
+    result = evaluator.run(weights)   # the sampler's weights (`sampling.make_sampler_cast`)
     result.scalars                    # {"reward": ..., "AP": ...}: metrics.jsonl and TensorBoard, under eval/
     result.metrics                    # everything, nested (per-category AP, per-class accuracy, counts)
     result.predictions                # one row per example: id, prompt, completion, parsed answer, rewards
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -29,14 +28,15 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from vrft_jax import distributed, grpo_loop
+from vrft_jax import distributed
+from vrft_jax import storage as files  # `storage` is the data package's (datasets), imported below
 from vrft_jax.data import make_iterator, storage
 from vrft_jax.data.buckets import size_buckets
 from vrft_jax.data.pipeline import open_source
 from vrft_jax.evaluate import classification, detection, grounding, readers
 from vrft_jax.evaluate.settings import EvaluationSettings
 from vrft_jax.rewards.frames import REL_SCALE, Frame, frame_of
-from vrft_jax.sampling import rollout
+from vrft_jax.sampling import detokenize, local_completions, rollout
 
 EVALUATORS: dict[str, type] = {}  # settings.TYPES, each registered below
 
@@ -89,20 +89,22 @@ class Evaluator:
         start, tokens_made = time.perf_counter(), 0
         iterator = make_iterator(self.data, self.model_config, mesh=self.mesh, tokenizer=self.tokenizer)
         try:
-            for batch in iterator:
+            # The host's parts are agreed by every process (a bad record, an unreadable answer on one of them stops
+            # them all, naming it) before any enters the next collective: the rollout, or the metrics' gather.
+            while (batch := distributed.agreed(next, iterator, None)) is not None:
                 out = rollout(model, batch.model_inputs, jax.random.key(0), self.sampling)
-                out = jax.block_until_ready(out if self.mesh is None else grpo_loop.pin_rows(out, self.mesh))
-                tokens, mask = grpo_loop.local_rows(out)
-                texts = grpo_loop.detokenize(self.tokenizer, tokens, mask)
+                out = jax.block_until_ready(out if self.mesh is None else distributed.pin_rows(out, self.mesh))
+                tokens, mask = local_completions(out)
                 valid = np.asarray(batch.meta["valid"], bool)
-                rows.extend(self._rows(batch.meta, texts, mask.sum(axis=1), valid))
+                rows.extend(distributed.agreed(self._rows, batch.meta, detokenize(self.tokenizer, tokens, mask),
+                                               mask.sum(axis=1), valid))
                 tokens_made += int(mask[valid].sum())
                 bar.update(1)
         finally:
             bar.close()
             iterator.close()
         seconds = time.perf_counter() - start
-        self._add_rewards(rows)
+        distributed.agreed(self._add_rewards, rows)
         return rows, {"seconds": seconds, "examples_per_s": len(rows) / seconds if seconds else 0.0,
                       "tokens_per_s": tokens_made / seconds if seconds else 0.0}
 
@@ -162,14 +164,12 @@ class Evaluator:
 
 
 def save(result: EvalResult, directory: str, step: int) -> tuple[str, str]:
-    """`directory/step_<step>.jsonl` (one prediction per line) and `step_<step>.json` (the metrics); their paths."""
-    os.makedirs(directory, exist_ok=True)
-    predictions, metrics = (os.path.join(directory, f"step_{step}.{ext}") for ext in ("jsonl", "json"))
-    with open(predictions, "w", encoding="utf-8") as f:
-        for row in result.predictions:
-            f.write(json.dumps(row) + "\n")
-    with open(metrics, "w", encoding="utf-8") as f:
-        json.dump(result.metrics, f, indent=2)
+    """`directory/step_<step>.jsonl` (one prediction per line) and `step_<step>.json` (the metrics); their paths.
+    `directory` may be a `gs://` URL; each file is replaced in one atomic write, the metrics last (their
+    presence says the step was evaluated)."""
+    predictions, metrics = (files.join(directory, f"step_{step}.{ext}") for ext in ("jsonl", "json"))
+    files.write_text_atomic(predictions, "".join(json.dumps(row) + "\n" for row in result.predictions))
+    files.write_text_atomic(metrics, json.dumps(result.metrics, indent=2))
     return predictions, metrics
 
 
@@ -264,17 +264,6 @@ def _ids_of(record_id: str) -> tuple[int, int]:
         raise ValueError(f"record {record_id!r}: with eval.gt, detection records need ids 'coco:IMAGE:CATEGORY' "
                          "(as `prepare coco|lvis` writes them) to find their ground truth")
     return int(parts[1]), int(parts[2])
-
-
-def from_recipe(config, settings, *, tokenizer, sampler_graphdef, mesh=None) -> Evaluator | None:
-    """The recipe's evaluator (`eval.type` over `eval.path`), or None when it has no held-out set."""
-    from vrft_jax import recipe
-
-    if settings.eval_data is None:
-        return None
-    return build(data=settings.eval_data, model_config=settings.model,
-                 sampling=recipe.eval_sampling_config(config), reward_fn=settings.reward_fn, tokenizer=tokenizer,
-                 sampler_graphdef=sampler_graphdef, settings=recipe.eval_settings(config), mesh=mesh)
 
 
 def build(**kwargs) -> Evaluator:
