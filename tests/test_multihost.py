@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vrft_jax import model_dir, recipe, sharding, train
+from train_recipe import TIMING_KEYS
+from vrft_jax import model_dir, recipe, run, sharding
 from vrft_jax.data import storage, synthetic
 from vrft_jax.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "tests", "train_recipe.py")
-TIMING = train.TIMING_KEYS
+TIMING = TIMING_KEYS
 
 
 def free_port() -> int:
@@ -47,7 +48,8 @@ def environment(devices: int, **extra) -> dict:
 def command(workdir, data, *extra):
     return [sys.executable, "-m", "vrft_jax.train", f"--config={RECIPE}", f"--workdir={workdir}",
             f"--config.data.path={data}", "--config.eval.path=", "--config.total_steps=2",
-            "--config.prompts_per_step=8", "--config.ckpt_every=1", *extra]
+            "--config.prompts_per_step=8", "--config.ckpt_every=1",
+            "--config.shared_mount=true", *extra]  # one machine: the processes share its disk
 
 
 def run_processes(workdir, data, *extra, processes=2, timeout=600):
@@ -81,7 +83,7 @@ def datasets(tmp_path_factory):
     """(training set, held-out set) of the recipe: 16 and 8 synthetic images."""
     directory = str(tmp_path_factory.mktemp("multihost_data"))
     paths = os.path.join(directory, "train"), os.path.join(directory, "heldout")
-    train.make_synthetic_data(recipe.load(RECIPE, {"data.path": paths[0], "eval.path": paths[1]}))
+    run.make_synthetic_data(recipe.load(RECIPE, {"data.path": paths[0], "eval.path": paths[1]}))
     return paths
 
 

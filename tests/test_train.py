@@ -25,13 +25,15 @@ import pytest
 from flax import nnx
 
 from compile_count import counting_compiles
-from vrft_jax import grpo_loop, model_dir, recipe, sampling, sft, sharding, train
+from train_recipe import TIMING_KEYS
+from vrft_jax import grpo_loop, model_dir, recipe, run, sampling, sft, sharding
 from vrft_jax.data import make_iterator
 from vrft_jax.metrics import read_metrics
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer
 from vrft_jax.progress import Timer
-from vrft_jax.train_step import NonFiniteUpdatesError, TrainConfig, init_state, make_score_fn, make_train_step
+from vrft_jax.scoring import make_score_fn
+from vrft_jax.train_step import NonFiniteUpdatesError, init_state, make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "tests", "train_recipe.py")
@@ -41,7 +43,7 @@ RECIPE = os.path.join(REPO, "tests", "train_recipe.py")
 def data_dir(tmp_path_factory):
     """The recipe's synthetic datasets (16 training images, 8 held-out), written once for the module."""
     directory = str(tmp_path_factory.mktemp("train_data"))
-    train.make_synthetic_data(tiny_config(directory))
+    run.make_synthetic_data(tiny_config(directory))
     return directory
 
 
@@ -54,20 +56,20 @@ def test_a_synthetic_dataset_made_by_other_arguments_is_refused_by_name(data_dir
     """The demo reuses its datasets: one left by another version of the recipe (here another image
     count) is an error naming the argument and the directory, not silently trained on."""
     config = tiny_config(data_dir)
-    train.make_synthetic_data(config)  # made by this recipe's command: reused as it is
+    run.make_synthetic_data(config)  # made by this recipe's command: reused as it is
     stale = tiny_config(data_dir, {"source.prepare": config.source.prepare.replace("--num-images 16",
                                                                                    "--num-images 17")})
     assert stale.source.prepare != config.source.prepare
     with pytest.raises(ValueError, match=r"train dataset at .*train was made with other arguments.*"
                                          r"num_images=16 \(recipe: 17\)"):
-        train.make_synthetic_data(stale)
+        run.make_synthetic_data(stale)
 
 
 def test_the_heldout_reward_counts_every_example_once_the_last_partial_batch_included(data_dir, tmp_path, one_device):
     """8 held-out examples in batches of 3: 3 + 3 + 2 and a row of padding only, which the sampler takes
     (review H2) and the reward leaves out. Every example is scored once, before and after."""
     config = tiny_config(data_dir, {"total_steps": 1, "eval_every": 1, "prompts_per_step": 3})
-    result = train.train(config, str(tmp_path / "run"))
+    result = run.train(config, str(tmp_path / "run"))
     assert result.heldout_before[2] == 8 and result.heldout_after[2] == 8
     assert all(np.isfinite(result.heldout_before[:2])) and all(np.isfinite(result.heldout_after[:2]))
 
@@ -94,7 +96,7 @@ def compiles_per_step(monkeypatch, module, name):
 
 
 def without_timings(row):
-    return {k: v for k, v in row.items() if not k.startswith(train.TIMING_KEYS)}
+    return {k: v for k, v in row.items() if not k.startswith(TIMING_KEYS)}
 
 
 def split_rows(rows):
@@ -189,7 +191,9 @@ def test_sigterm_then_the_same_command_ends_bitwise_where_a_straight_run_does(da
     assert "finished" not in log and not os.path.exists(os.path.join(resumed, "model"))
     first_rows, first_evals = split_rows(read_metrics(resumed))
     assert [row["step"] for row in first_rows] == list(range(1, stopped + 1))
-    assert [row["step"] for row in first_evals] == list(range(0, stopped + 1))  # eval_every=1, and step 0
+    # eval_every=1, and step 0; the stopped step's evaluation is left for the resumed run: the preemption flag is
+    # read before it (a TPU's notice does not wait for an evaluation)
+    assert [row["step"] for row in first_evals] == list(range(0, stopped))
 
     log = _run(_command(resumed, data_dir), env, tmp_path / "resumed.log")
     assert "finished test_train: 6 steps" in log
@@ -203,7 +207,7 @@ def test_sigterm_then_the_same_command_ends_bitwise_where_a_straight_run_does(da
     # The steps before the preemption are the first process's rows, timings and all: the second one
     # resumed from the checkpoint rather than starting over (which would rewrite them).
     assert canonical(rows_resumed[:stopped]) == canonical(first_rows)
-    assert canonical(evals_resumed[:stopped + 1]) == canonical(first_evals)
+    assert canonical(evals_resumed[:stopped]) == canonical(first_evals)
     assert canonical(map(without_timings, rows_resumed)) == canonical(map(without_timings, rows_straight))
     # and the held-out evaluation of every step, the resumed run's included, is the straight run's
     assert [row["step"] for row in evals_resumed] == list(range(0, 7))
@@ -223,9 +227,9 @@ def test_nonfinite_updates_are_skipped_counted_and_n_in_a_row_stop_the_run(data_
     poisoned, calls = {2, 4, 5}, []
     real = grpo_loop.group_advantages
 
-    def advantages(phases, total):
+    def advantages(context, total):
         calls.append(None)
-        values = real(phases, total)
+        values = real(context, total)
         return np.full_like(values, np.nan) if len(calls) in poisoned else values
 
     monkeypatch.setattr(grpo_loop, "group_advantages", advantages)
@@ -233,7 +237,7 @@ def test_nonfinite_updates_are_skipped_counted_and_n_in_a_row_stop_the_run(data_
     config = tiny_config(data_dir, {"total_steps": 6, "train.max_consecutive_nonfinite": 2})
     with counting_compiles() as names, pytest.raises(NonFiniteUpdatesError) as error:
         seen["names"] = names
-        train.train(config, str(tmp_path / "run"))
+        run.train(config, str(tmp_path / "run"))
     message = str(error.value)
     assert "2 updates in a row were skipped for a non-finite loss or gradient" in message
     assert "3 in all" in message and "max_consecutive_nonfinite=2" in message
@@ -261,17 +265,17 @@ def heldout_cross_entropy(settings, params, tokenizer, score) -> tuple[float, in
                                 eos_id=settings.sampling.eos_token_ids[0], pad_id=settings.sampling.pad_token_id,
                                 valid=batch.meta["valid"])
         mask = np.asarray(targets.completion_mask, np.float64)
-        nll -= float((np.asarray(score(params, targets), np.float64) * mask).sum())
+        nll -= float((np.asarray(score(params, targets.scored()), np.float64) * mask).sum())
         tokens += mask.sum()
     return nll / tokens, int(tokens)
 
 
 def test_sft_lowers_the_heldout_cross_entropy(data_dir, tmp_path, one_device, monkeypatch):
     config = tiny_config(data_dir, {"mode": "sft", "total_steps": 8, "train.learning_rate": 3e-2})
-    marks, seen = compiles_per_step(monkeypatch, train, "sft_iteration")
+    marks, seen = compiles_per_step(monkeypatch, sft, "iteration")
     with counting_compiles() as names:
         seen["names"] = names
-        result = train.train(config, str(tmp_path / "sft"))
+        result = run.train(config, str(tmp_path / "sft"))
     assert len(marks) == 8 and names[len(marks[1]):] == [], names[len(marks[1]):]
     rows = read_metrics(str(tmp_path / "sft"))
     assert rows[-1]["loss"] < rows[0]["loss"]  # the training cross-entropy
@@ -281,7 +285,7 @@ def test_sft_lowers_the_heldout_cross_entropy(data_dir, tmp_path, one_device, mo
     initial = Qwen2VL(settings.model, rngs=nnx.Rngs(config.seed))  # the run's initial weights (no checkpoint)
     graphdef, before_params = nnx.split(initial)
     _, after_params = nnx.split(model_dir.load_model(result.model_dir, mesh=one_device))
-    score = make_score_fn(graphdef, before_params, TrainConfig())
+    score = make_score_fn(graphdef, before_params, settings.train.scoring)
     before, tokens = heldout_cross_entropy(settings, before_params, tokenizer, score)
     after, _ = heldout_cross_entropy(settings, after_params, tokenizer, score)
     # 8 held-out records x 8 target tokens: `<answer>CLASS</answer>` is 7 tokens, then EOS.
@@ -299,7 +303,7 @@ def test_sft_lowers_the_heldout_cross_entropy(data_dir, tmp_path, one_device, mo
 
 @pytest.fixture(scope="module")
 def loop(data_dir):
-    """A run's phases on one device (mesh None) with the clipped GRPO loss and two updates per rollout, so
+    """A run's context on one device (mesh None) with the clipped GRPO loss and two updates per rollout, so
     every phase runs: sampler weights, rollout, rewards, reference and old-policy scoring, the updates."""
     config = tiny_config(data_dir, {"grpo.loss": "grpo", "train.num_iterations": 2})
     settings = recipe.build(config)
@@ -307,20 +311,20 @@ def loop(data_dir):
     assert jnp.dtype(settings.sampler_dtype) == jnp.float32  # the sampler's dtype is the train state's
     tokenizer = load_tokenizer()
     graphdef, state = init_state(Qwen2VL(settings.model, rngs=nnx.Rngs(0)), settings.train)
-    phases = grpo_loop.Phases(
+    context = grpo_loop.RunContext(
         graphdef=graphdef, train=settings.train, sampling=settings.sampling, reward_fn=settings.reward_fn,
         tokenizer=tokenizer, step=make_train_step(graphdef, state, settings.train),
-        score=make_score_fn(graphdef, state.params, settings.train),
+        score=make_score_fn(graphdef, state.params, settings.train.scoring),
         reference=jax.jit(lambda p: jax.tree.map(jnp.copy, p))(state.params),
-        sampler_graphdef=grpo_loop.sampler_graphdef(settings.model, settings.sampler_dtype),
-        sampler_cast=grpo_loop.make_sampler_cast(state.params, settings.sampler_dtype))
+        sampler_graphdef=sampling.sampler_graphdef(settings.model, settings.sampler_dtype),
+        sampler_cast=sampling.make_sampler_cast(state.params, settings.sampler_dtype))
     data = make_iterator(settings.data, settings.model, tokenizer=tokenizer)
-    return {"phases": phases, "state": state, "data": data, "step": 0}
+    return {"context": context, "state": state, "data": data, "step": 0}
 
 
 def run_iteration(loop, **kwargs):
     loop["step"] += 1
-    loop["state"], outcome = grpo_loop.iteration(loop["phases"], loop["state"], next(loop["data"]),
+    loop["state"], outcome = grpo_loop.iteration(loop["context"], loop["state"], next(loop["data"]),
                                                  jax.random.key(loop["step"]), Timer(), **kwargs)
     return outcome
 
@@ -330,8 +334,8 @@ def pointers(tree):
 
 
 def test_sampler_weights_never_alias_the_train_state_and_survive_a_donated_step(loop):
-    phases, params = loop["phases"], loop["state"].params
-    weights = phases.sampler_cast(params)  # float32 on one device: nothing to convert, still a copy
+    context, params = loop["context"], loop["state"].params
+    weights = context.sampler_cast(params)  # float32 on one device: nothing to convert, still a copy
     assert [x.dtype for x in jax.tree.leaves(weights)] == [x.dtype for x in jax.tree.leaves(params)]
     theirs = set(pointers(params))
     assert not theirs & set(pointers(weights))
@@ -345,66 +349,66 @@ def test_sampler_weights_never_alias_the_train_state_and_survive_a_donated_step(
         assert np.array_equal(np.asarray(x), y)
     # The sampler can still decode from them.
     batch = next(loop["data"])
-    out = grpo_loop.sample(phases, weights, batch.model_inputs, jax.random.key(0))
+    out = grpo_loop.sample(context, weights, batch.model_inputs, jax.random.key(0))
     assert out.tokens.shape == (4 * 2, 8)
 
     # Other dtypes, and a mesh whose sampling layout is already the parameters': still new buffers.
     params = loop["state"].params
-    cast = grpo_loop.make_sampler_cast(params, jnp.bfloat16)
+    cast = sampling.make_sampler_cast(params, jnp.bfloat16)
     assert {x.dtype for x in jax.tree.leaves(cast(params))} == {jnp.dtype(jnp.bfloat16)}
     assert not set(pointers(params)) & set(pointers(cast(params)))
     mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
     placed = jax.device_put(params, sharding.state_shardings(params, mesh, sharding.SAMPLING_RULES))
-    on_mesh = grpo_loop.make_sampler_cast(placed, jnp.float32, mesh)(placed)
+    on_mesh = sampling.make_sampler_cast(placed, jnp.float32, mesh)(placed)
     shards = {s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(placed) for s in x.addressable_shards}
     assert not shards & {s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(on_mesh) for s in x.addressable_shards}
 
 
 def test_padding_rows_get_nan_reward_zero_advantage_and_no_tokens(loop):
     seen = []
-    real = loop["phases"].reward_fn
+    real = loop["context"].reward_fn
 
     def reward_fn(texts, solutions, **columns):
         seen.append(list(texts))
         return real(texts, solutions, **columns)
 
-    phases = dataclasses.replace(loop["phases"], reward_fn=reward_fn)
-    g, rows = phases.group_size, 8
+    context = dataclasses.replace(loop["context"], reward_fn=reward_fn)
+    g, rows = context.group_size, 8
     texts = ["a" * (3 + 5 * i) for i in range(rows)]  # lengths differ within every group
     valid_prompts = np.array([True, False, True, True])
     meta = {"solution": ["<answer>circle</answer>"] * 4, "valid": valid_prompts,
             "image_hw": np.full((4, 2), 56)}
-    rewards, valid = grpo_loop.score_rewards(phases, texts, meta)
+    rewards, valid = grpo_loop.score_rewards(context, texts, meta)
     padding = np.repeat(~valid_prompts, g)
     assert np.array_equal(valid, ~padding)
     assert seen == [[t for t, p in zip(texts, padding) if not p]]  # the rewards never see padding
     assert np.isnan(rewards.total[padding]).all() and np.isfinite(rewards.total[~padding]).all()
     assert all(np.isnan(v[padding]).all() for v in rewards.per_reward.values())
 
-    advantages = grpo_loop.group_advantages(phases, rewards.total)
+    advantages = grpo_loop.group_advantages(context, rewards.total)
     assert np.array_equal(advantages[padding], np.zeros(2, np.float32))
     assert np.all(advantages[~padding] != 0)
 
     out = sampling.Rollout(tokens=jnp.full((rows, 8), 7, jnp.int32), logprobs=jnp.zeros((rows, 8)),
                            lengths=jnp.array([8, 5, 8, 8, 3, 8, 1, 8], jnp.int32))
     inputs = next(loop["data"]).model_inputs
-    batch = grpo_loop.train_batch(phases, inputs, out, advantages, valid)
+    batch = grpo_loop.train_batch(context, inputs, out, advantages, valid)
     mask = np.asarray(batch.completion_mask)
     assert not mask[padding].any()
     assert np.array_equal(mask[~padding], np.asarray(out.mask)[~padding].astype(mask.dtype))
 
 
-def test_phases_refuse_a_sampling_temperature_other_than_the_scorers(loop):
-    phases = loop["phases"]
-    assert phases.train.temperature == phases.sampling.temperature == 1.0
+def test_the_context_refuses_a_sampling_temperature_other_than_the_scorers(loop):
+    context = loop["context"]
+    assert context.train.scoring.temperature == context.sampling.temperature == 1.0
     with pytest.raises(ValueError, match="sampling temperature 0.7 differs from the scorer's 1.0"):
-        dataclasses.replace(phases, sampling=dataclasses.replace(phases.sampling, temperature=0.7))
+        dataclasses.replace(context, sampling=dataclasses.replace(context.sampling, temperature=0.7))
     # Greedy decoding samples nothing, so its temperature is not used.
-    dataclasses.replace(phases, sampling=dataclasses.replace(phases.sampling, temperature=0.7, greedy=True))
+    dataclasses.replace(context, sampling=dataclasses.replace(context.sampling, temperature=0.7, greedy=True))
 
 
 def test_old_logprobs_come_from_the_policy_scorer_not_the_rollout(loop, monkeypatch):
-    phases = loop["phases"]
+    context = loop["context"]
     sentinel = -7.0
     real_sample = grpo_loop.sample
 
@@ -413,22 +417,22 @@ def test_old_logprobs_come_from_the_policy_scorer_not_the_rollout(loop, monkeypa
         return out.replace(logprobs=jnp.where(out.mask, sentinel, 0.0).astype(jnp.float32))
 
     calls = []
-    real_step = phases.step
+    real_step = context.step
 
     def step(state, batch, measure_entropy=True):
         if not calls:  # the state before the first update: the rollout's policy
-            scored = grpo_loop.scored_part(batch)
-            calls.append((np.asarray(phases.score(state.params, scored)),
-                          np.asarray(phases.score(phases.reference, scored))))
+            scored = batch.scored()
+            calls.append((np.asarray(context.score(state.params, scored)),
+                          np.asarray(context.score(context.reference, scored))))
         calls.append(tuple(np.asarray(x) for x in (batch.old_logprobs, batch.ref_logprobs, batch.completion_mask)))
         return real_step(state, batch, measure_entropy)
 
     monkeypatch.setattr(grpo_loop, "sample", sample)
-    loop["phases"] = dataclasses.replace(phases, step=step)
+    loop["context"] = dataclasses.replace(context, step=step)
     try:
         run_iteration(loop)
     finally:
-        loop["phases"] = phases
+        loop["context"] = context
     (old_expected, ref_expected), first, second = calls
     assert len(calls) == 3  # num_iterations = 2 updates on the one rollout
     mask = first[2].astype(bool)
@@ -447,11 +451,11 @@ def test_three_iterations_compile_each_program_once(loop):
             jax.block_until_ready(outcome.device)
     assert names == [], names
     assert (sampling.prefill._cache_size(), sampling.decode._cache_size()) == (prefill, decode)
-    phases = loop["phases"]
+    context = loop["context"]
     # The update, the scorer (reference and old policy alike) and the sampler's cast: one program each.
-    assert phases.step._cache_size() == 1
-    assert phases.score._cache_size() == 1
-    assert phases.sampler_cast._cache_size() == 1
+    assert context.step._cache_size() == 1
+    assert context.score._cache_size() == 1
+    assert context.sampler_cast._cache_size() == 1
 
 
 def test_export_hf_writes_a_checkpoint_transformers_loads_with_the_trained_weights(data_dir, tmp_path, one_device):
@@ -462,9 +466,55 @@ def test_export_hf_writes_a_checkpoint_transformers_loads_with_the_trained_weigh
     from model_port.hf_to_flax import load_hf
 
     workdir = str(tmp_path / "run")
-    result = train.train(tiny_config(data_dir, {"total_steps": 1, "export_hf": True}), workdir)
+    result = run.train(tiny_config(data_dir, {"total_steps": 1, "export_hf": True}), workdir)
     exported = os.path.join(workdir, "hf")
     hf = Qwen2VLForConditionalGeneration.from_pretrained(exported)
     assert sum(p.numel() for p in hf.parameters()) > 0
     assert_bitwise_equal(nnx.state(load_hf(exported, mesh=one_device), nnx.Param),
                          params_of(result.model_dir, one_device))
+
+
+# ------------------------------------------------------------------------------------------ resume config
+
+
+def test_a_resume_with_a_changed_learning_rate_is_refused_naming_the_key(data_dir, tmp_path, one_device):
+    workdir = str(tmp_path / "run")
+    run.train(tiny_config(data_dir, {"total_steps": 2, "eval_every": 0}), workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        first = f.read()
+    changed = tiny_config(data_dir, {"total_steps": 2, "eval_every": 0, "train.learning_rate": 2e-2})
+    with pytest.raises(run.ConfigChangedError, match=r"1 key\(s\) a resume may not change: "
+                                                      r"train.learning_rate: 5e-05 -> 0.02"):
+        run.train(changed, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert f.read() == first  # the refused start wrote nothing
+    # Cadence and evaluation may change: the run resumes (at its end, so only the held-out evaluation runs), and
+    # each start keeps its config.
+    result = run.train(tiny_config(data_dir, {"total_steps": 2, "eval_every": 1, "log_every": 2}), workdir)
+    assert result.step == 2 and result.heldout_after is not None
+    assert sorted(f for f in os.listdir(workdir) if f.startswith("config.")) == ["config.0.json", "config.2.json",
+                                                                                 "config.json"]
+
+
+def test_the_resume_check_allows_cadence_and_evaluation_and_total_steps_only_under_the_same_schedule():
+    saved = {"total_steps": 10, "eval_every": 5, "eval": {"path": "a"}, "seed": 0,
+             "train": {"learning_rate": 1e-6, "decay_steps": 10}, "grpo": {"beta": 0.04}}
+
+    def changed(**edits):
+        config = json.loads(json.dumps(saved))
+        for key, value in edits.items():
+            node = config
+            *parents, leaf = key.split("__")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return config
+
+    run.check_resume_config(saved, changed(eval_every=1, eval__path="b"))
+    run.check_resume_config(saved, changed(total_steps=20))  # decay_steps set on its own: the schedule is the same
+    with pytest.raises(run.ConfigChangedError, match=r"total_steps \(train.decay_steps follows it"):
+        run.check_resume_config(saved, changed(total_steps=20, train__decay_steps=20))
+    with pytest.raises(run.ConfigChangedError, match=r"2 key\(s\).*grpo.beta: 0.04 -> 0.0; seed: 0 -> 1"):
+        run.check_resume_config(saved, changed(grpo__beta=0.0, seed=1))
+    with pytest.raises(run.ConfigChangedError, match=r"train.warmup_steps: '<absent>' -> 3"):
+        run.check_resume_config(saved, changed(train__warmup_steps=3))

@@ -23,6 +23,7 @@ import weakref
 import jax
 import numpy as np
 
+from vrft_jax import distributed
 from vrft_jax.models.qwen2_vl.inputs import InputError, ModelInputs
 
 # id -> a device mask that passed; an entry goes when its array does, so a reused id never matches.
@@ -33,23 +34,28 @@ def check_left_padded(inputs: ModelInputs, what: str = "generation") -> None:
     """InputError naming the rows that hold tokens but end in padding (`what` names the caller in the
     message); rows of padding only pass.
 
-    Each process reads only its own shards of the mask, so a global array on a multi-host mesh is
-    checked without a gather (the layouts never split the length axis: a shard holds whole rows).
+    Each process reads only its own shards of the mask (the layouts never split the length axis: a shard
+    holds whole rows); on several processes the rows found are gathered, so every process raises the same
+    error naming them, before any enters the program's collectives.
     Needs a concrete mask: under a trace, check the concrete batch before calling the jitted function.
     """
     mask = inputs.attention_mask
     if isinstance(mask, jax.core.Tracer):
         raise TypeError(f"check_left_padded needs a concrete attention mask, got a tracer {mask}")
     device = isinstance(mask, jax.Array)
-    if device and _PASSED.get(id(mask)) is mask:
-        return
-    if device:
-        pieces = [(shard.index[0].start or 0, np.asarray(shard.data)) for shard in mask.addressable_shards
-                  if shard.index[1].stop in (None, mask.shape[1])]
-    else:
-        pieces = [(0, np.asarray(mask))]
-    bad = sorted({start + int(i) for start, rows in pieces
-                  for i in np.flatnonzero((rows[:, -1] == 0) & rows.any(axis=1))})
+    bad = []
+    if not (device and _PASSED.get(id(mask)) is mask):
+        if device:
+            pieces = [(shard.index[0].start or 0, np.asarray(shard.data)) for shard in mask.addressable_shards
+                      if shard.index[1].stop in (None, mask.shape[1])]
+        else:
+            pieces = [(0, np.asarray(mask))]
+        bad = sorted({start + int(i) for start, rows in pieces
+                      for i in np.flatnonzero((rows[:, -1] == 0) & rows.any(axis=1))})
+    if jax.process_count() > 1:
+        # Agreed by every process, every call (a cache hit on one process alone must not skip the collective):
+        # a process that found bad rows must not stop while the others enter the program's collectives.
+        bad = sorted({row for rows in distributed.gather_objects(bad) for row in rows})
     if bad:
         raise InputError(f"{what} needs left-padded prompts: rows {bad} end in padding")
     if device:
