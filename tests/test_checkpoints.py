@@ -22,9 +22,11 @@ from vrft_jax.data.pipeline import make_iterator
 from vrft_jax.data.storage import InMemorySource
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer
+from vrft_jax.optimizer import OptimizerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = train_step.TrainConfig(weight_decay=0.1)  # masked weight decay: optax's empty MaskedState too
+# masked weight decay: optax's empty MaskedState too
+TRAIN = train_step.TrainConfig(optimizer=OptimizerConfig(weight_decay=0.1))
 
 
 @pytest.fixture(scope="module")

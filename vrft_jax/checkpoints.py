@@ -13,9 +13,11 @@ Each saved step holds three items:
 Properties of orbax 0.12 that this relies on (read in its sources, proven in tests/test_checkpoints.py):
 
 - Atomic: a step is written under `<step>.orbax-checkpoint-tmp-<time>` and renamed to `<step>` only once
-  every item of every process is complete. An unrenamed directory is never listed, so a crash mid-save
-  leaves the previous step the latest; a manager opened on the directory deletes such leftovers in the
-  background, finished before its first save (orbax awaits the clean-up there).
+  every item of every process is complete (in a `gs://` bucket, which has no rename, it is written
+  under `<step>` and counts only once process 0 has written its `commit_success.txt`). An unfinished
+  step is never listed, so a crash mid-save leaves the previous step the latest; a manager opened on
+  the directory deletes such leftovers in the background, finished before its first save (orbax
+  awaits the clean-up there).
 - Async: `save` returns once the arrays are copied off the devices (the next step may donate them) and
   the data position is read; the files are written by a background thread. Call `wait_until_finished()`
   (or `close()`) before the process exits.
@@ -29,7 +31,6 @@ Preemption: `PreemptionGuard` turns SIGTERM into a flag the loop reads at a step
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Mapping
 from typing import Any
@@ -38,12 +39,14 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from vrft_jax import distributed, storage
+
 STATE, DATA, CONFIG = "state", "data", "config"
 
 
 def make_manager(directory: str, *, save_interval_steps: int = 1, max_to_keep: int | None = 3,
                  async_save: bool = True) -> ocp.CheckpointManager:
-    """The run's CheckpointManager on `directory` (created if missing).
+    """The run's CheckpointManager on `directory` (created if missing), a local path or a `gs://` URL.
 
     `save` writes a step when it is a multiple of `save_interval_steps` (and the first step it is given,
     and any step with `force=True`); only the newest `max_to_keep` steps stay (None keeps all).
@@ -53,7 +56,7 @@ def make_manager(directory: str, *, save_interval_steps: int = 1, max_to_keep: i
         cleanup_tmp_directories=True, create=True)
     handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
                 CONFIG: ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(os.path.abspath(directory), item_names=tuple(handlers), item_handlers=handlers,
+    return ocp.CheckpointManager(storage.absolute(directory), item_names=tuple(handlers), item_handlers=handlers,
                                  options=options)
 
 
@@ -111,8 +114,8 @@ def abstract_state(tree: Any, shardings: Any = None) -> Any:
 
 
 class PreemptionGuard:
-    """SIGTERM (a TPU VM's notice before preemption) as a flag read at a step boundary, so a run can
-    save and exit 0 rather than die mid-step:
+    """SIGTERM (a TPU VM's notice before preemption, the launchers' stop, `docker stop`) as a flag read at a
+    step boundary, so a run can save and exit 0 rather than die mid-step:
 
         with PreemptionGuard() as guard:
             for step in range(start, total):
@@ -123,49 +126,67 @@ class PreemptionGuard:
                     manager.wait_until_finished()
                     sys.exit(0)
 
-    With several processes, a signal-handler flag is not enough: each host hears the notice at its own
-    time, and one that stops alone leaves the others waiting in a collective. There JAX's preemption
-    service (`jax.distributed.initialize`, `jax_enable_preemption_service`, on by default on TPU) hears
-    SIGTERM itself and `multihost_utils.reached_preemption_sync_point(step)` returns True on every host
-    at the same step; the guard asks it (every process, every step) and installs no handler, which would
-    take the signal from the service. Without that service a multi-process run is not guarded.
+    Every process installs the handler. With several processes `should_stop` is a collective (every process
+    must ask at every step boundary, as for any collective): it gathers every process's flag and returns
+    True on all of them at the first boundary where any one has heard the signal, so they all save the
+    same step, whether each host heard the notice at its own time or only one did.
+
+    Not JAX's preemption service (`multihost_utils.reached_preemption_sync_point`). It is on by default
+    after `jax.distributed.initialize` on every platform, CPU included, and its C++ handler hears SIGTERM
+    there (checked on jax 0.10.2, two CPU processes). But its sync point is one past the largest step any
+    process last passed to it (0 before the first call), and it answers True only at exactly that step: a
+    notice heard before a resumed run's first step (start S > 0, during compilation or a restore) sets the
+    point to 1, which the loop's steps S + 1, S + 2, ... never equal, so the run ignored it and trained to
+    the end. The guard's Python handler replaces the service's C++ one while the guard is entered (the
+    service then never triggers, and orbax's own `reached_preemption` check stays False); a SIGTERM in the
+    moment between `jax.distributed.initialize` and entering the guard still goes to the service.
+
+    A SIGTERM to the whole process group also kills Grain's worker processes. A step in progress still
+    ends and saves: the data iterator keeps the next batch ahead (`data.device_prefetch` >= 1) and holds
+    a worker's failure until a batch is missing, by which time the flag has stopped the loop. A signal
+    that lands while the workers are starting (the first batch of a start or a resume) can instead leave
+    the process blocked inside Python's `multiprocessing` spawn (it writes to a child that died, holding
+    the pipe's read end itself); there is no step to save yet, and the run is ended by the SIGKILL that
+    follows a preemption notice. The launchers signal the training process alone (`launch/`).
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
         self._signals = signals
         self._previous: dict[int, Any] = {}
         self._received: int | None = None
+        self._stopping = False
 
     def __enter__(self) -> PreemptionGuard:
-        if jax.process_count() == 1:
-            for signum in self._signals:
-                self._previous[signum] = signal.signal(signum, self._handle)
+        for signum in self._signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
 
     @property
     def received(self) -> int | None:
-        """The signal received, if any (single process)."""
+        """The signal this process received, if any."""
         return self._received
 
     def should_stop(self, step: int) -> bool:
-        """Whether the run should save `step` and exit; every process must ask at every step."""
-        if self._previous or jax.process_count() == 1:
-            return self._received is not None
-        from jax.experimental import multihost_utils
-
-        try:
-            return multihost_utils.reached_preemption_sync_point(step)
-        except RuntimeError:  # the preemption service is off
-            return False
+        """Whether the run should save `step` and exit: this process heard the signal, or (with several
+        processes) any process did. A collective on several processes: every process asks at every step
+        boundary, and all get the same answer. Once True, it stays True."""
+        del step  # the same boundary on every process: the processes ask in the same order
+        if jax.process_count() == 1:
+            self._stopping = self._stopping or self._received is not None
+        else:
+            heard = distributed.gather_objects(self._received)
+            self._stopping = self._stopping or any(signum is not None for signum in heard)
+        return self._stopping
 
     def _handle(self, signum, frame) -> None:
         del frame
-        self._received = signum
+        if self._received is None:
+            self._received = signum
 
 
 def _is_key(x) -> bool:
