@@ -320,8 +320,9 @@ def _lowering_groups():
     groups = {}
     for spec in SPECS:
         config, s = _build(spec)
-        key = (s.model, s.sampling, s.train.replace(optimizer=s.train.optimizer.replace(decay_steps=None)), s.data.batch_size,
-               s.data.max_prompt_len, resolve_patch_bucket(s.data, s.model), s.data.patch_dtype, s.sampler_dtype,
+        schedule_free = s.train.replace(optimizer=s.train.optimizer.replace(decay_steps=None))
+        key = (s.model, s.sampling, schedule_free, s.data.batch_size, s.data.max_prompt_len,
+               resolve_patch_bucket(s.data, s.model), s.data.patch_dtype, s.sampler_dtype,
                tuple(config.mesh.to_dict().items()))
         groups.setdefault(key, []).append(spec)
     return list(groups.values())
