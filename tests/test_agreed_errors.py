@@ -5,12 +5,11 @@ with the failure injected into one of them by `tests/fault_child.py`."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from test_multihost import REPO, command, environment, free_port
+from test_multihost import REPO, run_processes
 from vrft_jax import recipe
 from vrft_jax import run as runs
 
@@ -19,29 +18,9 @@ TIMEOUT_S = 240
 
 def run_with_failure(site, workdir, data, *extra):
     """(return codes, logs) of the two processes, `site` failing in one (`fault_child.inject`)."""
-    port, procs, logs = free_port(), [], []
-    for rank in range(2):
-        log = open(f"{workdir}-{rank}.log", "w+")
-        env = environment(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", VRFT_NUM_PROCESSES="2",
-                          VRFT_PROCESS_ID=str(rank))
-        argv = [sys.executable, os.path.join(REPO, "tests", "fault_child.py"), site, "--",
-                *command(workdir, data, *extra)[3:]]
-        procs.append(subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
-        logs.append(log)
-    codes = []
-    try:
-        for proc in procs:
-            codes.append(proc.wait(timeout=TIMEOUT_S))  # a hang fails here
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    texts = []
-    for log in logs:
-        log.seek(0)
-        texts.append(log.read())
-        log.close()
-    return codes, texts
+    fault_child = os.path.join(REPO, "tests", "fault_child.py")
+    return run_processes(workdir, data, *extra, timeout=TIMEOUT_S,  # a hang fails there
+                         wrap=lambda argv: [sys.executable, fault_child, site, "--", *argv[3:]])
 
 
 @pytest.fixture(scope="module")

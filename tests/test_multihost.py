@@ -52,14 +52,16 @@ def command(workdir, data, *extra):
             "--config.shared_mount=true", *extra]  # one machine: the processes share its disk
 
 
-def run_processes(workdir, data, *extra, processes=2, timeout=600):
-    """(return codes, logs) of the train command as `processes` processes of one job on localhost."""
+def run_processes(workdir, data, *extra, processes=2, timeout=600, wrap=None):
+    """(return codes, logs) of the train command as `processes` processes of one job on localhost; `wrap` maps
+    the command's argv to the one each process runs (e.g. `tests/fault_child.py`'s)."""
     port, procs, logs = free_port(), [], []
     for rank in range(processes):
         log = open(os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir)}-{rank}.log"), "w+")
         env = environment(8 // processes, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                           VRFT_NUM_PROCESSES=str(processes), VRFT_PROCESS_ID=str(rank))
-        procs.append(subprocess.Popen(command(workdir, data, *extra), env=env, cwd=REPO, stdout=log,
+        argv = command(workdir, data, *extra)
+        procs.append(subprocess.Popen(wrap(argv) if wrap else argv, env=env, cwd=REPO, stdout=log,
                                       stderr=subprocess.STDOUT))
         logs.append(log)
     codes = []
