@@ -271,6 +271,12 @@ def on_primary(fn: Callable[..., T], *args, **kwargs) -> T | None:
     return agreed(lambda: fn(*args, **kwargs) if jax.process_index() == 0 else None)
 
 
+def from_primary(fn: Callable[..., T], *args, **kwargs) -> T:
+    """`on_primary`, and every process gets process 0's value (which `gather_objects` must carry: JSON-able)."""
+    value = on_primary(fn, *args, **kwargs)
+    return gather_objects(value)[0] if jax.process_count() > 1 else value
+
+
 # ----------------------------------------------------------------------------------- host <-> global rows
 
 

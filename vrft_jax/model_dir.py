@@ -29,7 +29,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,11 +56,11 @@ def save_model(model: Qwen2VL, directory: str, *, hf_source: str | None = None) 
     tokenizer/processor assets. Every process must call it (the parameters are saved collectively).
     """
     directory = storage.absolute(directory)
-    name = _on_primary(_prepare, directory)
+    name = distributed.from_primary(_prepare, directory)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(storage.join(directory, name), nnx.state(model, nnx.Param))
         checkpointer.wait_until_finished()
-    _on_primary(_publish, directory, name, model.config, hf_source)
+    distributed.on_primary(_publish, directory, name, model.config, hf_source)
 
 
 def load_model(directory: str, *, dtype=None, compute_dtype=None, mesh: jax.sharding.Mesh | None = None,
@@ -160,12 +159,6 @@ def _publish(directory: str, name: str, config: Qwen2VLConfig, hf_source: str | 
 
 def _write_pointer(directory: str, name: str) -> None:
     storage.write_text_atomic(storage.join(directory, POINTER_FILE), json.dumps({"params": name}))
-
-
-def _on_primary(fn, *args) -> Any:
-    """`fn(*args)` on process 0, its failure agreed by every process; every process gets its JSON-able value."""
-    value = distributed.agreed(lambda: fn(*args) if jax.process_index() == 0 else None)
-    return distributed.gather_objects(value)[0] if jax.process_count() > 1 else value
 
 
 # ------------------------------------------------------------------------- Hugging Face conversions
