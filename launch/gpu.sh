@@ -20,6 +20,7 @@
 # anything else is refused before anything starts. The recipe's data and model paths are yours to point there.
 # On each host ~/vrft_jax/launch/NAME/rank-N holds the job: pid (the training process), log, rc (its exit
 # status). The command runs in DIR; the launcher deletes nothing.
+# Environment for the command goes in the command: -- env VRFT_HEARTBEAT_TIMEOUT_S=30 python -m vrft_jax.train ...
 set -euo pipefail
 
 dry_run=0 hosts="" port=8476 dir="$PWD" logdir="logs/gpu" install=0 name="gpu" shared_mount=0

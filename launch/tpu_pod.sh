@@ -26,6 +26,7 @@
 #   launch/NAME/   the job: pid (the training process), log (its output), rc (its exit status)
 # Each worker gets VRFT_DISTRIBUTED=1: the command calls jax.distributed.initialize(), which finds the slice's
 # other workers itself. A second Ctrl-C while stopping sends SIGKILL instead (the step in progress is lost).
+# Environment for the command goes in the command: -- env VRFT_HEARTBEAT_TIMEOUT_S=30 python -m vrft_jax.train ...
 set -euo pipefail
 
 dry_run=0 name="" zone="" type="" project="" version="tpu-ubuntu2204-base" spot=0 workers="" logdir="" delete=0
