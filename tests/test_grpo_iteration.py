@@ -20,7 +20,7 @@ from vrft_jax.optimizer import OptimizerConfig
 from vrft_jax.placement import shard_batch
 from vrft_jax.rewards import combine
 from vrft_jax.scoring import make_score_fn, score_completions
-from vrft_jax.train_step import TrainBatch, TrainConfig, init_state, make_train_step
+from vrft_jax.train_step import TrainBatch, TrainConfig, init_state, make_train_step, reference_weights
 
 pytestmark = pytest.mark.parity
 
@@ -54,8 +54,7 @@ def test_one_grpo_iteration_end_to_end(setup):
     # Rollout: the sampler's own weight layout, G samples of each prompt.
     sampler_config = sampling.SamplingConfig(max_new_tokens=NEW_TOKENS, group_size=GROUP, top_k=50,
                                              eos_token_ids=EOS_TOKEN_IDS, pad_token_id=ENDOFTEXT_ID)
-    with jax.set_mesh(mesh):
-        out = sampling.rollout(sampling.reshard(model, mesh), prompts, jax.random.key(0), sampler_config)
+    out = sampling.rollout(sampling.reshard(model, mesh), prompts, jax.random.key(0), sampler_config, mesh=mesh)
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
     assert tokens.shape == (PROMPTS * GROUP, NEW_TOKENS)
 
@@ -112,9 +111,8 @@ def test_a_frozen_vision_tower_runs_once_per_iteration(setup):
     prompts = next(batches).model_inputs
     sampler_config = sampling.SamplingConfig(max_new_tokens=NEW_TOKENS, group_size=GROUP, top_k=50,
                                              eos_token_ids=EOS_TOKEN_IDS, pad_token_id=ENDOFTEXT_ID)
-    with jax.set_mesh(mesh):
-        out = sampling.rollout(sampling.reshard(model, mesh), prompts, jax.random.key(1), sampler_config,
-                               keep_image_features=True)
+    out = sampling.rollout(sampling.reshard(model, mesh), prompts, jax.random.key(1), sampler_config,
+                           keep_image_features=True, mesh=mesh)
     features = np.asarray(out.image_features)
     # The prefill program's features against the tower alone: float32 programs of the same ops, a few ulps.
     direct = np.asarray(jax.jit(lambda m, x: m.image_features(x))(model, jax.device_get(prompts)))
@@ -160,3 +158,39 @@ def test_a_frozen_vision_tower_runs_once_per_iteration(setup):
     graphdef, state = init_state(model, trains_vision, mesh=mesh)
     with pytest.raises(ValueError, match="freeze_vision"):
         make_train_step(graphdef, state, trains_vision, mesh=mesh)(state, reused)
+
+
+def test_the_reference_in_the_compute_dtype_scores_as_a_float32_copy(setup):
+    """`train.reference_dtype` (review-3 M1): by default the reference keeps its matrices in the compute dtype,
+    which every matmul casts its weights to anyway. With bfloat16 compute its logprobs are a float32 copy's bit
+    for bit, at about half the memory; a bf16 copy under float32 compute differs by the weights' rounding."""
+    tokenizer, model, mesh, batches = setup
+    prompts = next(batches).model_inputs
+    sampler_config = sampling.SamplingConfig(max_new_tokens=NEW_TOKENS, group_size=GROUP, top_k=50,
+                                             eos_token_ids=EOS_TOKEN_IDS, pad_token_id=ENDOFTEXT_ID)
+    out = sampling.rollout(sampling.reshard(model, mesh), prompts, jax.random.key(2), sampler_config, mesh=mesh)
+    mask = np.asarray(out.mask)
+    batch = shard_batch(TrainBatch(prompts, out.tokens, out.mask.astype(jnp.int32),
+                                   jnp.zeros(PROMPTS * GROUP)), mesh).scored()
+
+    def nbytes(tree):
+        return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+    gaps = {}
+    for compute, stored in (("bfloat16", None), ("float32", "bfloat16")):
+        config = TrainConfig(compute_dtype=compute, reference_dtype=stored)
+        graphdef, state = init_state(model, config, mesh=mesh)
+        full = reference_weights(state.params, config.replace(reference_dtype="float32"), mesh=mesh)
+        small = reference_weights(state.params, config, mesh=mesh)
+        matrices = [x for x in jax.tree.leaves(small) if x.ndim >= 2]
+        vectors = [x for x in jax.tree.leaves(small) if x.ndim < 2]
+        assert {x.dtype for x in matrices} == {jnp.dtype(jnp.bfloat16)}
+        assert {x.dtype for x in vectors} == {jnp.dtype(jnp.float32)}  # norm scales and biases as stored
+        assert nbytes(small) < 0.51 * nbytes(full)
+        assert all(x.sharding == y.sharding for x, y in zip(jax.tree.leaves(small), jax.tree.leaves(full)))
+        score = make_score_fn(graphdef, state.params, config.scoring, mesh=mesh)
+        expected, got = np.asarray(score(full, batch))[mask], np.asarray(score(small, batch))[mask]
+        gaps[compute] = float(np.abs(got - expected).max())
+    print(f"max |logprob(bf16 reference) - logprob(float32 reference)| per compute dtype: {gaps}")
+    assert gaps["bfloat16"] == 0.0  # the same bf16 matmul inputs: the same program values
+    assert gaps["float32"] > 0.0  # float32 compute reads the rounded weights: the storage is in effect

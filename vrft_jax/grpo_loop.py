@@ -89,7 +89,7 @@ def sample(context: RunContext, weights: nnx.State, inputs, key) -> Rollout:
     """G completions of every prompt from the sampler's weights; on a mesh, rows split over the batch axes as
     the prompts are, so each process's devices hold the rows of its own prompts (`local_completions`)."""
     out = rollout(nnx.merge(context.sampler_graphdef, weights), inputs, key, context.sampling,
-                  keep_image_features=context.train.freeze_vision)
+                  keep_image_features=context.train.freeze_vision, mesh=context.mesh)
     return out if context.mesh is None else distributed.pin_rows(out, context.mesh)
 
 

@@ -12,6 +12,7 @@ Generated tokens continue M-RoPE from each prompt's rope delta exactly as HF `ge
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
@@ -128,15 +129,30 @@ class Prefilled:
 
 
 def rollout(model: Qwen2VL, inputs: ModelInputs, key: jax.Array, config: SamplingConfig, *,
-            keep_image_features: bool = False) -> Rollout:
+            keep_image_features: bool = False, mesh: jax.sharding.Mesh | None = None) -> Rollout:
     """Sample `config.group_size` completions of every left-padded prompt in `inputs`; with
-    `keep_image_features`, the rollout also returns the prompts' vision features."""
+    `keep_image_features`, the rollout also returns the prompts' vision features. On a `mesh` (the run's),
+    both programs are traced under it and the sampler layout's rules (`traced_on`), as `aot` compiles them."""
     check_left_padded(inputs)
     config = config.resolve(model.config)
     graphdef, state = nnx.split(model)
-    prefilled = prefill(graphdef, state, inputs, config)
-    out = decode(graphdef, state, prefilled, key, config)
+    abstract = None if mesh is None else mesh.abstract_mesh
+    prefilled = prefill(graphdef, state, inputs, config, abstract)
+    out = decode(graphdef, state, prefilled, key, config, abstract)
     return out.replace(image_features=prefilled.image_features) if keep_image_features else out
+
+
+@contextlib.contextmanager
+def traced_on(mesh: jax.sharding.AbstractMesh | None, layout: str):
+    """Inside `prefill` and `decode`: on a mesh, the model's `sharding.constrain` pins activations by the
+    sampler layout's rules (`layout_rules`), exactly as `placement.jit_on_mesh` traces the train programs;
+    without one, nothing (single-device code is unchanged). The mesh is a static argument of both programs,
+    so a program traced on one mesh is never reused on another."""
+    if mesh is None:
+        yield
+        return
+    with jax.sharding.use_abstract_mesh(mesh), sharding.use_rules(layout_rules(layout)):
+        yield
 
 
 def make_sampler_cast(params: nnx.State, dtype, mesh=None, layout: str = "whole") -> Callable[[nnx.State], nnx.State]:
@@ -185,9 +201,17 @@ def reshard(model: Qwen2VL, mesh: jax.sharding.Mesh, rules=sharding.SAMPLING_RUL
     return nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def prefill(graphdef, state, inputs: ModelInputs, config: SamplingConfig) -> Prefilled:
-    """Encode the images and fill the KV cache once per prompt: nothing here depends on G."""
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def prefill(graphdef, state, inputs: ModelInputs, config: SamplingConfig,
+            mesh: jax.sharding.AbstractMesh | None = None) -> Prefilled:
+    """Encode the images and fill the KV cache once per prompt: nothing here depends on G. On a `mesh`, every
+    output is pinned split over the batch axes on its prompt axis: the layout `decode` is compiled for (and
+    `aot` reads from this program's compiled output shardings)."""
+    with traced_on(mesh, config.layout):
+        return _pin_prompt_rows(_prefill(graphdef, state, inputs, config))
+
+
+def _prefill(graphdef, state, inputs: ModelInputs, config: SamplingConfig) -> Prefilled:
     model = nnx.merge(graphdef, state)
     batch, length = inputs.input_ids.shape
     cache = KVCache.zeros(model.config, batch, length)
@@ -202,14 +226,33 @@ def prefill(graphdef, state, inputs: ModelInputs, config: SamplingConfig) -> Pre
                      image_features=features, seen=seen)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def decode(graphdef, state, prefilled: Prefilled, key: jax.Array, config: SamplingConfig) -> Rollout:
+def _pin_prompt_rows(prefilled: Prefilled) -> Prefilled:
+    """Every array of `prefilled` split over the batch axes on its prompt axis (axis 1 of the [layers, B, ...]
+    keys and values, axis 0 elsewhere); a no-op without an ambient mesh."""
+    def pin(x):
+        if not x.ndim:
+            return x
+        names = [None] * x.ndim
+        names[1 if x.ndim == 5 else 0] = "batch"
+        return sharding.constrain(x, names)
+
+    return jax.tree.map(pin, prefilled)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def decode(graphdef, state, prefilled: Prefilled, key: jax.Array, config: SamplingConfig,
+           mesh: jax.sharding.AbstractMesh | None = None) -> Rollout:
     """Sample G rows per prompt until every row is done (early exit) or `max_new_tokens`.
 
     The prompts' cache is shared, never repeated: each group's G rows attend to their prompt's keys
     (read once per step) and to their own generated keys, a [B*G, max_new_tokens] cache that is
     the loop's carry, updated in place.
     """
+    with traced_on(mesh, config.layout):
+        return _decode(graphdef, state, prefilled, key, config)
+
+
+def _decode(graphdef, state, prefilled: Prefilled, key: jax.Array, config: SamplingConfig) -> Rollout:
     model = nnx.merge(graphdef, state)
     g = config.group_size
     repeat = functools.partial(jnp.repeat, repeats=g, axis=0)

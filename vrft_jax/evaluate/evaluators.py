@@ -92,7 +92,7 @@ class Evaluator:
             # The host's parts are agreed by every process (a bad record, an unreadable answer on one of them stops
             # them all, naming it) before any enters the next collective: the rollout, or the metrics' gather.
             while (batch := distributed.agreed(next, iterator, None)) is not None:
-                out = rollout(model, batch.model_inputs, jax.random.key(0), self.sampling)
+                out = rollout(model, batch.model_inputs, jax.random.key(0), self.sampling, mesh=self.mesh)
                 out = jax.block_until_ready(out if self.mesh is None else distributed.pin_rows(out, self.mesh))
                 tokens, mask = local_completions(out)
                 valid = np.asarray(batch.meta["valid"], bool)
