@@ -28,7 +28,6 @@ import fnmatch
 import json
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from flax import nnx
@@ -42,7 +41,7 @@ from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer
 from vrft_jax.progress import Reporter, Timer
 from vrft_jax.rewards.frames import Frame, frame_of
 from vrft_jax.scoring import make_score_fn
-from vrft_jax.train_step import check_nonfinite, init_state, make_train_step
+from vrft_jax.train_step import check_nonfinite, init_state, make_train_step, reference_weights
 
 SAMPLES_PER_LOG = 4  # completions written to samples.jsonl at each sample_every step
 
@@ -261,7 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     del model
     reference = None
     if not sft_mode and train_config.grpo.beta > 0:  # the initial weights, a copy the donated step never sees
-        reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(state.params)
+        reference = reference_weights(state.params, train_config, mesh=mesh)
     context = grpo_loop.RunContext(
         graphdef=graphdef, train=train_config, sampling=settings.sampling, reward_fn=settings.reward_fn,
         tokenizer=tokenizer, step=make_train_step(graphdef, state, train_config, mesh=mesh),

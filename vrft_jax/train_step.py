@@ -93,6 +93,11 @@ class TrainConfig:
                       optimizer state, and runs once per rollout (its features travel in the batch)
     max_consecutive_nonfinite: this many updates skipped in a row stop the run: the step only
                       counts them (`TrainState.nonfinite_streak`), `check_nonfinite` raises
+    reference_dtype:  the KL term's frozen reference copy stores its matrices (embeddings, kernels) in this
+                      dtype, its vectors (norm scales, biases) as the parameters (`reference_weights`).
+                      None: the compute dtype, which every matmul casts its weights to anyway, so the
+                      reference logprobs are the full-precision copy's bit for bit at a fraction of its
+                      memory (half with bfloat16 compute); "float32" over bf16 compute keeps a full copy
     """
 
     grpo: grpo.GRPOConfig = grpo.GRPOConfig()
@@ -105,6 +110,7 @@ class TrainConfig:
     remat: str = "none"
     freeze_vision: bool = False
     max_consecutive_nonfinite: int = 10
+    reference_dtype: Any = None
 
     def __post_init__(self):
         errors = []
@@ -121,6 +127,8 @@ class TrainConfig:
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
         if self.compute_dtype is not None:
             object.__setattr__(self, "compute_dtype", jnp.dtype(self.compute_dtype))
+        if self.reference_dtype is not None:
+            object.__setattr__(self, "reference_dtype", jnp.dtype(self.reference_dtype))
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -295,6 +303,22 @@ def init_state(model: Qwen2VL, config: TrainConfig, *, mesh=None, rules=sharding
     counters = jax.device_put([jnp.zeros((), jnp.int32) for _ in range(3)], placement(jnp.zeros(())))
     return graphdef, TrainState(params=params, opt_state=opt_state, step=counters[0], nonfinite_total=counters[1],
                                 nonfinite_streak=counters[2])
+
+
+def reference_dtypes(params: nnx.State, config: TrainConfig) -> nnx.State:
+    """The dtype of each leaf of the reference copy (`TrainConfig.reference_dtype`): matrices in the reference
+    dtype (by default the compute dtype), vectors (norm scales, biases: some are read in float32) unchanged."""
+    dtype = config.reference_dtype or config.compute_dtype or config.param_dtype
+    return jax.tree.map(lambda x: jnp.dtype(dtype) if x.ndim >= 2 else x.dtype, params)
+
+
+def reference_weights(params: nnx.State, config: TrainConfig, *, mesh=None, rules=sharding.DEFAULT_RULES
+                      ) -> nnx.State:
+    """The KL term's frozen reference: a copy of the initial `params` that the donated update never sees, in
+    `reference_dtypes`, laid out as the parameters."""
+    dtypes = reference_dtypes(params, config)
+    copy = lambda p: jax.tree.map(lambda x, d: jnp.array(x, dtype=d, copy=True), p, dtypes)  # noqa: E731
+    return jax.jit(copy, out_shardings=placements(params, mesh, rules))(params)
 
 
 def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=None,

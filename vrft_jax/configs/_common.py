@@ -200,6 +200,9 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
         freeze_vision=False,
         max_consecutive_nonfinite=10,
         sampler_layout="whole",  # each fsdp group holds the rollout's whole bf16 copy ("sharded": as the state)
+        # The KL reference's matrices in the compute dtype (None), which the matmuls read: the same logprobs as a
+        # float32 copy at half its memory; "float32" keeps a full copy.
+        reference_dtype=config_dict.placeholder(str),
     )
     # HF's linear schedule: warmup, then decay to 0 over the rest of the run. Follows total_steps and
     # warmup_steps unless set itself (which leaves them alone).
