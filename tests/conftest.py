@@ -1,6 +1,7 @@
 """Test session setup: 8 fake CPU devices, offline Hugging Face and a session-wide compilation cache, before
 anything imports JAX."""
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -20,3 +21,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _CACHE = tempfile.mkdtemp(prefix="vrft-jax-compile-cache-")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+import pytest  # noqa: E402 - after the environment above
+
+STRAIGHT_STEPS = 4
+
+
+@pytest.fixture(scope="session")
+def straight_two_process_run(tmp_path_factory):
+    """(data, workdir) of the tiny recipe's straight 4-step GRPO run as two processes of 4 CPU devices each
+    (`test_multihost.run_processes`), checkpointing every step: what a preempted, killed or relaunched run must
+    end equal to. Run once for the session (`test_pod_resume`, `test_lost_peer`): the result depends on neither
+    the storage (local or gs://) nor each process's HOME, TMPDIR or cwd."""
+    from test_multihost import RECIPE, run_processes
+    from vrft_jax import recipe
+    from vrft_jax import run as runs
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one run for all of `make test`'s workers: their shared directory
+        root = root.parent
+    directory = root / "straight_two_process_run"
+    data, workdir = str(directory / "data" / "train"), str(directory / "run")
+    with open(root / "straight_two_process_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits here for the first one's run
+        if not (directory / "done").exists():
+            runs.make_synthetic_data(recipe.load(RECIPE, {"data.path": data, "eval.path": ""}))
+            codes, logs = run_processes(workdir, data, f"--config.total_steps={STRAIGHT_STEPS}",
+                                        "--config.data.num_workers=0")
+            assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+            assert f"finished test_train: {STRAIGHT_STEPS} steps" in logs[0]
+            (directory / "done").write_text("")
+    return data, workdir

@@ -17,24 +17,13 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from test_multihost import REPO, command, environment, free_port, params_of, without_timings
-from vrft_jax import recipe
-from vrft_jax import run as runs
 from vrft_jax.distributed import LOST_PEER_EXIT_CODE
 from vrft_jax.metrics import read_metrics
 
 STEPS = 4
 EXIT_BOUND_S = 120  # the bound, from the kill to the survivor's exit
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    path = os.path.join(str(tmp_path_factory.mktemp("lost_peer_data")), "train")
-    runs.make_synthetic_data(recipe.load(os.path.join(REPO, "tests", "train_recipe.py"),
-                                         {"data.path": path, "eval.path": ""}))
-    return path
 
 
 def launch(argv_of, logs: str, name: str, **extra) -> list[tuple[subprocess.Popen, str]]:
@@ -82,15 +71,15 @@ def complete_steps(workdir) -> list[int]:
     return sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
 
 
-def test_a_killed_process_stops_the_other_naming_it_and_the_relaunch_ends_where_a_straight_run_does(data, tmp_path):
+def test_a_killed_process_stops_the_other_naming_it_and_the_relaunch_ends_where_a_straight_run_does(
+        straight_two_process_run, tmp_path):
+    data, straight = straight_two_process_run  # the same command, uninterrupted (conftest.py)
+
     def train(workdir):
         return lambda rank: command(workdir, data, f"--config.total_steps={STEPS}", "--config.data.num_workers=0")
 
     started = time.monotonic()
-    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    assert f"finished test_train: {STEPS} steps" in wait_ok(launch(train(straight), str(tmp_path), "straight"))[0]
-    print(f"straight run: {time.monotonic() - started:.0f} s")
-
+    killed = str(tmp_path / "killed")
     launched = launch(train(killed), str(tmp_path), "killed")
     (first, first_log), (second, second_log) = launched
     try:

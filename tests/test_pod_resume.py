@@ -1,8 +1,9 @@
 """A run as it lives on a TPU pod: two processes (4 CPU devices each), each with its own cwd, HOME and TMPDIR as
 separate hosts have, sharing nothing but a bucket (`gs://` on the GCS emulator, `tests/gcs.py`) that holds the
-workdir and the prepared data. A straight 4-step GRPO run, and one that gets SIGTERM on both processes after step
-2 and is relaunched by the same command, end with bitwise-equal parameters and equal `metrics.jsonl` rows
-(timings aside): the checkpoint, the data position, the metrics and the model directory all live in the bucket.
+workdir and the prepared data. A run that gets SIGTERM on both processes after step 2 and is relaunched by the
+same command ends with parameters and `metrics.jsonl` rows (timings aside) bitwise equal to a straight 4-step run
+of the same two-process job (`conftest.straight_two_process_run`): the checkpoint, the data position, the metrics
+and the model directory all live in the bucket.
 """
 
 import os
@@ -72,11 +73,11 @@ def bucket_data(gcs_bucket, tmp_path_factory):  # noqa: F811 - the fixture
 
 
 def test_sigterm_on_both_processes_then_the_same_command_ends_where_a_straight_run_does(
-        gcs_bucket, bucket_data, tmp_path):  # noqa: F811 - the fixture
-    base = f"{gcs_bucket}/{os.urandom(6).hex()}"
-    straight, resumed = f"{base}/straight", f"{base}/resumed"
-    assert "finished test_train: 4 steps" in wait(launch(tmp_path, "straight", straight, bucket_data))[0]
-
+        gcs_bucket, bucket_data, straight_two_process_run, tmp_path):  # noqa: F811 - the fixture
+    # The straight run (conftest.py): the same recipe, data and steps as two processes on one disk; neither the
+    # storage nor the hosts' separate HOME, TMPDIR and cwd change a number of it.
+    straight = straight_two_process_run[1]
+    resumed = f"{gcs_bucket}/{os.urandom(6).hex()}/resumed"
     launched = launch(tmp_path, "preempted", resumed, bucket_data)
     deadline = time.monotonic() + 300
     while not (storage.exists(storage.join(resumed, "metrics.jsonl"))
