@@ -16,12 +16,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Two pytest workers, one per core of CI's machine: most tests are single-threaded XLA compiles. A file's tests stay on
+# one worker (--dist loadfile), so its module fixtures (a compiled program, a dataset, a run) are made once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # The parity tests (marked `parity`) again on AVX2 kernels: the instruction set of most CPUs without AVX-512.
 test-avx2: $(STAMP)
-	XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=AVX2" $(BIN)/python -m pytest -q -m parity tests
+	XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=AVX2" $(BIN)/python -m pytest -q -n 2 --dist loadfile -m parity tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
