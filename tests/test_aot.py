@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 pytest.importorskip("libtpu", reason="libtpu (pip install -e '.[tpu]') compiles for TPUs on this host")
@@ -28,9 +29,9 @@ def test_the_2b_lvis_step_fits_a_v4_8_with_ten_percent_headroom(lvis_2b_v4_8):
     r = lvis_2b_v4_8
     print(r.text(30.0))
     assert r.slice.devices == 4 and r.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
-    assert set(r.programs) == {"update", "reference", "prefill", "decode"}
+    assert set(r.programs) == {"update", "reference", "cast", "prefill", "decode"}
     assert not any(p.error for p in r.programs.values())
-    assert set(r.phases) == {"rollout", "reference", "update"}
+    assert set(r.phases) == {"cast", "rollout", "reference", "update"}
     assert r.fits and r.headroom >= 0.10, r.text()
     # The recipe sizes its buckets from its data at run time; the proof compiles the limits, which hold any data.
     assert "16 prompts x 1024 tokens and 2048 patches" in r.text() and "recipe's limits" in r.text()
@@ -41,12 +42,30 @@ def test_each_phase_counts_what_the_step_holds_at_once(lvis_2b_v4_8):
     params_f32 = r.parameters * 4 / r.slice.devices
     # fp32 master weights and two AdamW moments, split over 4 chips (a few replicated scalars and biases aside)
     assert 3 * params_f32 <= r.state <= 3 * params_f32 * 1.02
-    assert r.reference == pytest.approx(params_f32, rel=0.02)  # beta 0.04: the fp32 initial weights
+    # beta 0.04: the initial weights, their matrices in the compute dtype (bf16; `train.reference_dtype`)
+    assert r.reference == pytest.approx(params_f32 / 2, rel=0.02)
     # the sampler's bf16 copy is whole within each fsdp group (the sampling layout): not split over the chips
     assert r.sampler == pytest.approx(r.parameters * 2, rel=0.02)
     assert r.phases["rollout"] > r.state + r.reference + r.sampler
+    # The cast's output is the sampler copy: compiled and counted, beside the state and the reference it reads.
+    assert r.programs["cast"].outputs == pytest.approx(r.sampler, rel=0.01)
+    assert r.phases["cast"] >= r.state + r.reference + r.sampler
     assert r.phases["update"] == r.reference + r.programs["update"].peak
     assert r.phases["reference"] == r.state + r.programs["reference"].peak
+
+
+def test_the_rollout_is_compiled_as_the_run_traces_it(lvis_2b_v4_8):
+    """Prefill and decode are lowered with the run's static mesh (`sampling.rollout(..., mesh=)`): prefill pins
+    its outputs split over the batch axes, and decode is compiled for exactly the layout prefill produced."""
+    prefill, decode = lvis_2b_v4_8.programs["prefill"].compiled, lvis_2b_v4_8.programs["decode"].compiled
+    outputs = prefill.output_shardings
+    assert outputs.cache.k.spec[1] == ("data", "fsdp") or outputs.cache.k.spec[1] == "fsdp"
+    assert outputs.logits.spec[0] in ("fsdp", ("data", "fsdp"))
+    # decode's dynamic arguments are (weights, prefilled, key); those it never reads are dropped (None)
+    given = decode.input_shardings[0][1]
+    assert given.cache.k == outputs.cache.k and given.logits == outputs.logits
+    pairs = zip(jax.tree.leaves(given, is_leaf=lambda x: x is None), jax.tree.leaves(outputs), strict=True)
+    assert all(got is None or got == made for got, made in pairs)
 
 
 def test_an_impossible_layout_is_reported_as_not_fitting(capfd):

@@ -5,9 +5,14 @@ real shapes, its mesh and micro-batches, no weights. The abstract train state is
 own `init_state`, laid out by the rules the run uses. Then it counts what lives on one chip in each phase of
 a step, as `grpo_loop.iteration` holds it:
 
+    cast       train state + reference weights + the sampler cast (its output copy and temporaries)
     rollout    train state + reference weights + the sampler's copy + prefill or decode (KV cache, temporaries)
     reference  train state + reference weights + the scorer's batch and temporaries (beta > 0 only)
     update     reference weights + the update (the donated state, batch, gradients, temporaries)
+
+The programs are the run's own, traced as the run traces them: the sampler cast with its output layout, the
+rollout's prefill and decode on the mesh under the sampler layout's rules (`sampling.traced_on`), decode
+compiled for the layout prefill's compiled outputs have; the reference weights in `train.reference_dtype`.
 
 and prints each against the chip's HBM with the headroom, and the FLOPs of a step with the MFU that a given
 step time (`--step-seconds`) implies. A phase that does not fit is reported as such, with its numbers; so is
@@ -42,7 +47,7 @@ from vrft_jax.models.qwen2_vl.inputs import ModelInputs  # noqa: E402
 from vrft_jax.models.qwen2_vl.model import Qwen2VL  # noqa: E402
 from vrft_jax.placement import placements  # noqa: E402
 from vrft_jax.scoring import make_score_fn  # noqa: E402
-from vrft_jax.train_step import TrainBatch, init_state, make_train_step  # noqa: E402
+from vrft_jax.train_step import TrainBatch, init_state, make_train_step, reference_dtypes  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -120,6 +125,7 @@ class Program:
     aliased: int = 0
     temporaries: int = 0
     error: str | None = None
+    compiled: object = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def peak(self) -> int:
@@ -127,16 +133,17 @@ class Program:
 
 
 def measure(name: str, lower) -> Program:
-    """Compile `lower()` and read XLA's memory and cost analysis; a compile refused for memory is reported."""
+    """Compile `lower()` and read XLA's memory analysis; a compile XLA refuses for memory (RESOURCE_EXHAUSTED) is
+    reported as such, any other failure raised."""
     try:
         compiled = lower().compile()
     except Exception as e:  # XLA's RESOURCE_EXHAUSTED arrives as a JaxRuntimeError or XlaRuntimeError
-        if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
+        if "RESOURCE_EXHAUSTED" in str(e):
             return Program(name, error=str(e).splitlines()[0][:300])
         raise
     m = compiled.memory_analysis()
     return Program(name, m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
-                   m.temp_size_in_bytes)
+                   m.temp_size_in_bytes, compiled=compiled)
 
 
 @dataclasses.dataclass
@@ -218,9 +225,11 @@ def report(config, topology: str) -> Report:
     state = jax.tree.map(lambda x, s: _spec(x.shape, x.dtype, s), state, layouts)
     params = state.params
     state_bytes = shard_bytes(state)
-    reference_bytes = shard_bytes(params) if train.grpo.beta > 0 else 0
-    sampler_params = jax.eval_shape(sampling.make_sampler_cast(params, settings.sampler_dtype, mesh,
-                                                               settings.sampling.layout), params)
+    reference = jax.tree.map(lambda x, dtype: _spec(x.shape, dtype, x.sharding), params,
+                             reference_dtypes(params, train))  # `reference_weights`, abstract
+    reference_bytes = shard_bytes(reference) if train.grpo.beta > 0 else 0
+    cast = sampling.make_sampler_cast(params, settings.sampler_dtype, mesh, settings.sampling.layout)
+    sampler_params = jax.eval_shape(cast, params)  # laid out by the cast's out_shardings
     sampler_bytes = shard_bytes(sampler_params)
     parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     result = Report(recipe=config.name, slice=target, mesh=dict(zip(mesh.axis_names, mesh.devices.shape)),
@@ -262,19 +271,21 @@ def report(config, topology: str) -> Report:
     programs["update"] = measure("update", lambda: step.lower(state, batch))
     if train.grpo.beta > 0:
         score = make_score_fn(graphdef, params, train.scoring, micro_batches=train.micro_batches, mesh=mesh)
-        programs["reference"] = measure("reference scoring", lambda: score.lower(params, batch.scored()))
+        programs["reference"] = measure("reference scoring", lambda: score.lower(reference, batch.scored()))
+    programs["cast"] = measure("sampler cast", lambda: cast.lower(params))
+    # The rollout's two programs with the run's static arguments (`sampling.rollout`): its mesh and layout rules.
     sampler_config = settings.sampling.resolve(model_config)
     sampler_graphdef = sampling.sampler_graphdef(model_config, settings.sampler_dtype)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    with jax.set_mesh(mesh):
-        programs["prefill"] = measure("sampler prefill", lambda: sampling.prefill.lower(
-            sampler_graphdef, sampler_params, inputs, sampler_config))
-        prefilled = jax.eval_shape(lambda s, i: sampling.prefill(sampler_graphdef, s, i, sampler_config),
-                                   sampler_params, inputs)
-        prefilled = jax.tree.map(lambda x: _spec(x.shape, x.dtype, sharding.batch_sharding(
-            mesh, x.ndim, batch_axis=1 if x.ndim == 5 else 0) if x.ndim else None), prefilled)
-        programs["decode"] = measure("sampler decode loop", lambda: sampling.decode.lower(
-            sampler_graphdef, sampler_params, prefilled, key, sampler_config))
+    programs["prefill"] = measure("sampler prefill", lambda: sampling.prefill.lower(
+        sampler_graphdef, sampler_params, inputs, sampler_config, mesh.abstract_mesh))
+    prefilled = jax.eval_shape(lambda s, i: sampling.prefill(sampler_graphdef, s, i, sampler_config,
+                                                             mesh.abstract_mesh), sampler_params, inputs)
+    if programs["prefill"].compiled is not None:  # decode reads what prefill's compiled program lays out
+        prefilled = jax.tree.map(lambda x, layout: _spec(x.shape, x.dtype, layout), prefilled,
+                                 programs["prefill"].compiled.output_shardings)
+    programs["decode"] = measure("sampler decode loop", lambda: sampling.decode.lower(
+        sampler_graphdef, sampler_params, prefilled, key, sampler_config, mesh.abstract_mesh))
 
     def working(name, other_arguments):  # a program's live bytes besides the weights it reads
         program = programs[name]
@@ -284,6 +295,7 @@ def report(config, topology: str) -> Report:
     # the arguments a program does not read (the decode loop never reads the vision tower), but the copy
     # lives through the rollout all the same. The scorer's and the update's arguments are the reference
     # weights and the donated state, which they read whole.
+    result.phases["cast"] = state_bytes + reference_bytes + working("cast", 0)
     result.phases["rollout"] = state_bytes + reference_bytes + sampler_bytes + max(
         working("prefill", shard_bytes(inputs)), working("decode", shard_bytes(prefilled)))
     if "reference" in programs:
@@ -295,24 +307,26 @@ def report(config, topology: str) -> Report:
 
 def model_flops(settings, config, parameters: int) -> float:
     """A step's model FLOPs, the convention of MFU: 2 per parameter per token a program reads forward, 6 per
-    trained token (forward and backward); the text decoder's parameters (without the embedding table,
-    which is a gather) for text tokens, the vision tower's for patches. Attention's quadratic term and
-    remat's recomputation are not counted, so the MFU is a lower bound of the hardware's use."""
-    text = settings.model.text
-    embedding = text.vocab_size * text.hidden_size
-    vision_params = _vision_parameters(settings.model)
-    text_params = parameters - vision_params - (0 if settings.model.tie_word_embeddings else embedding)
+    trained token (forward and backward). The decoder's parameters count for every prompt and completion
+    token, the LM head's (the embedding table when tied) only where logits are taken (each prompt's last
+    token in the rollout's prefill, every completion token), the vision tower's for patches, and not in
+    scoring and the update with `train.freeze_vision` (they reuse the rollout's features). Attention's
+    quadratic term and remat's recomputation are not counted, so the MFU is a lower bound of the hardware's use."""
+    text, train = settings.model.text, settings.train
+    head = text.vocab_size * text.hidden_size
+    vision = _vision_parameters(settings.model)
+    decoder = parameters - vision - head * (1 if settings.model.tie_word_embeddings else 2)  # embedding (a gather)
 
     b, g = config.prompts_per_step, settings.sampling.group_size
-    prompt_tokens = b * settings.data.max_prompt_len
-    patches = b * resolve_patch_bucket(settings.data, settings.model)
-    completion_tokens = b * g * settings.sampling.max_new_tokens
-    forward = 2 * (text_params * prompt_tokens + vision_params * patches)
-    rollout = forward + 2 * text_params * completion_tokens
-    scoring = forward + 2 * text_params * completion_tokens
-    reference = scoring if settings.train.grpo.beta > 0 else 0
-    update = 3 * scoring * settings.train.num_iterations
-    return float(rollout + reference + update)
+    completions = b * g * settings.sampling.max_new_tokens
+    tower = 2 * vision * b * resolve_patch_bucket(settings.data, settings.model)
+    prompts = 2 * decoder * b * settings.data.max_prompt_len
+    rollout = tower + prompts + 2 * head * b + 2 * (decoder + head) * completions
+    scoring = (0 if train.freeze_vision else tower) + prompts + 2 * (decoder + head) * completions
+    reference = scoring if train.grpo.beta > 0 else 0
+    old_policy = scoring if train.num_iterations > 1 else 0
+    update = 3 * scoring * train.num_iterations
+    return float(rollout + reference + old_policy + update)
 
 
 def _vision_parameters(model_config) -> int:

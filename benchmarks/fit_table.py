@@ -1,0 +1,73 @@
+"""The README's fit table: `python -m vrft_jax.aot` for each row, printed as the table's Markdown.
+
+    python benchmarks/fit_table.py [--rows 2b-v4-8,7b-v4-16-sharded ...]
+
+Each row compiles `lvis_fewshot`'s whole step (cast, rollout, reference scoring, update) for a TPU slice on
+this CPU host with libtpu, as `aot` does; a 2B row takes a few minutes on 2 cores, a 7B row about twice that.
+Needs the `tpu` extra (the `test` extra pulls it in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vrft_jax import aot, recipe  # noqa: E402
+
+# name -> (recipe argument, topology, sampler layout, the row's label)
+ROWS = {
+    "2b-v4-8": ("", "v4-8", "whole", "2B, v4-8 (4 x 32 GiB)"),
+    "2b-v5e-8": ("", "v5e-8", "whole", "2B, v5e-8 (8 x 16 GiB), the default"),
+    "2b-v5e-16": ("", "v5e-16", "whole", "2B, v5e-16 (16 x 16 GiB)"),
+    "2b-v5p-8": ("", "v5p-8", "whole", "2B, v5p-8 (4 x 95 GiB)"),
+    "7b-v5p-8": ("model=7b", "v5p-8", "whole", "7B, v5p-8 (4 x 95 GiB), the default"),
+    "7b-v4-16-sharded": ("model=7b", "v4-16", "sharded", "7B, v4-16 (8 x 32 GiB)"),
+    "7b-v4-16-whole": ("model=7b", "v4-16", "whole", "7B, v4-16"),
+    "7b-v5e-16-sharded": ("model=7b", "v5e-16", "sharded", "7B, v5e-16 (16 x 16 GiB)"),
+    "7b-v5e-16-whole": ("model=7b", "v5e-16", "whole", "7B, v5e-16"),
+    "7b-v5e-4": ("model=7b", "v5e-4", "whole", "7B, v5e-4 (4 x 16 GiB)"),
+}
+PHASES = ("cast", "rollout", "reference", "update")
+
+
+def row(name: str) -> str:
+    argument, topology, layout, label = ROWS[name]
+    config = recipe.load("lvis_fewshot" + (f":{argument}" if argument else ""))
+    config.train.sampler_layout = layout
+    result = aot.report(config, topology)
+    mesh = ", ".join(f"{axis} {size}" for axis, size in result.mesh.items() if size > 1)
+    if argument:  # the 7B rows name the sampler's layout, which decides whether they fit
+        mesh += f", sampler {layout}"
+    gib = aot.GIB
+    failed = [p for p in result.programs.values() if p.error]
+    if not result.programs:
+        cells = [f"state and reference alone {(result.state + result.reference) / gib:.1f} GiB"] + [""] * 3
+    else:
+        cells = [f"{result.phases[p] / gib:.2f} GiB" if p in result.phases else "" for p in PHASES]
+        for program in failed:
+            cells[0] = f"{program.name} refused by XLA"
+    verdict = f"fits, {result.headroom:.0%} headroom" if result.fits else "does not fit"
+    return "| " + " | ".join([label, mesh, *cells, verdict]) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    names = parser.parse_args().rows.split(",")
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    print("| model, slice (chips x HBM) | layout | " + " | ".join(PHASES) + " | whole step |", flush=True)
+    print("|---|---|" + "---|" * len(PHASES) + "---|", flush=True)
+    for name in names:
+        start = time.perf_counter()
+        print(row(name), flush=True)
+        print(f"  ({name}: {time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
