@@ -18,9 +18,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # recipes many times, in this process and in the train command's subprocesses (which inherit the variable), and
 # each run would compile the same programs again. A retrieved program is the one compiling would make;
 # `compile_count.counting_compiles` counts retrievals as compilations, so no recompilation hides behind it.
-_CACHE = tempfile.mkdtemp(prefix="vrft-jax-compile-cache-")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Under `make test`'s two workers (pytest-xdist) the controller makes it and the workers, which inherit its
+# environment, share it: a program one worker compiled is read by the other (JAX writes cache entries atomically).
+if not (os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("JAX_COMPILATION_CACHE_DIR")):
+    _CACHE = tempfile.mkdtemp(prefix="vrft-jax-compile-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402 - after the environment above
 

@@ -64,7 +64,8 @@ def test_the_rollout_is_compiled_as_the_run_traces_it(lvis_2b_v4_8):
     # decode's dynamic arguments are (weights, prefilled, key); those it never reads are dropped (None)
     given = decode.input_shardings[0][1]
     assert given.cache.k == outputs.cache.k and given.logits == outputs.logits
-    pairs = zip(jax.tree.leaves(given, is_leaf=lambda x: x is None), jax.tree.leaves(outputs), strict=True)
+    with_none = lambda tree: jax.tree.leaves(tree, is_leaf=lambda x: x is None)  # noqa: E731
+    pairs = zip(with_none(given), with_none(outputs), strict=True)
     assert all(got is None or got == made for got, made in pairs)
 
 

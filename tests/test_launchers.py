@@ -342,7 +342,7 @@ def test_two_workers_train_stop_after_a_step_and_the_same_command_resumes(standi
     from vrft_jax.data import storage, synthetic
 
     env, state = standin
-    total = 5
+    total = 4
     shared = tmp_path / "shared"
     data = storage.write_dataset(str(shared / "data"), "launch", {"train": list(synthetic.classification_records(
         16, seed=0, min_side=56, max_side=56))})
