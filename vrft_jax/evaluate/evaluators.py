@@ -201,19 +201,25 @@ class GroundingEvaluator(Evaluator):
     """
 
     def score(self, rows):
-        predicted, truth, kinds = [], [], set()
-        for row in rows:
-            box = readers.grounding_box(row["completion"], self.settings.parse)
-            row["parsed"] = {"box": box}
-            kind, gt = _grounding_truth(row)
-            kinds.add(kind)
-            if len(kinds) > 1:
-                raise ValueError(f"record {row['id']!r} (index {row['index']}): its ground truth is the {kind} but an "
-                                 "earlier record's is not; make the held-out set with one `prepare lisa` command")
-            truth.append(gt)
-            predicted.append(None if box is None else _to_pixels(box, row, frame_of(self.settings.frame)))
-        return {**grounding.box_metrics(predicted, truth), **grounding.mask_metrics_absent(),
-                "ground_truth": kinds.pop() if kinds else None}
+        return score_grounding(rows, parse=self.settings.parse, frame=self.settings.frame)
+
+
+def score_grounding(rows: list[dict[str, Any]], *, parse: str, frame: str) -> dict[str, Any]:
+    """The grounding metrics of prediction rows (completion, solution, label, image sizes); adds each row's
+    parsed box. A held-out set mixing pixel-box labels and solution boxes is an error naming the first odd row."""
+    predicted, truth, kinds = [], [], set()
+    for row in rows:
+        box = readers.grounding_box(row["completion"], parse)
+        row["parsed"] = {"box": box}
+        kind, gt = _grounding_truth(row)
+        kinds.add(kind)
+        if len(kinds) > 1:
+            raise ValueError(f"record {row['id']!r} (index {row['index']}): its ground truth is the {kind} but an "
+                             "earlier record's is not; make the held-out set with one `prepare lisa` command")
+        truth.append(gt)
+        predicted.append(None if box is None else _to_pixels(box, row, frame_of(frame)))
+    return {**grounding.box_metrics(predicted, truth), **grounding.mask_metrics_absent(),
+            "ground_truth": kinds.pop() if kinds else None}
 
 
 def _grounding_truth(row) -> tuple[str, list[float]]:
