@@ -16,7 +16,7 @@ from vrft_jax.data import make_iterator, prepare, storage
 from vrft_jax.data.image import ImageGeometry
 from vrft_jax.data.records import Record
 from vrft_jax.data.storage import InMemorySource
-from vrft_jax.evaluate import evaluators
+from vrft_jax.evaluate import evaluators, score
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer
 
@@ -91,6 +91,11 @@ def test_a_reproduction_evaluates_with_visual_rfts_inputs_and_trains_with_its_ow
     assert (train.max_pixels, train.problem_prefix, train.system_prompt, train.max_prompt_len) == (
         TRAIN_MAX_PIXELS, "", None, 1024)
     assert train.batch_size == 16
+
+
+def test_the_score_command_resizes_as_the_recipes_evaluate():
+    """`evaluate score --frame pixels` maps boxes through the same smart_resize bounds."""
+    assert (score.EVAL_MIN_PIXELS, score.EVAL_MAX_PIXELS) == (EVAL_MIN_PIXELS, EVAL_MAX_PIXELS)
 
 
 def test_an_eval_key_left_none_keeps_the_training_value_and_an_unknown_system_prompt_is_named():
