@@ -47,8 +47,8 @@ LISA_TEMPLATE = (
     "{question} Output the thinking process in <think> </think> and your grouding box. "
     "Following \"<think> thinking process </think>\n<answer>(x1,y1),(x2,y2)</answer>)\" format."
 )
-# LISA evaluation (lisa_evaluation/Qwen2_VL_lisa_infere.py's f-string, demo/lisa_demo.ipynb): the training words
-# with a period after the instruction, the instruction not stripped, sent with R1_SYSTEM_PROMPT.
+# LISA evaluation (lisa_evaluation/Qwen2_VL_lisa_infere.py's f-string, demo/lisa_demo.ipynb, as visual-rft.md §4.3
+# gives it): the training words with a period after the instruction, sent with R1_SYSTEM_PROMPT.
 LISA_EVAL_TEMPLATE = (
     "Output the bounding box in the image corresponding to the instruction: {instruction}. Output the thinking "
     "process in <think> </think> and your grouding box. "
