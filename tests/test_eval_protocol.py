@@ -4,6 +4,7 @@ classification scripts, and LISA as lisa_evaluation scores it (first instruction
 and system prompt, the exact pixel box). The expected values are written here from visual-rft.md, not read
 from the code under test."""
 
+import io
 import json
 import re
 
@@ -120,8 +121,6 @@ def _rendered(settings, tokenizer, record):
 
 
 def _png(width, height) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (90, 140, 200)).save(buffer, format="PNG")
     return buffer.getvalue()
