@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from vrft_jax import recipe, sampling, sharding
-from vrft_jax.configs import _common, cls_fewshot
+from vrft_jax.configs import _common, cls_fewshot, coco_ov_base65, lisa_grounding
 from vrft_jax.data import prepare
 from vrft_jax.data.buckets import resolve_patch_bucket
 from vrft_jax.grpo import GRPOConfig
@@ -36,9 +36,9 @@ CLI = os.path.join(REPO, "tests", "recipe_cli.py")
 ARGUMENTS = {
     "lvis_fewshot": dict(model=_common.MODELS),
     "coco_fewshot": dict(model=_common.MODELS, shots=_common.SHOTS),
-    "coco_ov_base65": dict(model=_common.MODELS),
+    "coco_ov_base65": dict(model=_common.MODELS, eval=coco_ov_base65.EVAL_SETS),
     "cls_fewshot": dict(model=_common.MODELS, dataset=tuple(cls_fewshot.DATASETS), shots=_common.SHOTS),
-    "lisa_grounding": dict(model=_common.MODELS),
+    "lisa_grounding": dict(model=_common.MODELS, eval=lisa_grounding.EVAL_SETS),
     "demo": {},
 }
 REPRODUCTIONS = {"lvis_fewshot": ("detection", 200), "coco_fewshot": ("detection", 200),
@@ -111,8 +111,7 @@ def test_reproduction_recipes_have_visual_rfts_hyperparameters(spec):
     assert (s.sampling.max_new_tokens, s.sampling.top_k, s.sampling.top_p) == (256, 50, 1.0)
     assert s.sampling.temperature == s.train.scoring.temperature == 1.0 and not s.sampling.greedy
     # evaluation: greedy, one answer, Qwen2-VL's shipped repetition penalty, Visual-RFT's evaluation lengths
-    length = 1024 if spec.startswith(("coco_fewshot", "lvis_fewshot", "cls_fewshot")) else (
-        128 if spec.startswith("lisa") else 256)
+    length = 128 if spec.startswith("lisa") else 1024  # every reproduction now names its held-out set
     assert recipe.eval_sampling_config(config) == dataclasses.replace(
         s.sampling, greedy=True, group_size=1, repetition_penalty=1.05, max_new_tokens=length)
     assert (s.data.max_pixels, s.data.min_pixels, s.data.max_prompt_len) == (401408, 3136, 1024)

@@ -47,7 +47,7 @@ from ml_collections import config_flags
 from vrft_jax import sharding
 from vrft_jax import storage as files
 from vrft_jax.configs._common import SHARED
-from vrft_jax.data import storage
+from vrft_jax.data import prompts, storage
 from vrft_jax.data.config import DataConfig
 from vrft_jax.evaluate import evaluators
 from vrft_jax.evaluate.settings import EvaluationSettings
@@ -77,7 +77,8 @@ BLOCK_KEYS = {
                         "vision", "tie_word_embeddings"}),
     "source": frozenset({"download", "prepare"}),
     "eval": frozenset({"path", "split", "prepare", "type", "gt", "protocol", "parse", "max_new_tokens",
-                       "repetition_penalty"}),
+                       "repetition_penalty", "min_pixels", "max_pixels", "max_prompt_len", "patch_bucket",
+                       "problem_prefix", "system_prompt", "batch_size", "categories"}),
     "rewards": frozenset({"mode", "frame", "terms"}),
     "mesh": frozenset({"data", "fsdp", "tensor"}),
     "warm_start": frozenset({"sft_steps", "learning_rate"}),
@@ -431,10 +432,12 @@ def eval_sampling_config(config: ml_collections.ConfigDict) -> SamplingConfig:
 
 
 def eval_settings(config: ml_collections.ConfigDict) -> EvaluationSettings:
-    """What the `eval` block tells an evaluator beyond its data and decoding."""
+    """What the `eval` block tells an evaluator beyond its data and decoding; its categories are
+    `eval.categories`, or the recipe's when that is None."""
     block = config.eval
+    categories = config.get("categories", ()) if block.categories is None else block.categories
     return EvaluationSettings(type=block.type, gt=block.gt, protocol=block.protocol, parse=block.parse,
-                              categories=tuple(config.get("categories", ())), frame=config.rewards.frame)
+                              categories=tuple(categories), frame=config.rewards.frame)
 
 
 def evaluator(config: ml_collections.ConfigDict, settings: Settings, *, tokenizer, sampler_graphdef,
@@ -449,21 +452,41 @@ def evaluator(config: ml_collections.ConfigDict, settings: Settings, *, tokenize
 
 def data_config(config: ml_collections.ConfigDict, process_count: int | None = None) -> DataConfig:
     """The training pipeline: the `data` block, each process reading prompts_per_step / processes rows."""
-    processes = jax.process_count() if process_count is None else process_count
-    if config.prompts_per_step % processes:
-        raise ValueError(f"prompts_per_step={config.prompts_per_step} does not split over {processes} processes")
     if "batch_size" in config.data:
         raise KeyError("data.batch_size is set by prompts_per_step (global prompts per step), not in the data block")
-    return DataConfig.from_dict({**config.data.to_dict(), "batch_size": config.prompts_per_step // processes})
+    batch_size = _per_process(config.prompts_per_step, "prompts_per_step", process_count)
+    return DataConfig.from_dict({**config.data.to_dict(), "batch_size": batch_size})
+
+
+def _per_process(global_batch: int, key: str, process_count: int | None) -> int:
+    """Each process's share of a global batch; ValueError naming `key` when the processes do not split it."""
+    processes = jax.process_count() if process_count is None else process_count
+    if global_batch < 1 or global_batch % processes:
+        raise ValueError(f"{key}={global_batch} does not split over {processes} processes")
+    return global_batch // processes
+
+
+# `eval` keys that replace the training value of the DataConfig field of the same name (None keeps it).
+EVAL_DATA_KEYS = ("min_pixels", "max_pixels", "max_prompt_len", "patch_bucket", "problem_prefix")
 
 
 def eval_data_config(config: ml_collections.ConfigDict, process_count: int | None = None) -> DataConfig | None:
     """The held-out set (`eval.path`, `eval.split`) read once in stored order, a partial last batch
-    padded with valid=False rows; None when `eval.path` is empty."""
-    if not config.eval.path:
+    padded with valid=False rows, shown as the `eval` block says (`EVAL_DATA_KEYS`, the system prompt by
+    name, the global `batch_size`; each None: training's); None when `eval.path` is empty."""
+    block = config.eval
+    if not block.path:
         return None
-    return data_config(config, process_count).replace(path=config.eval.path, split=config.eval.split, num_epochs=1,
-                                                      drop_remainder=False, shuffle=False)
+    changes = {key: block[key] for key in EVAL_DATA_KEYS if block[key] is not None}
+    if block.system_prompt is not None:
+        try:
+            changes["system_prompt"] = prompts.system_prompt(block.system_prompt)
+        except ValueError as e:
+            raise ValueError(f"eval.system_prompt: {e}") from None
+    if block.batch_size is not None:
+        changes["batch_size"] = _per_process(block.batch_size, "eval.batch_size", process_count)
+    return data_config(config, process_count).replace(path=block.path, split=block.split, num_epochs=1,
+                                                      drop_remainder=False, shuffle=False, **changes)
 
 
 def reward_fn(config: ml_collections.ConfigDict) -> WeightedReward:

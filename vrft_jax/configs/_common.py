@@ -160,6 +160,13 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
     # evaluation ran with; max_new_tokens None = the rollout's.
     c.eval = dict(path="", split="train", prepare="", type="rewards", gt="", protocol="coco", parse="visual_rft",
                   max_new_tokens=config_dict.placeholder(int), repetition_penalty=1.05)
+    # What the held-out set is shown, apart from training (each None = the training value: the data block's,
+    # prompts_per_step, the recipe's categories): image bounds, the text and patch buckets' limits, the text
+    # before each question, the system prompt by name (`prompts.SYSTEM_PROMPTS`: "template" sends none, "r1"),
+    # the global batch, and the categories of detection's paper mean. `visual_rft_eval` sets the paper's.
+    for key, kind in (("min_pixels", int), ("max_pixels", int), ("max_prompt_len", int), ("patch_bucket", int),
+                      ("problem_prefix", str), ("system_prompt", str), ("batch_size", int), ("categories", tuple)):
+        c.eval[key] = config_dict.placeholder(kind)
 
     c.sampling = dict(
         max_new_tokens=256,  # TRL's max_completion_length default; Visual-RFT did not set it
@@ -224,21 +231,49 @@ def link_shared(c: ml_collections.ConfigDict) -> None:
             c[block][field] = ref
 
 
+# Visual-RFT's evaluation inputs. Its scripts resize images with qwen_vl_utils' defaults (visual-rft.md §7.1,
+# §10.4: min 4 x 28 x 28, max 16384 x 28 x 28 = 12,845,056 pixels; `evaluate.score` has the same), not
+# training's 401,408. The text bucket's limit holds the largest such image (16384 tokens) and Visual-RFT's whole
+# max_prompt_length (1024) of text; buckets="data" sizes the bucket from the held-out set within it.
+EVAL_MIN_PIXELS, EVAL_MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28
+EVAL_MAX_PROMPT_LEN = EVAL_MAX_PIXELS // (28 * 28) + 1024
+# COCO, LVIS and classification evaluation send '<image>\n' + question after the image (§4.4); LISA's does not.
+IMAGE_PREFIX = "<image>\n"
+
+
+def visual_rft_eval(c: ml_collections.ConfigDict, *, problem_prefix: str, system_prompt: str = "template",
+                    batch_size: int | None = None) -> None:
+    """Visual-RFT's evaluation inputs as the `eval` block's: its image bounds, a text bucket that holds them,
+    the text before each question and the system prompt by name ("template": none, the chat template's "You
+    are a helpful assistant."; "r1": LISA's). `batch_size` (global; None: prompts_per_step) bounds the
+    high-resolution prefill of sets with large images."""
+    c.eval.min_pixels = EVAL_MIN_PIXELS
+    c.eval.max_pixels = EVAL_MAX_PIXELS
+    c.eval.max_prompt_len = EVAL_MAX_PROMPT_LEN
+    c.eval.problem_prefix = problem_prefix
+    c.eval.system_prompt = system_prompt
+    c.eval.batch_size = batch_size
+
+
 def detection_eval(c: ml_collections.ConfigDict, *, flavor: str, annotations: str, images: str, exist_map: str,
-                   protocol: str) -> None:
+                   protocol: str, categories: tuple[str, ...] | None = None) -> None:
     """The paper's detection evaluation as the recipe's `eval` block: Visual-RFT's questions (the categories
-    its exist map lists per image, of the recipe's), the instances file as ground truth, answers read as its
-    scripts read them, 1024 new tokens (its `max_new_tokens`). Run by `python -m vrft_jax.evaluate`; in the
-    loop only with eval_every > 0 (thousands of images: hours)."""
+    its exist map lists per image, of `categories`: default the recipe's) with its inputs (`visual_rft_eval`,
+    the '<image>\n' prefix), the instances file as ground truth, answers read as its scripts read them, 1024
+    new tokens (its `max_new_tokens`), the paper's mean and per-class AP over `categories`. Run by
+    `python -m vrft_jax.evaluate`; in the loop only with eval_every > 0 (thousands of images: hours)."""
+    categories = tuple(c.categories if categories is None else categories)
     c.eval_every = 0
     c.eval.path = f"data/{flavor}_val_{c.name}_queries"
     c.eval.split = "val"
     c.eval.prepare = (f"{flavor} --annotations {annotations} --images {images} "
-                      f"--categories {shlex.quote(','.join(c.categories))} --queries exist:{exist_map} --split val")
+                      f"--categories {shlex.quote(','.join(categories))} --queries exist:{exist_map} --split val")
     c.eval.type = "detection"
     c.eval.gt = annotations
     c.eval.protocol = protocol
     c.eval.max_new_tokens = 1024
+    c.eval.categories = categories
+    visual_rft_eval(c, problem_prefix=IMAGE_PREFIX)
 
 
 def hf_download(repo: str, directory: str) -> str:

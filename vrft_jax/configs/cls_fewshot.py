@@ -7,6 +7,14 @@ paper-mode rewards: classification + format.
 
     --config=cls_fewshot                                  2B, flowers, 4 shots
     --config=cls_fewshot:dataset=aircraft,shots=16        2B, aircraft, 16 shots
+
+Held-out set: the CoOp test split Visual-RFT's `classification/Qwen2_VL_classification_infere.py` scores
+(visual-rft.md §7.1): Flowers102 2463, Pets37 3669, FGVC-Aircraft 3333, Cars196 8041 images, listed in its
+`classification/val_data/{oxford_flowers,pets,fgvc_aircraft,stanford_cars}.pth` (image path -> label index into
+the `.txt` class list beside it). Nothing here reads a `.pth`: write its images as `sources/DATASET/test.tsv`
+(`relative/image/path<TAB>class name`, a file name of ours) under `sources/DATASET/`, then run the recipe's
+`eval.prepare`. Evaluated by `python -m vrft_jax.evaluate` with Visual-RFT's inputs (full resolution, the
+'<image>\n' prefix); in the loop only with eval_every > 0 (thousands of large images).
 """
 
 from vrft_jax.configs import _common
@@ -38,10 +46,15 @@ def get_config(arg=None):
                             f"--shots {arg.shots} --seed 0")
         c.data.path = f"data/cls_{arg.dataset}_{arg.shots}shot"
     c.rewards.terms = {"classification": 1.0, "format": 1.0}
-    # Accuracy on the CoOp test split (visual-rft.md §7.1) once it is prepared, e.g. `prepare classification
-    # --list test.txt --noun NOUN --split test`, and named: --config.eval.path=... --config.eval_every=N,
-    # or `python -m vrft_jax.evaluate --config.eval.path=...`.
+    # Accuracy on the CoOp test split (see the module docstring), 1024 new tokens as the script generates.
+    c.eval_every = 0
+    c.eval.path = f"data/cls_{arg.dataset}_test"
+    c.eval.prepare = (f"classification --list sources/{arg.dataset}/test.tsv --image-root sources/{arg.dataset} "
+                      f"--noun {noun} --split test")
     c.eval.type = "classification"
     c.eval.split = "test"
     c.eval.max_new_tokens = 1024
+    # Aircraft and car images reach 1.6k px and more at full resolution: half the training batch (a guess; the
+    # recipes' slices still split 8 rows over their devices) bounds the prefill's activations.
+    _common.visual_rft_eval(c, problem_prefix=_common.IMAGE_PREFIX, batch_size=8)
     return c

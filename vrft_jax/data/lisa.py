@@ -3,8 +3,13 @@
 As Visual-RFT's lisa_evaluation/gen_box_ann.py + gen_sft.py: the box of the first polygon only (its
 min/max x and y in pixels), one record per instruction, the box written as
 `<answer> (x1,y1),(x2,y2) </answer>` with `int(x / W * 1000)` (truncation, as gen_sft.py does).
-Inputs: LISA's own `train/` folder (one `<name>.json` with `text` and `shapes` next to `<name>.jpg`),
-or gen_box_ann.py's `lisa_train.json` (`[{image_path, instruction: [...], boxes: [[x1, y1, x2, y2]]}]`).
+Inputs: LISA's own `train/` (`val/`, `test/`) folder (one `<name>.json` with `text` and `shapes` next to
+`<name>.jpg`), or gen_box_ann.py's `lisa_train.json` (`[{image_path, instruction: [...], boxes: [[x1, y1, x2, y2]]}]`).
+
+Evaluation sets (`evaluation=True`, `prepare lisa --evaluation`) are made as lisa_evaluation scores val and test
+(visual-rft.md §7.4): one record per image, its first instruction and first box, the evaluation prompt
+(`prompts.grounding_eval_problem`), and the exact pixel box as the record's label (`pixel_box_label`), which the
+grounding evaluator scores against instead of the solution's truncated 0..1000 box.
 """
 
 from __future__ import annotations
@@ -47,8 +52,27 @@ def lisa_json_items(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"entry {k} of {path}", item
 
 
-def grounding_candidates(items, *, image_root: str | None = None) -> Iterator[rec.Candidate]:
-    """One candidate per instruction of each item; the image header gives W and H for the 0..1000 box."""
+def pixel_box_label(box: Sequence[float]) -> str:
+    """The label of an evaluation record: its first box in the image's pixels, as JSON `[x1, y1, x2, y2]`."""
+    return json.dumps([float(v) for v in box])
+
+
+def read_pixel_box(label: str) -> list[float] | None:
+    """The pixel box `pixel_box_label` wrote, or None for a label that is not one (a training record's "")."""
+    try:
+        box = json.loads(label) if label.startswith("[") else None
+    except ValueError:
+        return None
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+        return None
+    return [float(v) for v in box]
+
+
+def grounding_candidates(items, *, image_root: str | None = None, evaluation: bool = False
+                         ) -> Iterator[rec.Candidate]:
+    """One candidate per instruction of each item (training); with `evaluation`, one per item: its first
+    instruction in the evaluation prompt, labelled with its pixel box. The image header gives W and H for the
+    0..1000 box."""
     for where, item in items:
         if "error" in item:
             yield rec.Candidate(where, {}, (rec.MISSING_FIELD, item["error"]))
@@ -74,6 +98,12 @@ def grounding_candidates(items, *, image_root: str | None = None) -> Iterator[re
             solution = prompts.grounding_solution(box)
         except (TypeError, ValueError) as e:
             yield rec.Candidate(where, {}, (rec.BAD_SOLUTION, f"box {boxes[0]!r}: {e}"))
+            continue
+        if evaluation:
+            fields = {"id": f"lisa:{stem}:0", "image": image_path,
+                      "problem": prompts.grounding_eval_problem(str(instructions[0])), "solution": solution,
+                      "task": "grounding", "label": pixel_box_label(boxes[0])}
+            yield rec.Candidate(f"instruction 0 of {where}", fields)
             continue
         for k, instruction in enumerate(instructions):
             fields = {"id": f"lisa:{stem}:{k}", "image": image_path,

@@ -9,7 +9,9 @@ sources:
                   --queries all|exist:FILE for evaluation sets (absent categories answer No Objects)
   classification  --folder D (a folder per class) or --list F (image<TAB>class) [--image-root D];
                   --noun aircraft|plant|pet|flower|car|shape; --shots K --seed S
-  lisa            --input D (LISA's train/ folder) or --input F (lisa_train.json) [--image-root D]
+  lisa            --input D (LISA's train/, val/ or test/ folder) or --input F (lisa_train.json) [--image-root D];
+                  --evaluation: as lisa_evaluation scores val/test (first instruction and box per image, the
+                  evaluation prompt, the pixel box as label)
   synthetic       --task detection|classification --num-images N --seed S [--min-side --max-side]
                   [--label shape|colour] [--shape-size mixed|large]
 
@@ -65,6 +67,9 @@ def parse_names(value: str | None) -> list[str] | None:
 
 def _splits(args) -> tuple[dict[str, Iterable[rec.Candidate]], dict[str, Any]]:
     notes: dict[str, Any] = {}
+    if args.evaluation and args.source != "lisa":
+        raise SystemExit(f"--evaluation makes LISA evaluation sets; {args.source} sets are made for evaluation by "
+                         "their own options")
     if args.source == "virft":
         if bool(args.parquet) == bool(args.json):
             raise SystemExit("virft: give --parquet FILES or --json FILE")
@@ -97,7 +102,8 @@ def _splits(args) -> tuple[dict[str, Iterable[rec.Candidate]], dict[str, Any]]:
                                                                      source=args.folder or args.list)}, notes
     if args.source == "lisa":
         items = lisa.lisa_folder_items(args.input) if os.path.isdir(args.input) else lisa.lisa_json_items(args.input)
-        return {args.split: lisa.grounding_candidates(items, image_root=args.image_root)}, notes
+        return {args.split: lisa.grounding_candidates(items, image_root=args.image_root,
+                                                      evaluation=bool(args.evaluation))}, notes
     if args.source == "synthetic":
         if args.task == "grounding":
             raise SystemExit("synthetic: --task is detection or classification")
@@ -135,7 +141,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", help="classification: a folder per class")
     p.add_argument("--list", help="classification: image<TAB>class list file")
     p.add_argument("--noun", default="aircraft", choices=sorted(classification.prompts.CLASSIFICATION_NOUNS))
-    p.add_argument("--input", help="lisa: LISA's train/ folder or lisa_train.json")
+    p.add_argument("--input", help="lisa: LISA's train/ (val/, test/) folder or lisa_train.json")
+    p.add_argument("--evaluation", action="store_true", default=None,  # absent: not in the dataset's source
+                   help="lisa: an evaluation set as lisa_evaluation's: one record per image (its first instruction "
+                        "and box), the evaluation prompt, the exact pixel box as the label")
     p.add_argument("--num-images", type=int, default=64, help="synthetic: images to draw")
     p.add_argument("--label", choices=synthetic.LABELS, default="shape",
                    help="synthetic classification: what the answer names")

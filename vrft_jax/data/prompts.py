@@ -47,6 +47,13 @@ LISA_TEMPLATE = (
     "{question} Output the thinking process in <think> </think> and your grouding box. "
     "Following \"<think> thinking process </think>\n<answer>(x1,y1),(x2,y2)</answer>)\" format."
 )
+# LISA evaluation (lisa_evaluation/Qwen2_VL_lisa_infere.py's f-string, demo/lisa_demo.ipynb, as visual-rft.md §4.3
+# gives it): the training words with a period after the instruction, sent with R1_SYSTEM_PROMPT.
+LISA_EVAL_TEMPLATE = (
+    "Output the bounding box in the image corresponding to the instruction: {instruction}. Output the thinking "
+    "process in <think> </think> and your grouding box. "
+    "Following \"<think> thinking process </think>\n<answer>(x1,y1),(x2,y2)</answer>)\" format."
+)
 
 # The system prompt of every grpo*.py; Visual-RFT uses it only for LISA evaluation (training has none).
 R1_SYSTEM_PROMPT = (
@@ -55,6 +62,11 @@ R1_SYSTEM_PROMPT = (
     "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
     "respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
 )
+
+# System prompts a recipe names (configs import no code): "template" sends none, so the chat template adds its
+# default "You are a helpful assistant." (Visual-RFT's training and its COCO, LVIS and classification evaluation);
+# "r1" is R1_SYSTEM_PROMPT (its LISA evaluation).
+SYSTEM_PROMPTS: dict[str, str | None] = {"template": None, "r1": R1_SYSTEM_PROMPT}
 
 
 def detection_problem(category: str) -> str:
@@ -77,6 +89,18 @@ def classification_problem(noun: str, asked: str | None = None) -> str:
 def grounding_problem(instruction: str) -> str:
     """The LISA training prompt. Like grpo_lisa.py, the question is stripped before templating."""
     return LISA_TEMPLATE.format(question=LISA_QUESTION.format(instruction=instruction).strip())
+
+
+def grounding_eval_problem(instruction: str) -> str:
+    """The LISA evaluation prompt (LISA_EVAL_TEMPLATE) for one instruction."""
+    return LISA_EVAL_TEMPLATE.format(instruction=instruction)
+
+
+def system_prompt(name: str) -> str | None:
+    """The system prompt SYSTEM_PROMPTS names (None: no system message); ValueError naming an unknown one."""
+    if name not in SYSTEM_PROMPTS:
+        raise ValueError(f"unknown system prompt {name!r}; known: {sorted(SYSTEM_PROMPTS)}")
+    return SYSTEM_PROMPTS[name]
 
 
 def detection_solution(boxes_rel1000: Sequence[Sequence[int]]) -> str:

@@ -7,7 +7,8 @@
 `evaluate` returns AP, AP50, AP75 (area all; COCO: 100 detections per image and category, pycocotools'
 numbers bit for bit; LVIS: `lvis_style=True`, 300 detections per image, detections of a category neither
 verified present nor verified absent in an image dropped, unmatched ones of a not-exhaustive category
-ignored), `per_category_AP` by name, and the paper's reduction over the recipe's categories (`paper_mAP`):
+ignored), `per_category_AP` by name, and the paper's reduction over the recipe's categories (`paper_mAP`, and
+`paper_per_category_AP`: each of those categories' AP as the paper's per-class columns compute it):
 
     COCO: per-class AP = mean of precision[iou, recall, k, area=all, maxDets=100] over its valid entries
           (coco_evaluation's notebook); the mean over the categories
@@ -185,11 +186,11 @@ def evaluate(gt: Mapping[str, Any], results: Sequence[dict], *, protocol: str = 
         "per_category_AP": per_category,
         "paper_mAP": float(np.mean(scored)) if scored else None,
         "paper_categories": selected,
+        "paper_per_category_AP": {n: paper_class[n] for n in selected},  # the per-class columns of its tables
         "no_ground_truth": [n for n in selected if paper_class[n] is None],
         "images": len(evaluation.params.imgIds),
     }
     if protocol == "lvis":
-        metrics["paper_per_category_AP"] = {n: paper_class[n] for n in selected}
         given = all(c.get("frequency") in LVIS_FREQUENCIES for c in gt["categories"])
         for frequency in LVIS_FREQUENCIES:
             ks = [k for k, c in enumerate(cat_ids) if by_name[names[c]].get("frequency") == frequency]

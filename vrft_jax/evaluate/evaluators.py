@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from vrft_jax import distributed
 from vrft_jax import storage as files  # `storage` is the data package's (datasets), imported below
-from vrft_jax.data import make_iterator, storage
+from vrft_jax.data import lisa, make_iterator, storage
 from vrft_jax.data.buckets import size_buckets
 from vrft_jax.data.pipeline import open_source
 from vrft_jax.evaluate import classification, detection, grounding, readers
@@ -193,14 +193,42 @@ class ClassificationEvaluator(Evaluator):
 
 @register("grounding")
 class GroundingEvaluator(Evaluator):
+    """Box mIoU and cIoU of the read answers, in the stored image's pixels.
+
+    The ground truth is the record's exact pixel box when its label holds one (`prepare lisa --evaluation`, as
+    lisa_evaluation scores against the polygon's box), else the solution's box, which gen_sft.py truncated to
+    the 0..1000 grid (up to 1/1000 of the side smaller); `ground_truth` in the metrics says which.
+    """
+
     def score(self, rows):
-        predicted, truth = [], []
-        for row in rows:
-            box = readers.grounding_box(row["completion"], self.settings.parse)
-            row["parsed"] = {"box": box}
-            truth.append(_to_pixels(readers.grounding_box(row["solution"], "visual_rft"), row, Frame.REL1000))
-            predicted.append(None if box is None else _to_pixels(box, row, frame_of(self.settings.frame)))
-        return {**grounding.box_metrics(predicted, truth), **grounding.mask_metrics_absent()}
+        return score_grounding(rows, parse=self.settings.parse, frame=self.settings.frame)
+
+
+def score_grounding(rows: list[dict[str, Any]], *, parse: str, frame: str) -> dict[str, Any]:
+    """The grounding metrics of prediction rows (completion, solution, label, image sizes); adds each row's
+    parsed box. A held-out set mixing pixel-box labels and solution boxes is an error naming the first odd row."""
+    predicted, truth, kinds = [], [], set()
+    for row in rows:
+        box = readers.grounding_box(row["completion"], parse)
+        row["parsed"] = {"box": box}
+        kind, gt = _grounding_truth(row)
+        kinds.add(kind)
+        if len(kinds) > 1:
+            raise ValueError(f"record {row['id']!r} (index {row['index']}): its ground truth is the {kind} but an "
+                             "earlier record's is not; make the held-out set with one `prepare lisa` command")
+        truth.append(gt)
+        predicted.append(None if box is None else _to_pixels(box, row, frame_of(frame)))
+    return {**grounding.box_metrics(predicted, truth), **grounding.mask_metrics_absent(),
+            "ground_truth": kinds.pop() if kinds else None}
+
+
+def _grounding_truth(row) -> tuple[str, list[float]]:
+    """("pixel box of the label" | "solution's 0..1000 box", the box in the stored image's pixels) of a row."""
+    pixels = lisa.read_pixel_box(row["label"] or "")
+    if pixels is not None:
+        return "pixel box of the label", pixels
+    return "solution's 0..1000 box", _to_pixels(readers.grounding_box(row["solution"], "visual_rft"), row,
+                                                Frame.REL1000)
 
 
 def _to_pixels(box, row, frame: Frame) -> list[float]:
