@@ -48,7 +48,7 @@ def run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     view.prompts_per_step = block.samples_per_step
     view.train.learning_rate = block.learning_rate
     view.train.warmup_steps = block.warmup_steps
-    view.train.decay_steps = max(view.total_steps - block.warmup_steps, 1)
+    view.train.decay_steps = max(view.total_steps - block.warmup_steps, 1)  # 1: a run that ends in its warmup
     view.train.weight_decay = block.weight_decay
     view.train.micro_batches = block.micro_batches
     return view
@@ -67,19 +67,20 @@ def target_bucket(tokenizer, source, limit: int, name: str = "data") -> int:
     id, tokens), since a truncated answer would teach the model to stop mid-answer."""
     if limit < 1:
         raise ValueError(f"sft.max_target_len={limit} must be >= 1")
+    if len(source) == 0:
+        raise ValueError(f"{name} has no records")
     start = time.perf_counter()
-    records = [source[index] for index in range(len(source))]
-    lengths = target_lengths(tokenizer, [_text(record["solution"]) for record in records])
+    lengths = target_lengths(tokenizer, [_text(source[index]["solution"]) for index in range(len(source))])
     over = np.flatnonzero(lengths > limit)
     if over.size:
-        named = ", ".join(f"record {i} (id {_text(records[i].get('id', '?'))!r}) {lengths[i]} tokens"
+        named = ", ".join(f"record {i} (id {_text(source[int(i)].get('id', '?'))!r}) {lengths[i]} tokens"
                           for i in over[:10])
         raise ValueError(f"{over.size} record(s) of {name} have SFT targets (solution + EOS) over "
                          f"sft.max_target_len={limit} tokens: {named}{' ...' if over.size > 10 else ''}; raise "
                          f"sft.max_target_len or remove them from the dataset")
     bucket = min(limit, -(-int(lengths.max()) // MULTIPLE) * MULTIPLE)
     logging.info("SFT target bucket of %s from its %d records (%.1f s): median %d, max %d tokens -> %d (limit %d)",
-                 name, len(records), time.perf_counter() - start, int(np.median(lengths)), int(lengths.max()),
+                 name, len(lengths), time.perf_counter() - start, int(np.median(lengths)), int(lengths.max()),
                  bucket, limit)
     return bucket
 
