@@ -42,6 +42,9 @@ def run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     block, `prompts_per_step`), the learning rate warming up over `sft.warmup_steps` and decaying linearly to
     0 over the rest of `total_steps`. What the run saves as its config.json, so the numbers it trained with
     are the ones it shows. Idempotent: the view of a view is itself."""
+    if "sft" not in config:
+        raise KeyError("mode='sft' reads the recipe's sft block, which it lacks (start from "
+                       "vrft_jax.configs._common.base_config)")
     view = ml_collections.ConfigDict(config.to_dict())
     block = view.sft
     view.mode = "sft"
@@ -64,7 +67,8 @@ def target_bucket(tokenizer, source, limit: int, name: str = "data") -> int:
     """The target bucket L of an SFT run over `source` (records with a `solution`): the smallest multiple of
     `MULTIPLE` that holds every record's solution and EOS, at most `limit`. Measured once, before the first
     batch, as `data.buckets` sizes the prompt buckets; a record over the limit is an error naming it (index,
-    id, tokens), since a truncated answer would teach the model to stop mid-answer."""
+    id, tokens), since a truncated answer would teach the model to stop mid-answer. An error whatever
+    `data.on_bad_record` says: the pipeline does not know the bucket, so it cannot skip such a record."""
     if limit < 1:
         raise ValueError(f"sft.max_target_len={limit} must be >= 1")
     if len(source) == 0:
