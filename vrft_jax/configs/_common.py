@@ -96,7 +96,7 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = name
     c.slice = settings["slice"]  # the TPU slice it is sized for (README: "Will it fit on my TPU slice?")
-    c.mode = "grpo"  # "grpo", or "sft": cross-entropy on the solutions of the same records
+    c.mode = "grpo"  # "grpo", or "sft": cross-entropy on the same records' solutions, with the `sft` block below
     c.seed = 0
     c.categories = ()  # the categories a detection recipe trains on, for its reports
 
