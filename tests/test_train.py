@@ -271,7 +271,7 @@ def heldout_cross_entropy(settings, params, tokenizer, score) -> tuple[float, in
 
 
 def test_sft_lowers_the_heldout_cross_entropy(data_dir, tmp_path, one_device, monkeypatch):
-    config = tiny_config(data_dir, {"mode": "sft", "total_steps": 8, "train.learning_rate": 3e-2})
+    config = tiny_config(data_dir, {"mode": "sft", "total_steps": 8, "sft.learning_rate": 3e-2})
     marks, seen = compiles_per_step(monkeypatch, sft, "iteration")
     with counting_compiles() as names:
         seen["names"] = names

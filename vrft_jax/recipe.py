@@ -70,7 +70,7 @@ PRESETS = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_vl_72b", "custom")
 TOP_LEVEL_KEYS = frozenset({
     "name", "slice", "mode", "seed", "total_steps", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
     "eval_every", "export_hf", "shared_mount", "prompts_per_step", "categories", "model", "source", "data", "eval",
-    "sampling", "grpo", "train", "rewards", "mesh", "warm_start", *SHARED})
+    "sampling", "grpo", "train", "rewards", "mesh", "warm_start", "sft", *SHARED})
 OPTIONAL_KEYS = frozenset({"categories"})
 BLOCK_KEYS = {
     "model": frozenset({"preset", "checkpoint", "hub_id", "precision", "param_dtype", "dtype", "remat", "text",
@@ -82,6 +82,8 @@ BLOCK_KEYS = {
     "rewards": frozenset({"mode", "frame", "terms"}),
     "mesh": frozenset({"data", "fsdp", "tensor"}),
     "warm_start": frozenset({"sft_steps", "learning_rate"}),
+    "sft": frozenset({"learning_rate", "warmup_steps", "weight_decay", "samples_per_step", "micro_batches",
+                      "max_target_len"}),
 }
 
 

@@ -1,7 +1,9 @@
 """`train(config, workdir)`: a recipe run to its `total_steps`, from its latest checkpoint or the start.
 
 GRPO by default (`grpo_loop.iteration`), `config.mode="sft"` for supervised fine-tuning on the same
-records (`sft.iteration`). The workdir (a local path or a `gs://` URL) holds:
+records (`sft.iteration`) with the recipe's `sft` block (`sft.run_config`: the paper's baseline optimizer and
+batch; the target bucket sized from the data before the first step). Both evaluate the held-out set every
+`eval_every` steps. The workdir (a local path or a `gs://` URL) holds:
 
     config.json          the resolved config of the latest start; config.<step>.json of every start
     metrics.jsonl        one row per logged step; TensorBoard events beside it; samples.jsonl
@@ -34,6 +36,7 @@ from flax import nnx
 
 from vrft_jax import checkpoints, distributed, grpo_loop, model_dir, recipe, sampling, sft, storage
 from vrft_jax.data import make_iterator
+from vrft_jax.data.pipeline import open_source
 from vrft_jax.evaluate import evaluators, report
 from vrft_jax.metrics import MetricWriter, every, read_metrics
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
@@ -93,16 +96,23 @@ def initial_model(config: ml_collections.ConfigDict, settings: recipe.Settings, 
 
 
 def warm_start_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The recipe as an SFT run of `warm_start.sft_steps` at `warm_start.learning_rate`."""
+    """The recipe as an SFT run of `warm_start.sft_steps` at `warm_start.learning_rate`, decaying to 0 without
+    warmup, on GRPO's batch and weight decay (not the baseline's `sft` block: the warm start only teaches the
+    answer format). Its targets are at most the rollout's `max_new_tokens`: an answer GRPO could not sample
+    is no format to teach."""
     sft_run = ml_collections.ConfigDict(config.to_dict())
     sft_run.mode = "sft"
     sft_run.total_steps = config.warm_start.sft_steps
     sft_run.warm_start.sft_steps = 0
-    sft_run.train.learning_rate = config.warm_start.learning_rate
-    sft_run.train.decay_steps = config.warm_start.sft_steps
+    sft_run.sft.learning_rate = config.warm_start.learning_rate
+    sft_run.sft.warmup_steps = 0
+    sft_run.sft.weight_decay = config.train.weight_decay
+    sft_run.sft.samples_per_step = config.prompts_per_step
+    sft_run.sft.micro_batches = config.train.micro_batches
+    sft_run.sft.max_target_len = config.sampling.max_new_tokens
     sft_run.export_hf = False
     sft_run.eval_every = 0
-    return sft_run
+    return sft.run_config(sft_run)
 
 
 def make_synthetic_data(config: ml_collections.ConfigDict) -> None:
@@ -245,6 +255,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     if guard is None:  # heard from the first line: conversion, data sizing and warm start included
         with checkpoints.PreemptionGuard() as guard:
             return train(config, workdir, guard=guard)
+    if config.mode == "sft":
+        config = sft.run_config(config)
     storage.require_shared(workdir, config.shared_mount)
     distributed.on_primary(storage.makedirs, workdir)
     make_synthetic_data(config)
@@ -270,6 +282,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         sampler_cast=sampling.make_sampler_cast(state.params, settings.sampler_dtype, mesh, settings.sampling.layout),
         mesh=mesh)
 
+    target_len = distributed.agreed(sft_target_bucket, config, settings, tokenizer) if sft_mode else None
     data = make_iterator(settings.data, settings.model, mesh=mesh, tokenizer=tokenizer, checkpoint_dir=source_dir)
     manager = checkpoints.make_manager(storage.join(workdir, "checkpoints"), save_interval_steps=config.ckpt_every,
                                        max_to_keep=config.keep_checkpoints)
@@ -285,7 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     _write_config(resolved, workdir, start)
     total = config.total_steps
     writer = distributed.agreed(MetricWriter, workdir, start_step=start)  # process 0 opens (and truncates) them
-    evaluator = None if sft_mode or not config.eval_every else recipe.evaluator(
+    evaluator = None if not config.eval_every else recipe.evaluator(
         config, settings, tokenizer=tokenizer, sampler_graphdef=context.sampler_graphdef, mesh=mesh)
     heldout = None if evaluator is None else HeldOut(evaluator, context.sampler_cast, workdir)
     before = None
@@ -304,7 +317,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
             if start and every(start, config.eval_every, total) and not heldout.evaluated(start):
                 heldout(start, state.params, writer)  # preempted between its update and its evaluation
         for step in range(start + 1, total + 1):
-            state, scalars = one_step(context, state, data, writer, config, key, step, sft_mode)
+            state, scalars = one_step(context, state, data, writer, config, key, step, target_len)
             # The preemption flag is read before the step's evaluation: a long evaluation must not delay the save.
             preempted = guard.should_stop(step)
             if heldout is not None and every(step, config.eval_every, total) and not preempted:
@@ -349,16 +362,23 @@ def next_batch(data, config):
                          f"total_steps={config.total_steps}: raise num_epochs, or set it to None to repeat") from None
 
 
+def sft_target_bucket(config: ml_collections.ConfigDict, settings: recipe.Settings, tokenizer) -> int:
+    """The SFT run's target length: every training record's solution + EOS measured (`sft.target_bucket`)."""
+    source, name = open_source(settings.data)
+    return sft.target_bucket(tokenizer, source, config.sft.max_target_len, name)
+
+
 def one_step(context: grpo_loop.RunContext, state, data, writer: MetricWriter, config, key, step: int,
-             sft_mode: bool):
-    """(state, logged scalars or None) after step `step`: the batch, the iteration, its metrics and samples."""
+             target_len: int | None):
+    """(state, logged scalars or None) after step `step`: the batch, the iteration (SFT's on targets
+    `target_len` long; GRPO's when None), its metrics and samples."""
     total = config.total_steps
     timer = Timer()
     with timer.timed("data"):  # a bad record one process meets stops them all, naming it
         batch = distributed.agreed(next_batch, data, config)
     log = every(step, config.log_every, total)
-    if sft_mode:
-        state, outcome = sft.iteration(context, state, batch, timer, log=log)
+    if target_len is not None:
+        state, outcome = sft.iteration(context, state, batch, timer, length=target_len, log=log)
     else:
         samples = SAMPLES_PER_LOG if every(step, config.sample_every, total) else 0
         state, outcome = grpo_loop.iteration(context, state, batch, jax.random.fold_in(key, step), timer,

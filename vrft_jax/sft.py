@@ -6,17 +6,27 @@ of the target completions, `-sum_t m_t lp_t / sum_t m_t`. With it, the GRPO trai
 accumulation, micro-batches, sharding, non-finite skips, donated state) is the SFT step: each prompt
 has one completion (G = 1), its solution followed by `<|im_end|>`, and there is no reference model,
 no advantage and no ratio.
+
+The run is the recipe's `sft` block (`run_config`): the paper's baseline had its own optimizer and batch
+(LLaMA-Factory: warmup 100, weight decay 0.1, 64 samples per step), which GRPO's (lr 1e-6, 16 prompts) is
+not. The target bucket, the completion length of the update, is sized from the training split before
+the first step (`target_bucket`), as the prompt buckets are: a record whose target is over
+`sft.max_target_len` is named then, not met mid-run.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import logging
 
 from vrft_jax import distributed, grpo
+from vrft_jax.data.buckets import MULTIPLE
 from vrft_jax.grpo_loop import Outcome, RunContext, place
 from vrft_jax.progress import Timer
 from vrft_jax.train_step import TrainBatch, TrainState
@@ -25,6 +35,65 @@ from vrft_jax.train_step import TrainBatch, TrainState
 def sft_config() -> grpo.GRPOConfig:
     """The update's GRPO settings in SFT mode: the cross-entropy loss, no KL."""
     return grpo.GRPOConfig(loss="sft", beta=0.0)
+
+
+def run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The recipe as its SFT run: the `sft` block's optimizer and batch where the run reads them (the `train`
+    block, `prompts_per_step`), the learning rate warming up over `sft.warmup_steps` and decaying linearly to
+    0 over the rest of `total_steps`. What the run saves as its config.json, so the numbers it trained with
+    are the ones it shows. Idempotent: the view of a view is itself."""
+    if "sft" not in config:
+        raise KeyError("mode='sft' reads the recipe's sft block, which it lacks (start from "
+                       "vrft_jax.configs._common.base_config)")
+    view = ml_collections.ConfigDict(config.to_dict())
+    block = view.sft
+    view.mode = "sft"
+    view.prompts_per_step = block.samples_per_step
+    view.train.learning_rate = block.learning_rate
+    view.train.warmup_steps = block.warmup_steps
+    view.train.decay_steps = max(view.total_steps - block.warmup_steps, 1)  # 1: a run that ends in its warmup
+    view.train.weight_decay = block.weight_decay
+    view.train.micro_batches = block.micro_batches
+    return view
+
+
+def target_lengths(tokenizer, solutions: Sequence[str]) -> np.ndarray:
+    """int64[N]: each solution's target length in tokens, EOS included (what `target_tokens` lays out)."""
+    encoded = tokenizer(list(solutions), add_special_tokens=False)["input_ids"]
+    return np.asarray([len(ids) + 1 for ids in encoded], np.int64)
+
+
+def target_bucket(tokenizer, source, limit: int, name: str = "data") -> int:
+    """The target bucket L of an SFT run over `source` (records with a `solution`): the smallest multiple of
+    `MULTIPLE` that holds every record's solution and EOS, at most `limit`. Measured once, before the first
+    batch, as `data.buckets` sizes the prompt buckets; a record over the limit is an error naming it (index,
+    id, tokens), since a truncated answer would teach the model to stop mid-answer. An error whatever
+    `data.on_bad_record` says: the pipeline does not know the bucket, so it cannot skip such a record."""
+    if limit < 1:
+        raise ValueError(f"sft.max_target_len={limit} must be >= 1")
+    if len(source) == 0:
+        raise ValueError(f"{name} has no records")
+    start = time.perf_counter()
+    lengths = target_lengths(tokenizer, [_text(source[index]["solution"]) for index in range(len(source))])
+    over = np.flatnonzero(lengths > limit)
+    if over.size:
+        named = ", ".join(f"record {i} (id {_text(source[int(i)].get('id', '?'))!r}) {lengths[i]} tokens"
+                          for i in over[:10])
+        raise ValueError(f"{over.size} record(s) of {name} have SFT targets (solution + EOS) over "
+                         f"sft.max_target_len={limit} tokens: {named}{' ...' if over.size > 10 else ''}; raise "
+                         f"sft.max_target_len or remove them from the dataset")
+    bucket = min(limit, -(-int(lengths.max()) // MULTIPLE) * MULTIPLE)
+    logging.info("SFT target bucket of %s from its %d records (%.1f s): median %d, max %d tokens -> %d (limit %d)",
+                 name, len(lengths), time.perf_counter() - start, int(np.median(lengths)), int(lengths.max()),
+                 bucket, limit)
+    return bucket
+
+
+def _text(value) -> str:
+    """A stored string field as text (ArrayRecord gives bytes or a 0-d array)."""
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def target_tokens(tokenizer, solutions: Sequence[str], length: int, eos_id: int, pad_id: int,
@@ -41,8 +110,8 @@ def target_tokens(tokenizer, solutions: Sequence[str], length: int, eos_id: int,
             continue
         ids = list(ids) + [eos_id]
         if len(ids) > length:
-            raise ValueError(f"SFT target of row {row} has {len(ids)} tokens (with EOS), more than the completion "
-                             f"bucket of {length}: raise sampling.max_new_tokens ({solutions[row][:80]!r})")
+            raise ValueError(f"SFT target of row {row} has {len(ids)} tokens (with EOS), more than the target "
+                             f"bucket of {length} ({solutions[row][:80]!r})")
         tokens[row, :len(ids)] = ids
         mask[row, :len(ids)] = 1
     return tokens, mask
@@ -55,13 +124,14 @@ def sft_batch(inputs, solutions: Sequence[str], tokenizer, *, length: int, eos_i
     return TrainBatch(inputs, jnp.asarray(tokens), jnp.asarray(mask), jnp.zeros((len(solutions),), jnp.float32))
 
 
-def iteration(context: RunContext, state: TrainState, batch, timer: Timer, *, log: bool = True
+def iteration(context: RunContext, state: TrainState, batch, timer: Timer, *, length: int, log: bool = True
               ) -> tuple[TrainState, Outcome]:
-    """One SFT update on the batch's solutions (G = 1, no rollout); the entropy measured when `log`. A target
-    too long for the completion bucket stops every process, naming the row, before any enters the update."""
+    """One SFT update on the batch's solutions (G = 1, no rollout), their targets `length` tokens long
+    (`target_bucket`); the entropy measured when `log`. A target that does not fit (a dataset changed under
+    a run) stops every process, naming the row, before any enters the update."""
     with timer.timed("update"):
         train_batch = distributed.agreed(
-            sft_batch, batch.model_inputs, batch.solution, context.tokenizer, length=context.sampling.max_new_tokens,
+            sft_batch, batch.model_inputs, batch.solution, context.tokenizer, length=length,
             eos_id=context.sampling.eos_token_ids[0], pad_id=context.sampling.pad_token_id,
             valid=batch.meta.get("valid"))
         state, metrics = context.step(state, place(context, train_batch), log)

@@ -1,10 +1,11 @@
 """`python -m vrft_jax.train --config=NAME[:ARG] [--config.key=value ...] [--workdir=DIR]`
 
 Runs a recipe of `vrft_jax/configs` (or a recipe file) to its `total_steps` (`vrft_jax.run.train`): GRPO by
-default, `--config.mode=sft` for supervised fine-tuning on the same records. With no `--config` the `demo`
-recipe runs. The workdir (default `runs/NAME`; a `gs://` URL on a pod) holds the checkpoints, metrics,
-evaluations, report and final model (`vrft_jax.run`). SIGTERM saves the step and exits 0; the same command
-resumes it.
+default, `--config.mode=sft` for supervised fine-tuning on the same records with the recipe's `sft` block (the
+paper's SFT baseline: its learning rate, warmup, weight decay and samples per step; full fine-tuning). Both
+evaluate the held-out set every `eval_every` steps. With no `--config` the `demo` recipe runs. The workdir
+(default `runs/NAME`; a `gs://` URL on a pod) holds the checkpoints, metrics, evaluations, report and final
+model (`vrft_jax.run`). SIGTERM saves the step and exits 0; the same command resumes it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def print_summary(config, workdir: str, result: run.Result) -> None:
     if result.heldout_before and result.heldout_after:
         (b, b_se, _), (a, a_se, _) = result.heldout_before, result.heldout_after
         gain = (a - b) / math.hypot(a_se, b_se) if a_se or b_se else math.copysign(math.inf, a - b) if a != b else 0.0
-        print(f"held-out reward: {b:.4f} ± {b_se:.4f} before GRPO, {a:.4f} ± {a_se:.4f} after "
+        print(f"held-out reward: {b:.4f} ± {b_se:.4f} before training, {a:.4f} ± {a_se:.4f} after "
               f"({gain:+.1f} standard errors)", flush=True)
 
 

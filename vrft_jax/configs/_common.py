@@ -12,6 +12,7 @@ A recipe's blocks are one-to-one with the frozen dataclasses that `vrft_jax.reci
     train     -> TrainConfig (its `grpo` is the block above)
     rewards   -> rewards.combine(terms, mode) with the box frame given to every reward that takes one
     mesh      -> sharding.make_mesh(data, fsdp, tensor)
+    sft       -> the `mode="sft"` run's optimizer, batch and target limit (`vrft_jax.sft.run_config`)
 
 The other top-level fields are the run's: its name, length and cadence, and where things come from.
 """
@@ -95,7 +96,7 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = name
     c.slice = settings["slice"]  # the TPU slice it is sized for (README: "Will it fit on my TPU slice?")
-    c.mode = "grpo"  # "grpo", or "sft": cross-entropy on the solutions of the same records
+    c.mode = "grpo"  # "grpo", or "sft": cross-entropy on the same records' solutions, with the `sft` block below
     c.seed = 0
     c.categories = ()  # the categories a detection recipe trains on, for its reports
 
@@ -218,6 +219,23 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
     c.rewards = dict(mode="paper", frame="qwen2_vl", terms={})
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.warm_start = dict(sft_steps=0, learning_rate=1e-5)  # SFT before GRPO (the demo's); 0 = none
+
+    # `mode="sft"`: the paper's SFT baseline, LLaMA-Factory's run of issue #34 (visual-rft.md §6): 200 steps (the
+    # recipe's total_steps), `--warmup_steps 100 --weight_decay 0.1`, per-device batch 1 x grad-acc 8 x 8 GPUs.
+    # It was LoRA (`--finetuning_type lora`); this is full fine-tuning until the LoRA issue lands.
+    c.sft = dict(
+        # A guess: visual-rft.md gives no SFT learning rate (issue #34 does not show it). LLaMA-Factory's LoRA
+        # examples use 1e-4, its full fine-tuning examples about 1e-5: full fine-tuning here, so 1e-5.
+        learning_rate=1e-5,
+        warmup_steps=100,  # issue #34; then linear decay to 0 (HF's default schedule: a guess, #34 names none)
+        weight_decay=0.1,  # issue #34 (not on biases and norms, as HF's Trainer)
+        samples_per_step=64,  # issue #34: 8 GPUs x 1 sample x 8 accumulation steps
+        micro_batches=1,  # a guess: 64 sequences per update, GRPO's 2B step takes 128; raise it if it does not fit
+        # The limit; the target bucket is sized from the data (solution + EOS, `vrft_jax.sft.target_bucket`). A
+        # guess: COCO base65 answers reach ~600 tokens. LLaMA-Factory's cutoff_len (2048, prompt and answer)
+        # truncates; here a longer target is a bad record, named before the first step.
+        max_target_len=1024,
+    )
     link_shared(c)
     return c
 
