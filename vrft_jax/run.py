@@ -35,7 +35,7 @@ from flax import nnx
 from vrft_jax import checkpoints, distributed, grpo_loop, model_dir, recipe, sampling, sft, storage
 from vrft_jax.data import make_iterator
 from vrft_jax.evaluate import evaluators, report
-from vrft_jax.metrics import MetricWriter, every, read_metrics
+from vrft_jax.metrics import MetricWriter, every, named, read_metrics
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
 from vrft_jax.progress import Reporter, Timer
@@ -49,6 +49,7 @@ SAMPLES_PER_LOG = 4  # completions written to samples.jsonl at each sample_every
 # touch the trained numbers. `total_steps` too, but only where the learning-rate schedule of the steps already
 # taken stays the same (`check_resume_config`).
 RESUMABLE_CHANGES = ("log_every", "ckpt_every", "keep_checkpoints", "sample_every", "eval_every", "export_hf",
+                     "metric_names",
                      "eval.*", "data.num_workers", "data.worker_buffer", "data.read_threads", "data.device_prefetch",
                      "shared_mount", "total_steps")
 
@@ -367,6 +368,7 @@ def one_step(context: grpo_loop.RunContext, state, data, writer: MetricWriter, c
     if log:
         scalars = {**{k: float(v) for k, v in jax.device_get(outcome.device).items()}, **outcome.host,
                    **timer.scalars(), "skipped_records": float(sum(batch.skipped.values()))}
+        scalars = named(scalars, config.metric_names)
         distributed.agreed(writer.write, step, scalars)
         check_nonfinite(state, context.train)
     if outcome.samples:
