@@ -126,8 +126,9 @@ class GRPOConfig:
 
         This config is the update's math only. Two settings outside it decide what the update sees, and
         differ from Visual-RFT in a recipe's defaults:
-        - the sampler never draws the 4 vision special tokens (TRL 1.16 does the same for VLMs); Visual-RFT
-          suppresses nothing: `sampling.suppressed_token_ids=()` (`SamplingConfig.suppressed_token_ids`);
+        - the sampler never draws the 4 vision special tokens (TRL 1.16 suppresses <|image_pad|> alone,
+          grpo_trainer.py:1170); Visual-RFT suppresses nothing: `sampling.suppressed_token_ids=()`
+          (`SamplingConfig.suppressed_token_ids`);
         - the logged `reward_std` and `kl` are TRL 1.16's (batch std; token mean); Visual-RFT logged the
           mean in-group std and the mean over sequences of each one's token mean: `metric_names="visual_rft"`
           logs those under the plain names (`vrft_jax.metrics.METRIC_NAMES`).
