@@ -7,7 +7,9 @@ records (`sft.iteration`). The workdir (a local path or a `gs://` URL) holds:
     metrics.jsonl        one row per logged step; TensorBoard events beside it; samples.jsonl
     checkpoints/         orbax steps: train state, data position, config (resumed automatically)
     eval/, report/       the held-out evaluations and the visual report
-    model/               the final model directory (`vrft_jax.model_dir`); hf/ with `export_hf=True`
+    model/               the final model directory (`vrft_jax.model_dir`); hf/ with `export_hf=True`. Both carry
+                         the initial checkpoint's tokenizer, processor, chat template and generation config;
+                         from random weights, the packaged tokenizer and template and the rollout's stop ids
     warm_start/          an SFT warm start before GRPO (`warm_start.sft_steps`), a run of its own
     initial/             the recipe's Hugging Face checkpoint, converted once
     heldout_before.json  the held-out reward of the initial weights, reported again on resume
@@ -329,6 +331,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         heldout(total, state.params, None)
     final_dir = storage.join(workdir, "model")
     model_dir.save_model(nnx.merge(graphdef, state.params), final_dir, hf_source=source_dir)
+    distributed.on_primary(model_dir.add_missing_assets, final_dir, tokenizer, settings.sampling.eos_token_ids,
+                           settings.sampling.pad_token_id)
     after, report_path = None, None
     if heldout is not None:
         after = summary(heldout.last)
