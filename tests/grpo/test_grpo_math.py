@@ -1,6 +1,8 @@
 """The GRPO math of `vrft_jax.grpo` against independent NumPy (float64) transcriptions of its sources:
 visual-rft.md §5.4 for the paper loss, TRL 1.16's `_compute_loss` for the others."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -302,6 +304,15 @@ def test_the_visual_rft_completion_mask_is_its_trainer_code_and_first_stop_is_wh
         np.testing.assert_array_equal(got[:, :expected.shape[1]], expected, err_msg=f"group {g}")
         assert not got[:, expected.shape[1]:].any(), f"group {g} beyond its generated width"
     np.testing.assert_array_equal(ours, [3, 5, 5, 5, 6, 6, 2, 6])
+    # The loop's phase: the recipe's rule with the run tokenizer's EOS, read only by the rule that needs it.
+    from vrft_jax import grpo_loop, sampling
+
+    out = sampling.Rollout(tokens=jnp.asarray(tokens), logprobs=jnp.zeros(tokens.shape), lengths=jnp.asarray(lengths))
+    context = types.SimpleNamespace(train=types.SimpleNamespace(grpo=visual_rft), group_size=G,
+                                    tokenizer=types.SimpleNamespace(eos_token_id=IM_END))
+    np.testing.assert_array_equal(grpo_loop.completion_lengths(context, out), ours)
+    context = types.SimpleNamespace(train=types.SimpleNamespace(grpo=grpo.GRPOConfig()), group_size=G, tokenizer=None)
+    np.testing.assert_array_equal(grpo_loop.completion_lengths(context, out), lengths)
     np.testing.assert_array_equal(grpo.completion_lengths(tokens, lengths, G, grpo.GRPOConfig(), IM_END), lengths)
     with pytest.raises(ValueError, match=r"completions \(8, 6\) and lengths \(8,\) do not make groups of 3 rows"):
         grpo.visual_rft_lengths(tokens, lengths, 3, IM_END)
