@@ -55,8 +55,8 @@ COMPLETION_MASKS = ("first_stop", "visual_rft")  # `GRPOConfig.completion_mask`,
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
-    """The algorithm's knobs. The defaults are Visual-RFT's (visual-rft.md §5.4) but the completion mask's
-    (`visual_rft()` is all of Visual-RFT's).
+    """The algorithm's knobs. The defaults are Visual-RFT's (visual-rft.md §5.4) but the completion mask's,
+    which `visual_rft()` sets too.
 
     loss:           a name in LOSSES ("paper", "grpo", "bnpo", "dr_grpo", "dapo")
     advantage:      a name in ADVANTAGES ("group", "batch", "none"); TRL's `scale_rewards`
@@ -133,7 +133,9 @@ class GRPOConfig:
           mean in-group std and the mean over sequences of each one's token mean: `metric_names="visual_rft"`
           logs those under the plain names (`vrft_jax.metrics.METRIC_NAMES`).
         A recipe's `grpo` block defaults to `completion_mask="first_stop"` (the mask ends where sampling
-        stopped); `grpo.completion_mask="visual_rft"` makes it this config's.
+        stopped); `grpo.completion_mask="visual_rft"` makes it this config's. What lies outside the update
+        (precision, the rewards' math_verify shortcut, the prompt-truncation bug of visual-rft.md §5.4 step 1)
+        is for the recipes and the rewards to state.
         """
         return cls(completion_mask="visual_rft")
 
