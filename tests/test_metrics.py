@@ -154,6 +154,17 @@ def test_reward_stats():
         reward_stats([1.0] * 6, {}, group_size=4)
 
 
+def test_metric_names_put_visual_rfts_definitions_under_the_plain_names_and_keep_trls_under_explicit_ones():
+    logged = {"reward_std": 0.5, "reward_std_in_group": 0.2, "kl": 0.03, "kl_sequence_mean": 0.04, "loss": 1.0}
+    assert metrics.named(logged, "trl") == logged
+    assert metrics.named(logged, "visual_rft") == {"reward_std": 0.2, "reward_std_batch": 0.5, "kl": 0.04,
+                                                   "kl_token_mean": 0.03, "loss": 1.0}
+    sft = {"loss": 1.0, "tokens": 12.0}  # no reward, no KL: nothing to rename
+    assert metrics.named(sft, "visual_rft") == sft
+    with pytest.raises(ValueError, match=r"metric_names='r1_v' is not one of \('trl', 'visual_rft'\)"):
+        metrics.named(logged, "r1_v")
+
+
 SCALARS = {"reward": 0.61, "reward_std": 0.2, "reward_std_in_group": 0.1, "reward_zero_std_groups": 0.25,
            "reward/iou": 0.4, "reward/iou_std": 0.3, "reward/format": 0.9, "reward/format_std": 0.05,
            "kl": 0.0123, "loss": -0.002, "clip_low": 0.01, "clip_high": 0.02, "completion_length": 87.25,

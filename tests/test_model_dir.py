@@ -109,3 +109,32 @@ def test_load_without_a_mesh_spreads_the_model_over_every_device(tmp_path):
     assert_same_params(loaded, params_of(model))
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["text_config"]["hidden_size"] == 32 and config["dtype"] == "float32"
+
+
+def test_assets_of_the_source_are_carried_and_only_what_it_lacks_is_added(tmp_path):
+    """Every Qwen2-VL asset name of either transformers generation travels from the HF source to `hf_assets/`;
+    `add_missing_assets` then adds nothing. A model without a source gets the run's tokenizer, template and stop
+    ids (item 5 of issue 19)."""
+    from vrft_jax.models.qwen2_vl.tokenizer import CHAT_TEMPLATE, load_tokenizer
+
+    source = tmp_path / "hub"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(tiny_model(seed=1).config.to_hf_dict()))
+    for name in model_dir.HF_ASSETS:
+        (source / name).write_text(f"{name} of the source")
+    (source / "model.safetensors").write_text("weights are no asset")
+    model_dir.save_model(tiny_model(seed=1), str(tmp_path / "sourced"), hf_source=str(source))
+    assets = tmp_path / "sourced" / model_dir.ASSETS_DIR
+    assert entries(assets) == set(model_dir.HF_ASSETS)
+    assert {"video_preprocessor_config.json", "processor_config.json", "chat_template.jinja"} <= entries(assets)
+    tokenizer = load_tokenizer()
+    assert model_dir.add_missing_assets(str(tmp_path / "sourced"), tokenizer, (7, 8), 9) == []
+    assert all((assets / name).read_text() == f"{name} of the source" for name in model_dir.HF_ASSETS)
+
+    model_dir.save_model(tiny_model(seed=1), str(tmp_path / "random"))
+    written = model_dir.add_missing_assets(str(tmp_path / "random"), tokenizer, (151645, 151643), 151643)
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"} <= set(written)
+    assets = tmp_path / "random" / model_dir.ASSETS_DIR
+    assert json.loads((assets / "generation_config.json").read_text()) == {"eos_token_id": [151645, 151643],
+                                                                           "pad_token_id": 151643}
+    assert load_tokenizer(str(assets)).chat_template == CHAT_TEMPLATE

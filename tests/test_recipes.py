@@ -164,6 +164,22 @@ def test_the_flat_train_block_is_split_into_the_leaf_configs_train_config_compos
         GRPOConfig.from_dict({"betta": 0.0})
 
 
+def test_visual_rfts_mask_suppression_and_metric_names_are_recipe_flags():
+    """Each difference `GRPOConfig.visual_rft()` lists has a flag; metric naming may change on resume."""
+    from vrft_jax import run
+
+    config = recipe.load("lvis_fewshot", {"grpo.completion_mask": "visual_rft", "sampling.suppressed_token_ids": (),
+                                          "metric_names": "visual_rft"})
+    s = recipe.build(config, process_count=1, check_paths=False)
+    assert s.train.grpo == GRPOConfig.visual_rft()
+    assert s.sampling.resolve(s.model).suppressed_token_ids == ()
+    assert "metric_names" in run.RESUMABLE_CHANGES
+    default = recipe.build(recipe.load("lvis_fewshot"), process_count=1, check_paths=False)
+    assert default.train.grpo.completion_mask == "first_stop" and recipe.load("lvis_fewshot").metric_names == "trl"
+    with pytest.raises(ValueError, match=r"metric_names='r1' is not one of \['trl', 'visual_rft'\]"):
+        recipe.build(recipe.load("lvis_fewshot", {"metric_names": "r1"}), process_count=1, check_paths=False)
+
+
 def test_load_names_an_unknown_key_a_wrong_type_a_recipe_and_an_argument():
     with pytest.raises(recipe.RecipeError, match=r"'train.learnin_rate'.*did you mean 'train.learning_rate'"):
         recipe.load("lvis_fewshot", {"train.learnin_rate": 1e-5})

@@ -30,7 +30,7 @@ from vrft_jax import grpo_loop, model_dir, recipe, run, sampling, sft, sharding
 from vrft_jax.data import make_iterator
 from vrft_jax.metrics import read_metrics
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
-from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer
+from vrft_jax.models.qwen2_vl.tokenizer import CHAT_TEMPLATE, ENDOFTEXT_ID, IM_END_ID, load_tokenizer
 from vrft_jax.progress import Timer
 from vrft_jax.scoring import make_score_fn
 from vrft_jax.train_step import NonFiniteUpdatesError, init_state, make_train_step
@@ -472,6 +472,106 @@ def test_export_hf_writes_a_checkpoint_transformers_loads_with_the_trained_weigh
     assert sum(p.numel() for p in hf.parameters()) > 0
     assert_bitwise_equal(nnx.state(load_hf(exported, mesh=one_device), nnx.Param),
                          params_of(result.model_dir, one_device))
+    # From random weights the export carries what the run trained with: the packaged tokenizer, its chat
+    # template, and a generation config of the rollout's stop ids (no processor files: none was given).
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"} <= set(
+        os.listdir(exported))
+    assert not {"preprocessor_config.json", "processor_config.json"} & set(os.listdir(exported))
+    assert hf.generation_config.eos_token_id == [IM_END_ID, ENDOFTEXT_ID]
+    assert hf.generation_config.pad_token_id == ENDOFTEXT_ID
+    exported_tokenizer, packaged = load_tokenizer(exported), load_tokenizer()
+    assert exported_tokenizer.chat_template == packaged.chat_template == CHAT_TEMPLATE
+    text = "<|im_start|>user\n<think> Boeing 717 </think><|im_end|>"
+    assert exported_tokenizer(text).input_ids == packaged(text).input_ids
+
+
+# Sentinels no default has: each must reach the export and act there.
+SENTINEL_GENERATION = {"bos_token_id": ENDOFTEXT_ID, "pad_token_id": ENDOFTEXT_ID,
+                       "eos_token_id": [IM_END_ID, ENDOFTEXT_ID], "do_sample": False, "max_new_tokens": 3,
+                       "repetition_penalty": 1.0123}
+SENTINEL_MIN_PIXELS, SENTINEL_MAX_PIXELS = 3136, 12544
+SENTINEL_SYSTEM = "You are a sentinel assistant."
+
+
+def hub_checkpoint(directory: str, config) -> list[str]:
+    """A Qwen2-VL checkpoint in the hub's layout (Qwen2-VL-2B-Instruct's files: config.json, safetensors,
+    generation_config.json, tokenizer.json, tokenizer_config.json, vocab.json, merges.txt,
+    preprocessor_config.json, chat_template.json) for the recipe's model, with the real tokenizer and sentinel
+    generation, pixel and chat-template values; returns the asset names."""
+    import shutil
+
+    from model_port.flax_to_hf import save_hf
+    from vrft_jax.models.qwen2_vl.tokenizer import packaged_tokenizer_file
+
+    save_hf(Qwen2VL(config, rngs=nnx.Rngs(7)), directory)
+    tokenizer = load_tokenizer()
+    tokenizer.chat_template = None  # the hub keeps it in chat_template.json
+    tokenizer.save_pretrained(directory)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(os.path.dirname(packaged_tokenizer_file()), name), directory)
+    files = {"generation_config.json": SENTINEL_GENERATION,
+             "chat_template.json": {"chat_template": CHAT_TEMPLATE.replace("You are a helpful assistant.",
+                                                                           SENTINEL_SYSTEM)},
+             "preprocessor_config.json": {
+                 "min_pixels": SENTINEL_MIN_PIXELS, "max_pixels": SENTINEL_MAX_PIXELS, "patch_size": 14,
+                 "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                 "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
+                 "processor_class": "Qwen2VLProcessor"}}
+    for name, content in files.items():
+        with open(os.path.join(directory, name), "w") as f:
+            json.dump(content, f, indent=2)
+    return sorted(set(os.listdir(directory)) & set(model_dir.HF_ASSETS))
+
+
+def test_a_run_from_an_hf_checkpoint_exports_its_tokenizer_processor_template_and_generation_config(
+        data_dir, tmp_path, one_device):
+    """Issue 19 acceptance: `model/` and `hf/` carry the initial checkpoint's assets byte for byte; transformers
+    loads the export's processor and model, and `generate` follows the shipped generation config (its sentinel
+    max_new_tokens bounds the output). transformers' AutoProcessor needs torchvision for Qwen2-VL's video
+    processor, which this environment lacks (reference/environment.md): that failure is asserted, and the
+    processor is loaded as `vrft_jax.models.qwen2_vl.processor` does, image-only, from the same files."""
+    import torch
+    from transformers import AutoProcessor, GenerationConfig, Qwen2VLForConditionalGeneration
+
+    from hf_reference import image
+    from vrft_jax.models.qwen2_vl.processor import ImageOnlyQwen2VLProcessor
+
+    hub = str(tmp_path / "hub")
+    config = tiny_config(data_dir, {"total_steps": 1, "export_hf": True})
+    assets = hub_checkpoint(hub, recipe.build(config, check_paths=False).model)
+    assert set(assets) == {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                           "merges.txt", "preprocessor_config.json", "chat_template.json"}
+    workdir = str(tmp_path / "run")
+    result = run.train(tiny_config(data_dir, {"total_steps": 1, "export_hf": True, "model.checkpoint": hub}),
+                       workdir)
+    exported = os.path.join(workdir, "hf")
+    for where in (os.path.join(result.model_dir, model_dir.ASSETS_DIR), exported):
+        assert set(os.listdir(where)) & set(model_dir.HF_ASSETS) == set(assets), where
+        for name in assets:
+            with open(os.path.join(hub, name), "rb") as a, open(os.path.join(where, name), "rb") as b:
+                assert a.read() == b.read(), f"{where}/{name} differs from the checkpoint's"
+
+    with pytest.raises(ImportError, match="Qwen2VLVideoProcessor requires the Torchvision library"):
+        AutoProcessor.from_pretrained(exported)
+    processor = ImageOnlyQwen2VLProcessor.from_pretrained(exported)
+    assert processor.image_processor.size.longest_edge == SENTINEL_MAX_PIXELS
+    assert processor.image_processor.size.shortest_edge == SENTINEL_MIN_PIXELS
+    assert processor.tokenizer.eos_token == "<|im_end|>" and len(processor.tokenizer) == 151657
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.startswith(f"<|im_start|>system\n{SENTINEL_SYSTEM}<|im_end|>")
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(exported).eval()
+    shipped = GenerationConfig.from_pretrained(exported)
+    assert (shipped.max_new_tokens, shipped.repetition_penalty) == (3, 1.0123)
+    assert model.generation_config.max_new_tokens == 3 and model.generation_config.repetition_penalty == 1.0123
+    inputs = processor(text=[text], images=[image(56, 56, seed=0)], return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**inputs)  # no decoding argument: the shipped config decides
+    # Greedy, deterministic: 3 new tokens (a stop id would end it sooner), where transformers' own default
+    # (max_length 20) would allow none after this longer prompt.
+    assert inputs["input_ids"].shape[1] > 20
+    assert generated.shape[1] - inputs["input_ids"].shape[1] == 3
 
 
 # ------------------------------------------------------------------------------------------ resume config

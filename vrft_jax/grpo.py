@@ -50,10 +50,13 @@ register_advantage = _registrar(ADVANTAGES, "advantage estimator")
 register_kl = _registrar(KL_ESTIMATORS, "KL estimator")
 register_loss = _registrar(LOSSES, "loss")
 
+COMPLETION_MASKS = ("first_stop", "visual_rft")  # `GRPOConfig.completion_mask`, `completion_lengths`
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
-    """The algorithm's knobs. The defaults are Visual-RFT's (visual-rft.md §5.4).
+    """The algorithm's knobs. The defaults are Visual-RFT's (visual-rft.md §5.4) but the completion mask's,
+    which `visual_rft()` sets too.
 
     loss:           a name in LOSSES ("paper", "grpo", "bnpo", "dr_grpo", "dapo")
     advantage:      a name in ADVANTAGES ("group", "batch", "none"); TRL's `scale_rewards`
@@ -68,6 +71,10 @@ class GRPOConfig:
     epsilon_high:   upper clip range, 1 + epsilon_high; None means epsilon (TRL `epsilon_high`)
     delta:          optional upper bound of the unclipped ratio (two-sided clipping; TRL `delta`)
     max_completion_length: dr_grpo's per-sequence normaliser; None means the completion bucket L
+    completion_mask: which completion tokens the loss, the KL and the update see, a name in COMPLETION_MASKS:
+                    "first_stop" (default) every token through the first of the sampler's stop ids (TRL
+                    1.16's `eos_token_ids` rule); "visual_rft" Visual-RFT's `processing_class.eos_token_id`
+                    rule, `visual_rft_lengths`
     """
 
     loss: str = "paper"
@@ -80,9 +87,11 @@ class GRPOConfig:
     epsilon_high: float | None = None
     delta: float | None = None
     max_completion_length: int | None = None
+    completion_mask: str = "first_stop"
 
     def __post_init__(self):
-        for field, table in (("loss", LOSSES), ("advantage", ADVANTAGES), ("kl", KL_ESTIMATORS)):
+        for field, table in (("loss", LOSSES), ("advantage", ADVANTAGES), ("kl", KL_ESTIMATORS),
+                             ("completion_mask", COMPLETION_MASKS)):
             name = getattr(self, field)
             if name not in table:
                 raise ValueError(f"GRPOConfig.{field}={name!r} is not one of {sorted(table)}")
@@ -110,8 +119,25 @@ class GRPOConfig:
 
     @classmethod
     def visual_rft(cls) -> GRPOConfig:
-        """Visual-RFT exactly: paper loss, group advantages with unbiased std + 1e-4, k3 KL, beta 0.04."""
-        return cls()
+        """Visual-RFT's GRPO update (visual-rft.md §5.4): paper loss, group advantages with unbiased std
+        + 1e-4, k3 KL, beta 0.04, and its completion mask (`completion_mask="visual_rft"`: through the first
+        <|im_end|>; a row that stopped on <|endoftext|> or at the length limit keeps every token its group's
+        `generate` returned, the <|endoftext|> padding included).
+
+        This config is the update's math only. Two settings outside it decide what the update sees, and
+        differ from Visual-RFT in a recipe's defaults:
+        - the sampler never draws the 4 vision special tokens (TRL 1.16 suppresses <|image_pad|> alone,
+          grpo_trainer.py:1170); Visual-RFT suppresses nothing: `sampling.suppressed_token_ids=()`
+          (`SamplingConfig.suppressed_token_ids`);
+        - the logged `reward_std` and `kl` are TRL 1.16's (batch std; token mean); Visual-RFT logged the
+          mean in-group std and the mean over sequences of each one's token mean: `metric_names="visual_rft"`
+          logs those under the plain names (`vrft_jax.metrics.METRIC_NAMES`).
+        A recipe's `grpo` block defaults to `completion_mask="first_stop"` (the mask ends where sampling
+        stopped); `grpo.completion_mask="visual_rft"` makes it this config's. What lies outside the update
+        (precision, the rewards' math_verify shortcut, the prompt-truncation bug of visual-rft.md §5.4 step 1)
+        is for the recipes and the rewards to state.
+        """
+        return cls(completion_mask="visual_rft")
 
     @classmethod
     def trl(cls, loss_type: str = "dapo", scale_rewards: str = "group", beta: float = 0.0, epsilon: float = 0.2,
@@ -230,6 +256,43 @@ def kl_k3(logprobs, ref_logprobs):
     return jnp.exp(d) - d - 1
 
 
+# ------------------------------------------------------------------------------------ completion masks
+
+
+def completion_lengths(tokens_nl, lengths_n, group_size: int, config: GRPOConfig, eos_token_id: int):
+    """int32[N]: how many leading tokens of each completion the update sees, by `config.completion_mask`.
+
+    tokens_nl: int32[N, L] the rollout's completions, row b*G + g sample g of prompt b, padded after
+      their stop; lengths_n: int32[N] tokens through the first stop id (L when none); eos_token_id: the
+      tokenizer's EOS (Qwen2-VL-Instruct's <|im_end|>), read by "visual_rft" only.
+    """
+    if config.completion_mask == "first_stop":
+        return jnp.asarray(lengths_n, jnp.int32)
+    return visual_rft_lengths(tokens_nl, lengths_n, group_size, eos_token_id)
+
+
+def visual_rft_lengths(tokens_nl, lengths_n, group_size: int, eos_token_id: int):
+    """int32[N]: Visual-RFT's completion mask as lengths (its `Qwen2VLGRPOTrainer.compute_loss`).
+
+    It masks after the first `processing_class.eos_token_id` (<|im_end|>, the tokenizer's EOS) only, while
+    `generate` stops on either of the model's EOS ids (<|im_end|>, <|endoftext|>) and pads a stopped row
+    with the pad id (<|endoftext|>) to the longest row of its call: one prompt's G samples (one prompt
+    per device in every script). So a row that stopped on <|im_end|> keeps its tokens through it, and any
+    other (stopped on <|endoftext|>, or cut at the limit) keeps every token up to its group's longest
+    row, the <|endoftext|> padding included, which the loss, the KL and the attention then count. Our
+    rollout pads with the same id, so the padding scored is the tokens Visual-RFT scored.
+    """
+    tokens = jnp.asarray(tokens_nl)
+    lengths = jnp.asarray(lengths_n, jnp.int32)
+    if tokens.ndim != 2 or lengths.shape != tokens.shape[:1] or lengths.shape[0] % group_size:
+        raise ValueError(f"completions {tokens.shape} and lengths {lengths.shape} do not make groups of "
+                         f"{group_size} rows")
+    last = jnp.take_along_axis(tokens, jnp.clip(lengths - 1, 0, tokens.shape[1] - 1)[:, None], axis=1)[:, 0]
+    stopped_on_eos = (lengths > 0) & (last == eos_token_id)
+    generated = jnp.repeat(jnp.max(lengths.reshape(-1, group_size), axis=1), group_size)
+    return jnp.where(stopped_on_eos, lengths, generated)
+
+
 # ---------------------------------------------------------------------------------------------- losses
 
 
@@ -245,6 +308,7 @@ class LossTerms:
     tokens: jax.Array  # masked (real) completion tokens
     sequences: jax.Array  # rows with at least one real token
     kl_sum: jax.Array  # sum over tokens of the per-token KL estimate (0 when no reference is given)
+    kl_sequence_sum: jax.Array  # sum over sequences of each one's token mean of the KL estimate
     clip_low_sum: jax.Array  # tokens whose ratio fell below 1 - epsilon with A < 0 (TRL's is_low_clipped)
     clip_high_sum: jax.Array  # tokens whose ratio rose above 1 + epsilon_high with A > 0
 
@@ -260,9 +324,12 @@ class LossTerms:
         return self.loss_sum / jnp.maximum(self.loss_count, 1.0)
 
     def metrics(self) -> dict[str, jax.Array]:
-        """Token means of the KL and clip indicators (TRL's `global_masked_mean`)."""
+        """Token means of the KL and clip indicators (TRL 1.16's `global_masked_mean`, its logged `kl`), and
+        `kl_sequence_mean`, the mean over sequences of each one's token-mean KL (Visual-RFT's logged `kl`:
+        `((per_token_kl * mask).sum(1) / mask.sum(1)).mean()`), which weighs a short completion's tokens more."""
         tokens = jnp.maximum(self.tokens, 1.0)
-        return {"kl": self.kl_sum / tokens, "clip_low": self.clip_low_sum / tokens,
+        return {"kl": self.kl_sum / tokens, "kl_sequence_mean": self.kl_sequence_sum / jnp.maximum(self.sequences, 1.0),
+                "clip_low": self.clip_low_sum / tokens,
                 "clip_high": self.clip_high_sum / tokens,
                 "clip_region": (self.clip_low_sum + self.clip_high_sum) / tokens}
 
@@ -302,6 +369,7 @@ def _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config: GRPOC
 def _terms(loss_sum, loss_count, mask, kl, low, high) -> LossTerms:
     return LossTerms(loss_sum=loss_sum, loss_count=jnp.asarray(loss_count, jnp.float32), tokens=jnp.sum(mask),
                      sequences=_sequences(mask), kl_sum=jnp.sum(kl * mask),
+                     kl_sequence_sum=_sequence_mean_sum(kl, mask),
                      clip_low_sum=jnp.sum(low * mask), clip_high_sum=jnp.sum(high * mask))
 
 

@@ -5,7 +5,8 @@
           (num_iterations > 1) -> num_iterations updates -> metrics
 
 Values shared by phases come from one place, `RunContext`, built once per run: the sampling temperature
-is the scorer's (`ScoringConfig.temperature`), the EOS ids end sampling and the completion mask alike.
+is the scorer's (`ScoringConfig.temperature`), the EOS ids end sampling and the completion mask alike (but
+with `grpo.completion_mask="visual_rft"`, Visual-RFT's mask: `grpo.visual_rft_lengths`).
 
 Seams that matter (review M1, M2):
 - The sampler's weights are made on the devices from the train state at every iteration, in the
@@ -130,12 +131,21 @@ def group_advantages(context: RunContext, total: np.ndarray) -> np.ndarray:
 
 
 def train_batch(context: RunContext, inputs, out: Rollout, advantages: np.ndarray, valid: np.ndarray) -> TrainBatch:
-    """The update's batch on the devices from this process's rows' advantages and validity: padding rows'
-    completion masks zeroed; with a frozen vision tower, the rollout's image features, which the
-    reference, the old policy and the update then reuse."""
-    mask = out.mask.astype(jnp.int32) * distributed.to_global(context.mesh, np.asarray(valid, np.int32))[:, None]
+    """The update's batch on the devices from this process's rows' advantages and validity: the completion
+    mask by `GRPOConfig.completion_mask`, padding rows' zeroed; with a frozen vision tower, the rollout's
+    image features, which the reference, the old policy and the update then reuse."""
+    seen = jnp.arange(out.tokens.shape[1])[None, :] < completion_lengths(context, out)[:, None]
+    mask = seen.astype(jnp.int32) * distributed.to_global(context.mesh, np.asarray(valid, np.int32))[:, None]
     advantages = distributed.to_global(context.mesh, np.asarray(advantages, np.float32))
     return place(context, TrainBatch(inputs, out.tokens, mask, advantages, image_features=out.image_features))
+
+
+def completion_lengths(context: RunContext, out: Rollout) -> jax.Array:
+    """int32[B*G]: the tokens of each completion the update sees (`grpo.completion_lengths`); the tokenizer's
+    EOS is read only by the rule that needs it."""
+    config = context.train.grpo
+    eos = context.tokenizer.eos_token_id if config.completion_mask == "visual_rft" else -1
+    return grpo.completion_lengths(out.tokens, out.lengths, context.group_size, config, eos)
 
 
 def place(context: RunContext, batch: TrainBatch) -> TrainBatch:

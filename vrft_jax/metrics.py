@@ -115,6 +115,31 @@ def _nanstd(x: np.ndarray, axis=None) -> np.ndarray:
     return np.where(count > 1, np.sqrt(squares / np.maximum(count - 1, 1)), 0.0)
 
 
+# `metric_names`: which definition the plain names `reward_std` and `kl` log. "trl": TRL 1.16's (`reward_std` the
+# std over the batch's rewards, `kl` the mean over its tokens), Visual-RFT's then under explicit names. "visual_rft":
+# Visual-RFT's (the mean over prompts of the in-group std; the mean over sequences of each one's token mean), TRL's
+# then under explicit names. Plain name -> (Visual-RFT's explicit name, TRL's explicit name).
+METRIC_NAMES = ("trl", "visual_rft")
+_DEFINITIONS = {"reward_std": ("reward_std_in_group", "reward_std_batch"), "kl": ("kl_sequence_mean", "kl_token_mean")}
+
+
+def named(scalars: Mapping[str, float], metric_names: str) -> dict[str, float]:
+    """`scalars` (as the loop computes them: TRL's under the plain names) under `metric_names`' naming.
+
+    Under "visual_rft" each plain name takes Visual-RFT's value and TRL's moves to its explicit name, so both
+    stay in the log and the plain names compare with a Visual-RFT log. A name the step did not log (SFT has
+    no reward, beta 0 no KL) stays absent.
+    """
+    if metric_names not in METRIC_NAMES:
+        raise ValueError(f"metric_names={metric_names!r} is not one of {METRIC_NAMES}")
+    renamed = dict(scalars)
+    if metric_names == "visual_rft":
+        for plain, (visual_rft, trl) in _DEFINITIONS.items():
+            if plain in renamed and visual_rft in renamed:
+                renamed[trl], renamed[plain] = renamed[plain], renamed.pop(visual_rft)
+    return renamed
+
+
 def reward_stats(total: Any, rewards: Mapping[str, Any], group_size: int, valid: Any = None) -> dict[str, float]:
     """Reward scalars of one batch: what tells whether GRPO has a signal to learn from.
 

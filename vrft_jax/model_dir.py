@@ -4,7 +4,9 @@ disk or in a bucket (`gs://...`; every file goes through `vrft_jax.storage`).
     config.json   the HF form of the architecture, so the export back to HF is exact
     params.json   {"params": "params-<n>"}: which parameter checkpoint is the model's, written last
     params-<n>/   an orbax checkpoint of the parameters
-    hf_assets/    tokenizer, processor and generation files carried over from the source HF checkpoint
+    hf_assets/    tokenizer, processor, chat template and generation files carried over from the source HF
+                  checkpoint (`HF_ASSETS`, whichever it has); what it lacks of the tokenizer and the generation
+                  config, a run adds from what it trained with (`add_missing_assets`)
 
 This is a model, not a run: run checkpoints (optimizer state, data position, ...) are `checkpoints.py`.
 
@@ -39,9 +41,13 @@ from vrft_jax import distributed, sharding, storage
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
 
+# What a Qwen2-VL hub directory holds beside its config and weights: the files transformers 4.x wrote (the hub's
+# Qwen2-VL-*-Instruct: preprocessor_config.json, chat_template.json) and those 5.x writes in their place
+# (processor_config.json, chat_template.jinja, video_preprocessor_config.json).
 HF_ASSETS = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
              "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json", "processor_config.json",
-             "chat_template.json", "chat_template.jinja")
+             "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja")
+GENERATION_CONFIG = "generation_config.json"
 CONFIG_FILE, POINTER_FILE, ASSETS_DIR = "config.json", "params.json", "hf_assets"
 PARAMS_PREFIX = "params-"
 LEGACY_PARAMS_DIR = "params"  # the layout before the pointer: loaded, replaced by the next save
@@ -118,6 +124,35 @@ def copy_hf_assets(source: str, destination: str) -> list[str]:
                 storage.write_bytes_atomic(storage.join(destination, name), data)
             return names
     return []
+
+
+def add_missing_assets(directory: str, tokenizer, eos_token_ids, pad_token_id: int) -> list[str]:
+    """Give the model in `directory` the tokenizer and generation config a run trained with where its
+    `hf_assets/` lacks them (a model from random weights, or from a checkpoint without them), so that its
+    export serves as it was trained; returns the names written.
+
+    The tokenizer goes as `tokenizer.save_pretrained` writes it, its chat template included (a run that
+    loaded no template renders with the packaged Qwen2-VL one, `tokenizer.CHAT_TEMPLATE`).
+    The generation config holds only the rollout's stop ids and pad id, so that `generate` stops where
+    training did; its decoding is transformers' default (greedy), not Qwen2-VL's shipped sampling. No
+    processor files are invented: load such an export's image processor with the recipe's pixel bounds.
+    """
+    from vrft_jax.models.qwen2_vl.tokenizer import has_tokenizer_files
+
+    assets = storage.join(directory, ASSETS_DIR)
+    written = []
+    if not has_tokenizer_files(assets):
+        with tempfile.TemporaryDirectory(prefix="vrft-tokenizer-") as local:
+            tokenizer.save_pretrained(local)
+            for name in sorted(os.listdir(local)):
+                with open(os.path.join(local, name), "rb") as f:
+                    storage.write_bytes_atomic(storage.join(assets, name), f.read())
+                written.append(name)
+    if not storage.isfile(storage.join(assets, GENERATION_CONFIG)):
+        config = {"eos_token_id": [int(i) for i in eos_token_ids], "pad_token_id": int(pad_token_id)}
+        storage.write_text_atomic(storage.join(assets, GENERATION_CONFIG), json.dumps(config, indent=2))
+        written.append(GENERATION_CONFIG)
+    return written
 
 
 # ------------------------------------------------------------------------------------ the swap

@@ -53,6 +53,7 @@ from vrft_jax.evaluate import evaluators
 from vrft_jax.evaluate.settings import EvaluationSettings
 from vrft_jax.fields import known_fields
 from vrft_jax.grpo import GRPOConfig
+from vrft_jax.metrics import METRIC_NAMES
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig, TextConfig, VisionConfig
 from vrft_jax.optimizer import OptimizerConfig
 from vrft_jax.rewards import RewardSpec, WeightedReward, combine, reward_options
@@ -69,8 +70,8 @@ PRESETS = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_vl_72b", "custom")
 # its `from_dict`; the others by BLOCK_KEYS.
 TOP_LEVEL_KEYS = frozenset({
     "name", "slice", "mode", "seed", "total_steps", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
-    "eval_every", "export_hf", "shared_mount", "prompts_per_step", "categories", "model", "source", "data", "eval",
-    "sampling", "grpo", "train", "rewards", "mesh", "warm_start", "sft", *SHARED})
+    "eval_every", "export_hf", "metric_names", "shared_mount", "prompts_per_step", "categories", "model", "source",
+    "data", "eval", "sampling", "grpo", "train", "rewards", "mesh", "warm_start", "sft", *SHARED})
 OPTIONAL_KEYS = frozenset({"categories"})
 BLOCK_KEYS = {
     "model": frozenset({"preset", "checkpoint", "hub_id", "precision", "param_dtype", "dtype", "remat", "text",
@@ -359,6 +360,8 @@ def check_structure(config: ml_collections.ConfigDict) -> None:
                                  f"top level ({name}), and every block reads it")
     if config.mode not in MODES:
         raise ValueError(f"mode={config.mode!r} is not one of {list(MODES)}")
+    if config.metric_names not in METRIC_NAMES:
+        raise ValueError(f"metric_names={config.metric_names!r} is not one of {list(METRIC_NAMES)}")
     for key in ("total_steps", "log_every", "ckpt_every", "keep_checkpoints", "prompts_per_step"):
         if config[key] < 1:
             raise ValueError(f"{key}={config[key]} must be >= 1")

@@ -9,7 +9,9 @@ batch; the target bucket sized from the data before the first step). Both evalua
     metrics.jsonl        one row per logged step; TensorBoard events beside it; samples.jsonl
     checkpoints/         orbax steps: train state, data position, config (resumed automatically)
     eval/, report/       the held-out evaluations and the visual report
-    model/               the final model directory (`vrft_jax.model_dir`); hf/ with `export_hf=True`
+    model/               the final model directory (`vrft_jax.model_dir`); hf/ with `export_hf=True`. Both carry
+                         the initial checkpoint's tokenizer, processor, chat template and generation config;
+                         from random weights, the packaged tokenizer and template and the rollout's stop ids
     warm_start/          an SFT warm start before GRPO (`warm_start.sft_steps`), a run of its own
     initial/             the recipe's Hugging Face checkpoint, converted once
     heldout_before.json  the held-out reward of the initial weights, reported again on resume
@@ -38,7 +40,7 @@ from vrft_jax import checkpoints, distributed, grpo_loop, model_dir, recipe, sam
 from vrft_jax.data import make_iterator
 from vrft_jax.data.pipeline import open_source
 from vrft_jax.evaluate import evaluators, report
-from vrft_jax.metrics import MetricWriter, every, read_metrics
+from vrft_jax.metrics import MetricWriter, every, named, read_metrics
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
 from vrft_jax.progress import Reporter, Timer
@@ -52,6 +54,7 @@ SAMPLES_PER_LOG = 4  # completions written to samples.jsonl at each sample_every
 # touch the trained numbers. `total_steps` too, but only where the learning-rate schedule of the steps already
 # taken stays the same (`check_resume_config`).
 RESUMABLE_CHANGES = ("log_every", "ckpt_every", "keep_checkpoints", "sample_every", "eval_every", "export_hf",
+                     "metric_names",
                      "eval.*", "data.num_workers", "data.worker_buffer", "data.read_threads", "data.device_prefetch",
                      "shared_mount", "total_steps")
 
@@ -341,6 +344,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         heldout(total, state.params, None)
     final_dir = storage.join(workdir, "model")
     model_dir.save_model(nnx.merge(graphdef, state.params), final_dir, hf_source=source_dir)
+    distributed.on_primary(model_dir.add_missing_assets, final_dir, tokenizer, settings.sampling.eos_token_ids,
+                           settings.sampling.pad_token_id)
     after, report_path = None, None
     if heldout is not None:
         after = summary(heldout.last)
@@ -387,6 +392,7 @@ def one_step(context: grpo_loop.RunContext, state, data, writer: MetricWriter, c
     if log:
         scalars = {**{k: float(v) for k, v in jax.device_get(outcome.device).items()}, **outcome.host,
                    **timer.scalars(), "skipped_records": float(sum(batch.skipped.values()))}
+        scalars = named(scalars, config.metric_names)
         distributed.agreed(writer.write, step, scalars)
         check_nonfinite(state, context.train)
     if outcome.samples:

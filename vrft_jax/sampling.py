@@ -46,7 +46,7 @@ class SamplingConfig:
     eos_token_ids: tuple[int, ...] = (151645, 151643)  # <|im_end|>, <|endoftext|>
     pad_token_id: int = 151643
     # Never sampled. None: the model's vision special tokens (<|vision_start|>, <|vision_end|>,
-    # <|image_pad|>, <|video_pad|>), as TRL does for VLMs.
+    # <|image_pad|>, <|video_pad|>); TRL 1.16 suppresses <|image_pad|> alone, Visual-RFT nothing (`()`).
     suppressed_token_ids: tuple[int, ...] | None = None
     # HF's rule (`repetition_penalty`): the logit of every token already in the row (its prompt's real
     # tokens and what it generated) is divided by it when positive, multiplied when negative, before

@@ -377,7 +377,7 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
                    "nonfinite_streak": new_state.nonfinite_streak.astype(jnp.float32),
                    "nonfinite_total": new_state.nonfinite_total.astype(jnp.float32), **terms.metrics()}
         if batch.ref_logprobs is None:
-            del metrics["kl"]
+            del metrics["kl"], metrics["kl_sequence_mean"]
         return new_state, metrics
 
     shardings = {}

@@ -1,6 +1,8 @@
 """The GRPO math of `vrft_jax.grpo` against independent NumPy (float64) transcriptions of its sources:
 visual-rft.md §5.4 for the paper loss, TRL 1.16's `_compute_loss` for the others."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -253,6 +255,7 @@ def test_registries_take_new_entries_by_name_and_refuse_duplicates():
     def sequence_sum(logprobs, old_logprobs, ref_logprobs, advantages, mask, config):
         return grpo.LossTerms(loss_sum=-jnp.sum(advantages[:, None] * logprobs * mask), loss_count=jnp.float32(1),
                               tokens=jnp.sum(mask), sequences=jnp.float32(mask.shape[0]), kl_sum=jnp.float32(0),
+                              kl_sequence_sum=jnp.float32(0),
                               clip_low_sum=jnp.float32(0), clip_high_sum=jnp.float32(0))
 
     try:
@@ -264,3 +267,70 @@ def test_registries_take_new_entries_by_name_and_refuse_duplicates():
             grpo.register_loss("sequence_sum_for_test")(sequence_sum)
     finally:
         del grpo.LOSSES["sequence_sum_for_test"]
+
+
+# ------------------------------------------------------------------------------------ Visual-RFT's logging and mask
+
+IM_END, ENDOFTEXT = 151645, 151643  # Qwen2-VL-Instruct's tokenizer EOS and the pad id, its generation's other stop
+
+
+def numpy_visual_rft_mask(group_rows, eos=IM_END, pad=ENDOFTEXT):
+    """Visual-RFT's mask (its `compute_loss`) over what `generate` returns for one prompt: each row cut after
+    its first stop of either id and padded with the pad id to the group's longest row; then
+    `is_eos = ids == eos_token_id`, `eos_idx` the first or the width, `mask = arange <= eos_idx`."""
+    width = max(len(row) for row in group_rows)
+    ids = np.array([row + [pad] * (width - len(row)) for row in group_rows])
+    is_eos = ids == eos
+    eos_idx = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), width)
+    return np.arange(width)[None, :] <= eos_idx[:, None]
+
+
+def test_the_visual_rft_completion_mask_is_its_trainer_code_and_first_stop_is_where_sampling_stopped():
+    """Group 0's longest row ends on <|im_end|>; group 1's is cut at the limit L. A row that stopped on
+    <|endoftext|> keeps its group's padding under Visual-RFT's rule and ends at its stop under ours."""
+    L = 6
+    groups = [[[5, 6, IM_END], [7, ENDOFTEXT], [8, 9, 10, 11, IM_END], [12, 13, ENDOFTEXT]],
+              [[14, ENDOFTEXT], [15, 16, 17, 18, 19, 20], [21, IM_END], [ENDOFTEXT]]]
+    rows = [row for group in groups for row in group]
+    tokens = np.array([row + [ENDOFTEXT] * (L - len(row)) for row in rows], np.int32)  # the rollout's padding
+    lengths = np.array([len(row) for row in rows], np.int32)  # through the first stop of either id
+    visual_rft = grpo.GRPOConfig.visual_rft()
+    assert visual_rft.completion_mask == "visual_rft" and grpo.GRPOConfig().completion_mask == "first_stop"
+
+    ours = np.asarray(grpo.completion_lengths(tokens, lengths, G, visual_rft, IM_END))
+    for g, group in enumerate(groups):
+        expected = numpy_visual_rft_mask(group)
+        got = np.arange(L)[None, :] < ours[g * G:(g + 1) * G, None]
+        np.testing.assert_array_equal(got[:, :expected.shape[1]], expected, err_msg=f"group {g}")
+        assert not got[:, expected.shape[1]:].any(), f"group {g} beyond its generated width"
+    np.testing.assert_array_equal(ours, [3, 5, 5, 5, 6, 6, 2, 6])
+    # The loop's phase: the recipe's rule with the run tokenizer's EOS, read only by the rule that needs it.
+    from vrft_jax import grpo_loop, sampling
+
+    out = sampling.Rollout(tokens=jnp.asarray(tokens), logprobs=jnp.zeros(tokens.shape), lengths=jnp.asarray(lengths))
+    context = types.SimpleNamespace(train=types.SimpleNamespace(grpo=visual_rft), group_size=G,
+                                    tokenizer=types.SimpleNamespace(eos_token_id=IM_END))
+    np.testing.assert_array_equal(grpo_loop.completion_lengths(context, out), ours)
+    context = types.SimpleNamespace(train=types.SimpleNamespace(grpo=grpo.GRPOConfig()), group_size=G, tokenizer=None)
+    np.testing.assert_array_equal(grpo_loop.completion_lengths(context, out), lengths)
+    np.testing.assert_array_equal(grpo.completion_lengths(tokens, lengths, G, grpo.GRPOConfig(), IM_END), lengths)
+    with pytest.raises(ValueError, match=r"completions \(8, 6\) and lengths \(8,\) do not make groups of 3 rows"):
+        grpo.visual_rft_lengths(tokens, lengths, 3, IM_END)
+    with pytest.raises(ValueError, match=r"completion_mask='im_end' is not one of"):
+        grpo.GRPOConfig(completion_mask="im_end")
+
+
+def test_kl_is_the_token_mean_and_kl_sequence_mean_visual_rfts_mean_of_sequence_means():
+    """TRL 1.16 logs `global_masked_mean(per_token_kl)`; Visual-RFT logs
+    `((per_token_kl * mask).sum(1) / mask.sum(1)).mean()`. Ragged rows make the two differ."""
+    logprobs, _, ref, rewards, mask = case(seed=8)
+    config = grpo.GRPOConfig.visual_rft()
+    metrics = loss_of(config, logprobs, None, ref, np.asarray(grpo.advantages(rewards, G, config)), mask).metrics()
+    d = ref.astype(np.float64) - logprobs
+    kl = np.exp(d) - d - 1
+    token_mean = (kl * mask).sum() / mask.sum()
+    sequence_mean = ((kl * mask).sum(1) / mask.sum(1)).mean()
+    assert abs(token_mean - sequence_mean) > 1e-3 * token_mean  # the case tells them apart
+    # float32 sums of a few dozen O(0.05) terms against float64: a few ulp, well inside 1e-5 relative.
+    assert float(metrics["kl"]) == pytest.approx(token_mean, rel=1e-5)
+    assert float(metrics["kl_sequence_mean"]) == pytest.approx(sequence_mean, rel=1e-5)

@@ -5,6 +5,11 @@ for each `loss_type`, we compute ours, and the numbers agree.
 The policy is the reference moved by a random perturbation (so the KL term is alive), sampling
 temperature is 0.7 (so logits are divided as TRL does), and for the clipped losses the old-policy
 logprobs are shifted by up to +-0.4 nats (so ratios leave [1 - 0.2, 1 + 0.28] on both sides).
+
+The logged names users compare are checked on the same batch: `reward_std` and `kl` against TRL 1.16's
+(grpo_trainer.py:2829 `nanstd(rewards)` over the batch; :3268 `global_masked_mean(per_token_kl)`), and
+Visual-RFT's definitions (visual-rft.md §5.4 step 10) restated in NumPy for `reward_std_in_group` and
+`kl_sequence_mean`, which `metric_names="visual_rft"` logs under the plain names.
 """
 
 import types
@@ -28,7 +33,7 @@ from grpo.trl_reference import (
 )
 from hf_reference import random_hf_model
 from model_port.hf_to_flax import load_hf
-from vrft_jax import grpo
+from vrft_jax import grpo, metrics
 from vrft_jax import train_step as ts
 from vrft_jax.models.qwen2_vl import ModelInputs
 from vrft_jax.scoring import ScoringConfig, make_score_fn
@@ -228,3 +233,58 @@ def test_gradients_of_weight_matrices_equal_trl(world, trl_runs, mode):
         # activations that two frameworks round differently (~1e-6 relative, test_model_parity), and
         # terms of both signs cancel: 1e-4 of the tensor's largest entry leaves room for that cancellation.
         assert error <= 1e-4, (hf_name, error)
+
+
+def test_visual_rft_config_is_trls_grpo_loss_with_one_iteration_and_the_plain_kl(world, trl_runs, scored):
+    """`GRPOConfig.visual_rft()`'s claim: TRL 1.16 `loss_type="grpo"`, num_iterations=1,
+    use_bias_correction_kl=False (visual-rft.md §5.4 step 9 is that loss)."""
+    trl = trl_runs["paper"]
+    inputs = trl.inputs
+    assert MODES["paper"] == ("grpo", "group", 1, False)
+    config = grpo.GRPOConfig.visual_rft()
+    assert (config.loss, config.advantage, config.beta, config.kl, config.kl_bias_correction) == (
+        "paper", "group", BETA, "k3", False)
+    batch = our_batch(world, inputs, grpo.advantages(REWARDS, G, config), ref=inputs["ref_per_token_logps"].numpy())
+    terms = grpo.loss_terms(jnp.asarray(scored.logprobs), None, batch.ref_logprobs, batch.advantages,
+                            batch.completion_mask, config)
+    # The bound issue 3 set: the same float32 formula over the same inputs, summed in another order.
+    assert float(terms.loss) == pytest.approx(trl.loss, rel=1e-5, abs=1e-7)
+
+
+def test_logged_reward_std_and_kl_are_trls_and_visual_rfts_are_under_explicit_names(world, trl_runs, scored):
+    trl = trl_runs["paper"]
+    inputs = trl.inputs
+    stats = metrics.reward_stats(REWARDS, {}, G)
+    # TRL's nanstd of 8 float32 rewards against ours in float64: a few float32 roundoffs (6e-8 each).
+    assert stats["reward_std"] == pytest.approx(trl.metrics["reward_std"], rel=1e-6)
+    # Visual-RFT: `rewards.view(-1, G).std(dim=1)` (unbiased), repeated G times, gathered and averaged.
+    grouped_std = REWARDS.astype(np.float64).reshape(-1, G).std(axis=1, ddof=1)
+    visual_rft_reward_std = np.repeat(grouped_std, G).mean()
+    assert stats["reward_std_in_group"] == pytest.approx(visual_rft_reward_std, rel=1e-12)  # both float64
+    assert abs(visual_rft_reward_std - trl.metrics["reward_std"]) > 0.05  # 1.169 vs 1.094: they differ here
+
+    batch = our_batch(world, inputs, grpo.advantages(REWARDS, G, grpo.GRPOConfig.visual_rft()),
+                      ref=inputs["ref_per_token_logps"].numpy())
+    terms = grpo.loss_terms(jnp.asarray(scored.logprobs), None, batch.ref_logprobs, batch.advantages,
+                            batch.completion_mask, grpo.GRPOConfig.visual_rft())
+    logged = {k: float(v) for k, v in terms.metrics().items()}
+    # As test_loss_and_metrics_equal_trl: TRL's logprobs and ours agree to a few ulp, so the token mean does.
+    assert logged["kl"] == pytest.approx(trl.metrics["kl"], rel=1e-5)
+    # Visual-RFT's `((per_token_kl * mask).sum(1) / mask.sum(1)).mean()` over the logprobs we scored, in
+    # float64 against our float32 sums of <= 6 O(0.01) terms per row: a few float32 ulp, inside 1e-5.
+    mask = batch.completion_mask.astype(np.float64)
+    d = batch.ref_logprobs.astype(np.float64) - scored.logprobs
+    per_token_kl = np.exp(d) - d - 1
+    visual_rft_kl = ((per_token_kl * mask).sum(1) / mask.sum(1)).mean()
+    token_mean_kl = (per_token_kl * mask).sum() / mask.sum()
+    assert logged["kl_sequence_mean"] == pytest.approx(visual_rft_kl, rel=1e-5)
+    assert logged["kl"] == pytest.approx(token_mean_kl, rel=1e-5)
+    assert abs(visual_rft_kl - token_mean_kl) > 1e-3 * token_mean_kl  # ragged rows tell them apart
+
+    row = {**stats, **logged}
+    trl_named, visual_rft_named = metrics.named(row, "trl"), metrics.named(row, "visual_rft")
+    assert (trl_named["reward_std"], trl_named["kl"]) == (stats["reward_std"], logged["kl"])
+    assert (visual_rft_named["reward_std"], visual_rft_named["kl"]) == (stats["reward_std_in_group"],
+                                                                        logged["kl_sequence_mean"])
+    assert (visual_rft_named["reward_std_batch"], visual_rft_named["kl_token_mean"]) == (stats["reward_std"],
+                                                                                         logged["kl"])

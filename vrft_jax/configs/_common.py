@@ -108,6 +108,9 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
     c.sample_every = 20
     c.eval_every = 50
     c.export_hf = False
+    # What the logged `reward_std` and `kl` mean: "trl" TRL 1.16's (batch std; token mean), "visual_rft"
+    # Visual-RFT's (mean in-group std; mean over sequences of their token means); `vrft_jax.metrics.named`.
+    c.metric_names = "trl"
     # The workdir and the data are on a POSIX mount every host of a multi-host run sees (NFS, Filestore,
     # gcsfuse): without it such a run needs gs:// paths, and refuses a local workdir before any step.
     c.shared_mount = False
@@ -190,6 +193,9 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
         epsilon_high=config_dict.placeholder(float),
         delta=config_dict.placeholder(float),
         max_completion_length=config_dict.placeholder(int),
+        # Through the first stop id (<|im_end|> or <|endoftext|>); "visual_rft": Visual-RFT's mask, through the
+        # first <|im_end|> only (`GRPOConfig.visual_rft`).
+        completion_mask="first_stop",
     )
 
     c.train = dict(
