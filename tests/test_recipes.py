@@ -227,14 +227,14 @@ def test_a_missing_dataset_says_which_prepare_command_makes_it(shapes_dataset):
 
 
 def test_a_missing_download_or_checkpoint_says_how_to_fetch_it(shapes_dataset, tmp_path):
-    with pytest.raises(recipe.MissingPathError, match=r"fetch the source: huggingface-cli download "
+    with pytest.raises(recipe.MissingPathError, match=r"fetch the source: hf download "
                                                       r"laolao77/ViRFT_LVIS_few_shot .*then run: python -m "
                                                       r"vrft_jax.data.prepare virft --parquet "
                                                       r"sources/ViRFT_LVIS_few_shot/data/\*.parquet"):
         recipe.check_inputs_exist(recipe.load("lvis_fewshot", {"data.path": str(tmp_path / "nothing")}))
     checkpoint = tmp_path / "Qwen2-VL-2B-Instruct"
     config = recipe.load("lvis_fewshot", {"data.path": shapes_dataset[0], "model.checkpoint": str(checkpoint)})
-    with pytest.raises(recipe.MissingPathError, match=rf"huggingface-cli download Qwen/Qwen2-VL-2B-Instruct "
+    with pytest.raises(recipe.MissingPathError, match=rf"hf download Qwen/Qwen2-VL-2B-Instruct "
                                                       rf"--local-dir {checkpoint}$"):
         recipe.check_inputs_exist(config)
     checkpoint.mkdir()

@@ -559,7 +559,7 @@ def check_inputs_exist(config: ml_collections.ConfigDict) -> None:
     config_file = files.join(checkpoint, "config.json")
     if not files.isfile(config_file):
         raise MissingPathError(f"the initial checkpoint {checkpoint} is not there (no config.json); fetch it with: "
-                               f"huggingface-cli download {config.model.hub_id} --local-dir {checkpoint}")
+                               f"hf download {config.model.hub_id} --local-dir {checkpoint}")
     found, expected = Qwen2VLConfig.from_hf(json.loads(files.read_text(config_file))), model_config(config)
     if (found.text, found.vision) != (expected.text, expected.vision):
         raise ValueError(f"the checkpoint {checkpoint} is not a {config.model.preset} model: its text model is "

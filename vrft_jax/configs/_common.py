@@ -302,4 +302,4 @@ def detection_eval(c: ml_collections.ConfigDict, *, flavor: str, annotations: st
 
 def hf_download(repo: str, directory: str) -> str:
     """The command that fetches a Hugging Face dataset repository into `directory`."""
-    return f"huggingface-cli download {repo} --repo-type dataset --local-dir {directory}"
+    return f"hf download {repo} --repo-type dataset --local-dir {directory}"
