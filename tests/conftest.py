@@ -55,3 +55,17 @@ def straight_two_process_run(tmp_path_factory):
             assert f"finished test_train: {STRAIGHT_STEPS} steps" in logs[0]
             (directory / "done").write_text("")
     return data, workdir
+
+
+# The longest files first (measured: the 2B TPU compile, the multi-process runs, the train-step and loop compiles):
+# `make test`'s workers take whole files in collection order (--dist loadfile), so these start at once instead of
+# leaving one worker alone with a long file at the end. Within a file the order is kept.
+LONGEST_FIRST = ("tests/test_aot.py", "tests/test_launchers.py", "tests/test_lost_peer.py", "tests/test_pod_resume.py",
+                 "tests/test_train.py", "tests/grpo/test_train_step.py", "tests/test_agreed_errors.py",
+                 "tests/test_multihost.py", "tests/test_sft_baseline.py", "tests/test_grpo_iteration.py",
+                 "tests/test_sampling.py", "tests/evaluate/test_evaluators.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
