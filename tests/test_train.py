@@ -583,8 +583,9 @@ def test_a_resume_with_a_changed_learning_rate_is_refused_naming_the_key(data_di
     with open(os.path.join(workdir, "config.json")) as f:
         first = f.read()
     changed = tiny_config(data_dir, {"total_steps": 2, "eval_every": 0, "train.learning_rate": 2e-2})
-    with pytest.raises(run.ConfigChangedError, match=r"1 key\(s\) a resume may not change: "
-                                                      r"train.learning_rate: 5e-05 -> 0.02"):
+    # The tiny recipe's sft.learning_rate follows train.learning_rate (tests/train_recipe.py): both are named.
+    with pytest.raises(run.ConfigChangedError, match=r"2 key\(s\) a resume may not change: sft.learning_rate: "
+                                                      r"5e-05 -> 0.02; train.learning_rate: 5e-05 -> 0.02"):
         run.train(changed, workdir)
     with open(os.path.join(workdir, "config.json")) as f:
         assert f.read() == first  # the refused start wrote nothing
