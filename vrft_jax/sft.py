@@ -27,6 +27,7 @@ from absl import logging
 
 from vrft_jax import distributed, grpo
 from vrft_jax.data.buckets import MULTIPLE
+from vrft_jax.data.storage import field_text
 from vrft_jax.grpo_loop import Outcome, RunContext, place
 from vrft_jax.progress import Timer
 from vrft_jax.train_step import TrainBatch, TrainState
@@ -74,10 +75,10 @@ def target_bucket(tokenizer, source, limit: int, name: str = "data") -> int:
     if len(source) == 0:
         raise ValueError(f"{name} has no records")
     start = time.perf_counter()
-    lengths = target_lengths(tokenizer, [_text(source[index]["solution"]) for index in range(len(source))])
+    lengths = target_lengths(tokenizer, [str(field_text(source[index]["solution"])) for index in range(len(source))])
     over = np.flatnonzero(lengths > limit)
     if over.size:
-        named = ", ".join(f"record {i} (id {_text(source[int(i)].get('id', '?'))!r}) {lengths[i]} tokens"
+        named = ", ".join(f"record {i} (id {str(field_text(source[int(i)].get('id', '?')))!r}) {lengths[i]} tokens"
                           for i in over[:10])
         raise ValueError(f"{over.size} record(s) of {name} have SFT targets (solution + EOS) over "
                          f"sft.max_target_len={limit} tokens: {named}{' ...' if over.size > 10 else ''}; raise "
@@ -87,13 +88,6 @@ def target_bucket(tokenizer, source, limit: int, name: str = "data") -> int:
                  name, len(lengths), time.perf_counter() - start, int(np.median(lengths)), int(lengths.max()),
                  bucket, limit)
     return bucket
-
-
-def _text(value) -> str:
-    """A stored string field as text (ArrayRecord gives bytes or a 0-d array)."""
-    if isinstance(value, np.ndarray):
-        value = value.item()
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def target_tokens(tokenizer, solutions: Sequence[str], length: int, eos_id: int, pad_id: int,

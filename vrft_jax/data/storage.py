@@ -159,13 +159,18 @@ def read_records(path: str, split: str) -> list[Record]:
 
 
 def record_from_dict(values: Mapping[str, Any]) -> Record:
-    fields = {}
-    for name in FIELDS:
-        value = values[name]
-        if isinstance(value, np.ndarray):
-            value = value.item()
-        fields[name] = value if name == "image" else (value.decode("utf-8") if isinstance(value, bytes) else value)
-    return Record(**fields)
+    return Record(**{name: _stored(values[name]) if name == "image" else field_text(values[name]) for name in FIELDS})
+
+
+def _stored(value):
+    """A stored field as its Python value (ArrayRecord gives a 0-d array)."""
+    return value.item() if isinstance(value, np.ndarray) else value
+
+
+def field_text(value):
+    """A stored string field as text (ArrayRecord gives bytes or a 0-d array); other values as they are."""
+    value = _stored(value)
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 class InMemorySource:
