@@ -149,7 +149,7 @@ run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$setup"
 # launch/NAME/pid (the subshell execs the command, so the PID is the training process's) and writes its exit
 # status to launch/NAME/rc; the log keeps every launch's output (offset: where this launch's begins).
 inner="(echo \$BASHPID > $job/pid; exec $command_line); echo \$? > $job/rc.new; mv $job/rc.new $job/rc"
-start="set -e; cd $root; . $activate; export PYTHONPATH=\$PWD/$code VRFT_DISTRIBUTED=1 VRFT_LAUNCH=$name"
+start="set -e; cd $root; . $activate; export PYTHONPATH=\$PWD/$code\${PYTHONPATH:+:\$PYTHONPATH} VRFT_DISTRIBUTED=1 VRFT_LAUNCH=$name"
 start+="; rm -f $job/pid $job/supervisor $job/rc; stat -c %s $job/log > $job/offset 2>/dev/null || echo 0 > $job/offset"
 start+="; setsid nohup bash -c $(printf '%q' "echo \$\$ > $job/supervisor; $inner") >> $job/log 2>&1 < /dev/null &"
 start+=" until [ -s $job/pid ] && [ -s $job/supervisor ]; do sleep 0.1; done"

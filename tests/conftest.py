@@ -20,10 +20,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `compile_count.counting_compiles` counts retrievals as compilations, so no recompilation hides behind it.
 # Under `make test`'s two workers (pytest-xdist) the controller makes it and the workers, which inherit its
 # environment, share it: a program one worker compiled is read by the other (JAX writes cache entries atomically).
+# Every program is kept, however quick its compilation: the tiny models' programs each compile in well under JAX's
+# default threshold of a second, and a run compiles about 150 of them.
 if not (os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("JAX_COMPILATION_CACHE_DIR")):
     _CACHE = tempfile.mkdtemp(prefix="vrft-jax-compile-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+# Every Python process the tests start loads `child_site/sitecustomize.py`: each process of a multi-process run
+# writes its programs to that cache (JAX writes process 0's only, and on CPU the other processes' keys differ).
+_CHILD_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child_site")
+if _CHILD_SITE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_CHILD_SITE, os.environ.get("PYTHONPATH")) if p)
 
 import pytest  # noqa: E402 - after the environment above
 
