@@ -104,7 +104,8 @@ def test_tpu_pod_dry_run_prints_every_command():
     assert extract in setup
     assert f"pip install -q -e './{code}[tpu]'" in setup and f"ln -sfn {code} code" in setup
     assert not any(word in line for line in lines for word in ("rm -rf", "pkill", "killall"))
-    assert "cd ~/vrft_jax" in start and f"PYTHONPATH=$PWD/{code}${{PYTHONPATH:+:$PYTHONPATH}} VRFT_DISTRIBUTED=1 VRFT_LAUNCH=rft" in start
+    assert "cd ~/vrft_jax" in start  # the code first on PYTHONPATH, the worker's own kept after it
+    assert f"PYTHONPATH=$PWD/{code}${{PYTHONPATH:+:$PYTHONPATH}} VRFT_DISTRIBUTED=1 VRFT_LAUNCH=rft" in start
     assert launched(start) == ("python -m vrft_jax.train --config=lvis_fewshot:model=7b "
                                "--workdir=gs://bucket/runs/lvis")  # a gs:// workdir: no shared-mount flag
     assert "(echo $BASHPID > launch/rft/pid; exec python" in supervised(start)
