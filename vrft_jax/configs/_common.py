@@ -43,8 +43,8 @@ SHARED = {
 # script), the Hugging Face checkpoint and the TPU slice the README's memory report fits it on.
 MODEL_SETTINGS = {
     "2b": dict(preset="qwen2_vl_2b", group_size=8, hub_id="Qwen/Qwen2-VL-2B-Instruct", slice="v5e-8"),
-    # 7B fits a v5p-8 with 36% headroom (`python -m vrft_jax.aot`). On a v4-16 or v5e-16 it fits only with
-    # --config.train.sampler_layout=sharded, and with 5% and 2% headroom: the README's table.
+    # 7B fits a v5p-8 (`python -m vrft_jax.aot`). On a v4-16 or v5e-16 it fits only with
+    # --config.train.sampler_layout=sharded, the v5e-16 under 10% headroom: the README's fit table.
     "7b": dict(preset="qwen2_vl_7b", group_size=4, hub_id="Qwen/Qwen2-VL-7B-Instruct", slice="v5p-8"),
 }
 
