@@ -6,7 +6,8 @@ On the CPU backend JAX's cache key includes the process's own topology (`cache_k
 so process 1's key for a program differs from process 0's, and JAX writes entries from process 0 only
 (`compiler._cache_write`): without this, process 1 of every two-process test run compiled every program again
 (about 50 s of CPU per run on 2 cores). The keys differ, so the writers never contend for an entry. Nothing is
-imported at startup: the write is wrapped when `jax._src.compiler` is first imported.
+imported at startup: the compiler's view of the process id is set when `jax._src.compiler` is first
+imported.
 """
 
 import importlib.abc
@@ -16,20 +17,26 @@ import sys
 TARGET = "jax._src.compiler"
 
 
+class _AsProcessZero:
+    """`distributed.global_state` as the compiler module sees it: every attribute the real one's, but the process
+    id 0. On CPU `_cache_write`'s guard is the only reader that matters: the others decide the GPU autotuning
+    cache's mode and who compiles when binaries are shared between hosts (`jax_share_binary_between_hosts`,
+    off), neither of which a CPU test run uses."""
+
+    def __init__(self, state):
+        self._state = state
+
+    def __getattr__(self, name):
+        return 0 if name == "process_id" else getattr(self._state, name)
+
+
 def _write_from_every_process(compiler):
+    """Only `compiler`'s own reference to `distributed` changes: the rest of JAX sees the real process id."""
+    import types
+
     from jax._src import distributed
 
-    write = compiler._cache_write
-
-    def cache_write(*args, **kwargs):
-        process_id = distributed.global_state.process_id
-        distributed.global_state.process_id = 0  # read by `_cache_write`'s guard only, in this thread
-        try:
-            return write(*args, **kwargs)
-        finally:
-            distributed.global_state.process_id = process_id
-
-    compiler._cache_write = cache_write
+    compiler.distributed = types.SimpleNamespace(global_state=_AsProcessZero(distributed.global_state))
 
 
 class _Loader(importlib.abc.Loader):
