@@ -20,7 +20,6 @@ import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -112,10 +111,13 @@ def target_tokens(tokenizer, solutions: Sequence[str], length: int, eos_id: int,
 
 
 def sft_batch(inputs, solutions: Sequence[str], tokenizer, *, length: int, eos_id: int, pad_id: int,
-              valid: np.ndarray | None = None) -> TrainBatch:
-    """The update's batch for SFT: the prompts, their targets, no advantages (zeros)."""
+              valid: np.ndarray | None = None, mesh=None) -> TrainBatch:
+    """The update's batch for SFT: the prompts, their targets, no advantages (zeros). `solutions` are this
+    process's rows; on a mesh the targets are global arrays whose rows every process contributes, as the
+    prompts are (`distributed.to_global`)."""
     tokens, mask = target_tokens(tokenizer, solutions, length, eos_id, pad_id, valid)
-    return TrainBatch(inputs, jnp.asarray(tokens), jnp.asarray(mask), jnp.zeros((len(solutions),), jnp.float32))
+    advantages = np.zeros((len(solutions),), np.float32)
+    return TrainBatch(inputs, *(distributed.to_global(mesh, x) for x in (tokens, mask, advantages)))
 
 
 def iteration(context: RunContext, state: TrainState, batch, timer: Timer, *, length: int, log: bool = True
@@ -127,7 +129,7 @@ def iteration(context: RunContext, state: TrainState, batch, timer: Timer, *, le
         train_batch = distributed.agreed(
             sft_batch, batch.model_inputs, batch.solution, context.tokenizer, length=length,
             eos_id=context.sampling.eos_token_ids[0], pad_id=context.sampling.pad_token_id,
-            valid=batch.meta.get("valid"))
+            valid=batch.meta.get("valid"), mesh=context.mesh)
         state, metrics = context.step(state, place(context, train_batch), log)
         jax.block_until_ready(state.step)  # the update's time, not its dispatch's, as a GRPO iteration reports
     return state, Outcome(metrics, {}, [])
