@@ -42,13 +42,13 @@ def tiny_hf_checkpoint(directory) -> str:
     return str(directory)
 
 
-SITES = {  # site: extra train arguments that reach it
+SITES = {  # site: extra train arguments that reach it soonest
     "sft_target": ("--config.mode=sft",),
     "left_padding": (),
     "eval_rewards": ("--config.eval_every=1",),
-    "metrics_write": (),
+    "metrics_write": ("--config.eval_every=1",),  # the first row: the evaluation before step 1
     "prepare": (),
-    "model_swap": ("--config.total_steps=1",),
+    "model_swap": ("--config.mode=sft", "--config.total_steps=1"),  # the swap ends every run; an SFT step is cheaper
     "hf_conversion": (),
 }
 
