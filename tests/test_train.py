@@ -29,7 +29,7 @@ from train_recipe import TIMING_KEYS
 from vrft_jax import grpo_loop, model_dir, recipe, run, sampling, sft, sharding
 from vrft_jax.data import make_iterator
 from vrft_jax.metrics import read_metrics
-from vrft_jax.models.qwen2_vl.model import Qwen2VL
+from vrft_jax.models.qwen2_vl.model import Qwen2VL, random_init
 from vrft_jax.models.qwen2_vl.tokenizer import CHAT_TEMPLATE, ENDOFTEXT_ID, IM_END_ID, load_tokenizer
 from vrft_jax.progress import Timer
 from vrft_jax.scoring import make_score_fn
@@ -281,7 +281,7 @@ def test_sft_lowers_the_heldout_cross_entropy(data_dir, tmp_path, one_device, mo
 
     settings = recipe.build(config)
     tokenizer = load_tokenizer()
-    initial = Qwen2VL(settings.model, rngs=nnx.Rngs(config.seed))  # the run's initial weights (no checkpoint)
+    initial = random_init(settings.model, config.seed)  # the run's initial weights (no checkpoint)
     graphdef, before_params = nnx.split(initial)
     _, after_params = nnx.split(model_dir.load_model(result.model_dir, mesh=one_device))
     score = make_score_fn(graphdef, before_params, settings.train.scoring)

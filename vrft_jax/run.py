@@ -41,7 +41,7 @@ from vrft_jax.data import make_iterator
 from vrft_jax.data.pipeline import open_source
 from vrft_jax.evaluate import evaluators, report
 from vrft_jax.metrics import MetricWriter, every, named, read_metrics
-from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
+from vrft_jax.models.qwen2_vl.model import Qwen2VL, random_init, with_config
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
 from vrft_jax.progress import Reporter, Timer
 from vrft_jax.rewards.frames import Frame, frame_of
@@ -92,7 +92,7 @@ def initial_model(config: ml_collections.ConfigDict, settings: recipe.Settings, 
     elif config.model.checkpoint:
         directory = model_dir.import_hf(config.model.checkpoint, storage.join(workdir, "initial"))
     else:
-        return Qwen2VL(settings.model, rngs=nnx.Rngs(config.seed)), None
+        return random_init(settings.model, config.seed), None
     model = model_dir.load_model(directory, dtype=settings.model.param_dtype)
     m = settings.model
     return with_config(model, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat), directory

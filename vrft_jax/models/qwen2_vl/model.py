@@ -70,6 +70,19 @@ def with_config(model: Qwen2VL, **changes) -> Qwen2VL:
     return nnx.merge(graphdef, state)
 
 
+def random_init(config: Qwen2VLConfig, seed: int) -> Qwen2VL:
+    """A model with random weights from `seed`, made by one compiled program (`config` and `seed` its static
+    arguments, so a second call in the process reuses it). Built eagerly, each parameter's sampling and scaling
+    would be programs of their own: about a hundred, each traced, lowered and compiled (or looked up)."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(seed))))
+    return nnx.merge(graphdef, _random_state(config, seed))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _random_state(config: Qwen2VLConfig, seed: int) -> nnx.State:
+    return nnx.state(Qwen2VL(config, rngs=nnx.Rngs(seed)))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, inputs: ModelInputs):
     return nnx.merge(graphdef, state)(inputs)
