@@ -19,6 +19,7 @@ Names follow TRL 1.16's `GRPOTrainer` (`loss_type`, `scale_rewards`, `epsilon`, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -166,8 +167,10 @@ def combine_rewards(rewards_nf, weights_f=None):
     return jnp.where(jnp.all(jnp.isnan(rewards), axis=1), jnp.nan, total)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def advantages(rewards_n, group_size: int, config: GRPOConfig):
-    """float32[N] advantages of `rewards_n` (row b*G + g is sample g of prompt b) by `config.advantage`.
+    """float32[N] advantages of `rewards_n` (row b*G + g is sample g of prompt b) by `config.advantage`;
+    one compiled program per (N, group size, config), not a program per array operation.
 
     A non-finite reward (NaN: unscorable; +-inf: a custom reward gone wrong) is left out of the
     statistics and gets advantage 0; so does any advantage that overflows. An estimator sees every
