@@ -104,6 +104,16 @@ def write_variant_directory(tokenizer, directory) -> None:
         f.write(qt.CHAT_TEMPLATE.replace("You are a helpful assistant.", "You are a test."))
 
 
+def test_each_load_is_a_tokenizer_of_its_own(golden):
+    """The packaged tokenizer is built once per process and copied: a caller's change stays with its copy."""
+    first, second = qt.load_tokenizer(), qt.load_tokenizer()
+    first.padding_side, first.chat_template = "left", None
+    assert second.padding_side == "right" and second.chat_template == qt.CHAT_TEMPLATE
+    assert qt.load_tokenizer().chat_template == qt.CHAT_TEMPLATE
+    for case in golden["cases"][:20]:
+        assert first.encode(case["text"]) == second.encode(case["text"]) == case["ids"]
+
+
 def test_a_local_directory_is_loaded_instead_of_the_packaged_tokenizer(tokenizer, golden, tmp_path):
     write_variant_directory(tokenizer, tmp_path)
     local = qt.load_tokenizer(str(tmp_path))
