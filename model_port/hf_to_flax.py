@@ -22,13 +22,14 @@ from flax import nnx
 from model_port.mapping import TIED_HEAD, canonical_name, tensor_map
 from model_port.safetensors_io import SafetensorsReader
 from vrft_jax import model_dir, sharding
+from vrft_jax.cli import UserError
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint's tensors do not match the architecture its config describes."""
 
 

@@ -15,12 +15,14 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from vrft_jax.cli import UserError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     pass
 
 

@@ -15,7 +15,7 @@ rollout's prefill and decode on the mesh under the sampler layout's rules (`samp
 compiled for the layout prefill's compiled outputs have; the reference weights in `train.reference_dtype`.
 
 and prints each against the chip's HBM with the headroom, and the FLOPs of a step with the MFU that a given
-step time (`--step-seconds`) implies. A phase that does not fit is reported as such, with its numbers; so is
+step time (`--step_seconds`) implies. A phase that does not fit is reported as such, with its numbers; so is
 a state too big for the slice before any compile, and a program XLA refuses for lack of memory.
 
 Topologies: v4-N and v5p-N (N TensorCores, two per chip, one device per chip), v5e-N and v6e-N (N chips).
@@ -24,6 +24,7 @@ Topologies: v4-N and v5p-N (N TensorCores, two per chip, one device per chip), v
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -41,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from vrft_jax import recipe, sampling, sharding  # noqa: E402
+from vrft_jax import cli, recipe, sampling, sharding  # noqa: E402
 from vrft_jax.data.buckets import resolve_patch_bucket  # noqa: E402
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs  # noqa: E402
 from vrft_jax.models.qwen2_vl.model import Qwen2VL  # noqa: E402
@@ -340,6 +341,13 @@ def _vision_parameters(model_config) -> int:
 def main(argv: Sequence[str]) -> None:
     del argv
     config = flags.FLAGS.config
+    try:
+        Slice.parse(flags.FLAGS.topology)
+    except ValueError as e:
+        raise cli.UserError(f"--topology={flags.FLAGS.topology}: {e}") from None
+    if importlib.util.find_spec("libtpu") is None:
+        raise cli.UserError("aot compiles with libtpu, which is not installed: pip install -e '.[tpu]'")
+    cli.choose_platform()  # this host's backend; the slice's programs are compiled by libtpu whatever it is
     result = report(config, flags.FLAGS.topology)
     print(result.text(flags.FLAGS.step_seconds), flush=True)
     if not result.fits:
@@ -350,7 +358,8 @@ def run(argv: Sequence[str] | None = None) -> None:
     recipe.define_flags()
     flags.DEFINE_string("topology", None, "the TPU slice: v4-N, v5e-N, v5p-N, v6e-N", required=True)
     flags.DEFINE_float("step_seconds", None, "a step time, for the MFU it implies")
-    app.run(main, argv=list(argv or sys.argv), flags_parser=recipe.parse_flags)
+    argv, verbose = cli.strip_verbose(argv or sys.argv)
+    app.run(cli.guard(main, verbose=verbose), argv=argv, flags_parser=recipe.parse_flags)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from vrft_jax import sharding
+from vrft_jax.cli import UserError
 
 T = TypeVar("T")
 
@@ -230,7 +231,7 @@ def gather_objects(value: Any) -> list[Any]:
     return [json.loads(bytes(row[:size]).decode()) for row, size in zip(gathered, sizes)]
 
 
-class PeerError(RuntimeError):
+class PeerError(UserError, RuntimeError):
     """Another process of the run failed; its error is in the message. This one stops too, instead of waiting
     forever in a collective the failed process will never join."""
 

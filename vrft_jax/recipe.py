@@ -41,11 +41,12 @@ from typing import Any, NoReturn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from vrft_jax import sharding
 from vrft_jax import storage as files
+from vrft_jax.cli import EXIT_USER_ERROR, UserError
 from vrft_jax.configs._common import SHARED
 from vrft_jax.data import prompts, storage
 from vrft_jax.data.config import DataConfig
@@ -88,11 +89,11 @@ BLOCK_KEYS = {
 }
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot be found, loaded or overridden as asked; the message names the culprit."""
 
 
-class MissingPathError(FileNotFoundError):
+class MissingPathError(UserError, FileNotFoundError):
     """A dataset or checkpoint the recipe names is not there; the message says how to make it."""
 
 
@@ -132,11 +133,16 @@ def load(spec: str = DEFAULT_RECIPE, overrides: Mapping[str, Any] | None = None)
     return config
 
 
-def _load_file(path: str, arg: str | None, *, spec: str) -> ml_collections.ConfigDict:
+def _module(path: str):
     module_name = "vrft_jax_recipe_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    return module
+
+
+def _load_file(path: str, arg: str | None, *, spec: str) -> ml_collections.ConfigDict:
+    module = _module(path)
     if not callable(getattr(module, "get_config", None)):
         raise RecipeError(f"--config={spec}: {path} defines no get_config")
     try:  # as config_flags calls it: no argument unless one was given
@@ -164,13 +170,47 @@ def _field_type(config: ml_collections.ConfigDict, path: str) -> type:
             raise RecipeError(f"unknown config key {path!r}: {'.'.join(walked)} is a value, not a block")
         if part not in node:
             where = ".".join(walked) or "the top level"
-            close = difflib.get_close_matches(part, list(node.keys()), n=1, cutoff=0.6)
-            hint = f"; did you mean {'.'.join([*walked, close[0]])!r}?" if close else ""
+            close = suggest(config, path)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise RecipeError(f"unknown config key {path!r}: no {part!r} at {where}{hint} "
                               f"(keys there: {sorted(node.keys())})")
         parent, node = node, node[part]
         walked.append(part)
     return parent.get_type(walked[-1])
+
+
+COMMON_BLOCKS = ("train", "sampling", "grpo", "data", "eval")
+
+
+def suggest(config: ml_collections.ConfigDict, path: str, n: int = 3) -> list[str]:
+    """The recipe's keys closest to a misspelled `path`, in any block: `lr` -> `train.learning_rate` (its words'
+    initials), `learnin_rate` -> `train.learning_rate` (spelling), `temperature` -> `sampling.temperature` and
+    `eval.temperature`... (the leaf wherever it is)."""
+    keys = [key for key, _ in _flat(config.to_dict())]
+    keys += [prefix for key in keys for prefix in _prefixes(key)]  # blocks, so that `trian.x` finds `train.x`
+    wanted = path.split(".")[-1].lower()
+
+    def score(key: str) -> float:
+        leaf = key.split(".")[-1].lower()
+        initials = "".join(word[0] for word in leaf.split("_") if word)
+        if key.lower() == path.lower():
+            return 0.0
+        exact = 1.0 if leaf == wanted else 0.95 if initials == wanted and len(wanted) > 1 else 0.0
+        return max(exact, difflib.SequenceMatcher(None, path.lower(), key.lower()).ratio(),
+                   0.9 * difflib.SequenceMatcher(None, wanted, leaf).ratio())
+
+    def rank(key: str) -> tuple:  # ties: the blocks a user sets most often first, then the spelling of the path
+        block = key.split(".")[0]
+        return (-round(score(key), 2), COMMON_BLOCKS.index(block) if block in COMMON_BLOCKS else len(COMMON_BLOCKS),
+                -difflib.SequenceMatcher(None, path.lower(), key.lower()).ratio())
+
+    ranked = sorted(set(keys), key=rank)
+    return [key for key in ranked[:n] if score(key) >= 0.75]
+
+
+def _prefixes(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _type_name(config: ml_collections.ConfigDict, path: str) -> str:
@@ -197,6 +237,12 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     one line naming it and exits 1 (as absl does for any flag error)."""
     argv = list(argv)
     index, spec = _config_argument(argv)
+    if any(arg in HELP_FLAGS for arg in argv[1:argv.index("--") if "--" in argv else len(argv)]):
+        try:
+            print(usage(spec), flush=True)
+        except RecipeError as e:
+            _exit_with(str(e))
+        sys.exit(0)
     try:
         if index is None:
             spec, index = DEFAULT_RECIPE, 1
@@ -272,33 +318,79 @@ def _int(text: str) -> int:
 
 
 def _exit_with(message: str) -> NoReturn:
-    print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
-    sys.exit(1)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+HELP_FLAGS = frozenset({"-h", "-help", "--help", "--helpshort", "--helpfull", "-?"})
+
+
+def usage(spec: str | None = None) -> str:
+    """The command's help: its docstring, the recipes with their arguments, its flags; with `spec`, that recipe's
+    fields and values (what `--config.KEY=VALUE` may set)."""
+    main = sys.modules.get("__main__")
+    parts = [(getattr(main, "__doc__", None) or "").strip(), recipe_table()]
+    command_flags = [f"  --{flag.name}: {' '.join(flag.help.split())}" + (" (required)" if flag.name in _required()
+                                                                            else "")
+                     for module, defined in flags.FLAGS.flags_by_module_dict().items()
+                     if not module.startswith("absl") for flag in defined]
+    parts.append("flags:\n" + "\n".join([
+        *command_flags,
+        "  --config.KEY=VALUE: any field of the recipe, e.g. --config.train.learning_rate=1e-5 "
+        "(--config=NAME --help lists NAME's fields)",
+        "  --verbose: show the traceback of an error as well as its one line"]))
+    if spec:
+        config = _load_file(*resolve(spec), spec=spec)
+        fields = [f"  {key} = {value!r}" for key, value in _flat(config.to_dict())]
+        parts.append(f"fields of {spec} (--config.KEY=VALUE):\n" + "\n".join(fields))
+    return "\n\n".join(part for part in parts if part)
+
+
+def recipe_table() -> str:
+    """Each recipe of vrft_jax/configs: its arguments (default first) and the first line of its docstring."""
+    lines = [f"recipes (--config=NAME or NAME:ARG=VALUE,...; default {DEFAULT_RECIPE}; or PATH.py[:ARG]):"]
+    for name in available_recipes():
+        module = _module(os.path.join(CONFIG_DIR, f"{name}.py"))
+        arguments = "  ".join(
+            f"{arg}={'|'.join(str(v) for v in _default_first(default, allowed))}"
+            for arg, (default, allowed) in getattr(module, "ARGS", {}).items()) or "(no arguments)"
+        summary = (module.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        lines += [f"  {name:<16}{arguments}", f"  {'':<16}{summary}"]
+    return "\n".join(lines)
+
+
+def _default_first(default, allowed) -> list:
+    return [default, *(v for v in allowed if v != default)] if allowed is not None else [default, "..."]
+
+
+def _flat(tree: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            items += _flat(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def _required() -> set[str]:
+    return {name for name, flag in flags.FLAGS._flags().items() if getattr(flag, "required", False)}
 
 
 def from_flags() -> tuple[ml_collections.ConfigDict, str]:
     """(the parsed, locked config; the workdir, default `runs/<config.name>`) after `parse_flags`.
-    A config whose blocks do not build raises `app.UsageError` naming the field."""
+    A config whose blocks do not build raises RecipeError naming the field."""
     config = flags.FLAGS.config
     try:
         build(config, check_paths=False, process_count=1)
     except (KeyError, TypeError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # str(KeyError) adds quotes
-        raise app.UsageError(f"recipe {config.get('name', '?')}: {message}") from None
+        raise RecipeError(f"recipe {config.get('name', '?')}: {message}") from None
     return config, flags.FLAGS.workdir or default_workdir(config)
 
 
 def default_workdir(config: ml_collections.ConfigDict) -> str:
     return os.path.join("runs", config.name)
-
-
-def use_platform(config: ml_collections.ConfigDict) -> None:
-    """Run a recipe sized for the CPU (`slice="cpu"`: the demo) on JAX's CPU backend, without probing the
-    accelerator plugins installed beside it: the `tpu` extra's libtpu logs initialization errors on a machine
-    without a TPU before JAX falls back to the CPU. JAX_PLATFORMS, when set, decides instead. Call it before
-    anything touches a device (and before `distributed.initialize`)."""
-    if config.slice == "cpu" and not os.environ.get("JAX_PLATFORMS"):
-        jax.config.update("jax_platforms", "cpu")
 
 
 # ---------------------------------------------------------------------------------------------- settings

@@ -37,6 +37,7 @@ from absl import logging
 from flax import nnx
 
 from vrft_jax import checkpoints, distributed, grpo_loop, model_dir, recipe, sampling, sft, storage
+from vrft_jax.cli import UserError
 from vrft_jax.data import make_iterator
 from vrft_jax.data.pipeline import open_source
 from vrft_jax.evaluate import evaluators, report
@@ -72,7 +73,7 @@ class Result:
     report: str | None = None
 
 
-class ConfigChangedError(ValueError):
+class ConfigChangedError(UserError, ValueError):
     """A resume with a config whose trained numbers would differ from the checkpoint's run."""
 
 

@@ -6,6 +6,9 @@ paper's SFT baseline: its learning rate, warmup, weight decay and samples per st
 evaluate the held-out set every `eval_every` steps. With no `--config` the `demo` recipe runs. The workdir
 (default `runs/NAME`; a `gs://` URL on a pod) holds the checkpoints, metrics, evaluations, report and final
 model (`vrft_jax.run`). SIGTERM saves the step and exits 0; the same command resumes it.
+
+A missing dataset or checkpoint, or a bad key, is one line saying what to do and exit code 2 (`--verbose` adds
+the traceback). `--help` lists the recipes and their arguments; `--config=NAME --help` the recipe's fields.
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ import sys
 
 from absl import app, logging
 
-from vrft_jax import distributed, recipe, run, storage
+from vrft_jax import cli, distributed, recipe, run, storage
 
 
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO; the Reporter shows progress
     config, workdir = recipe.from_flags()
-    recipe.use_platform(config)
+    cli.choose_platform(cpu_recipe=config.slice == "cpu")  # before JAX starts a backend
     distributed.initialize()  # a multi-host run's processes find each other (launch/); nothing on one host
     result = run.train(config, workdir)
     if result.preempted:
@@ -49,5 +52,6 @@ def print_summary(config, workdir: str, result: run.Result) -> None:
 
 
 if __name__ == "__main__":
+    argv, verbose = cli.strip_verbose(sys.argv)
     recipe.define_flags()
-    app.run(main, flags_parser=recipe.parse_flags)
+    app.run(cli.guard(main, verbose=verbose), argv=argv, flags_parser=recipe.parse_flags)

@@ -27,10 +27,12 @@ DATASETS = {
     "cars": ("laolao77/ViRFT_CLS_car196_4shot", "car"),
 }
 
+# the recipe's arguments (--config=NAME:name=value,...): name -> (default, allowed values)
+ARGS = {"model": ("2b", _common.MODELS), "dataset": ("flowers", tuple(DATASETS)), "shots": (4, _common.SHOTS)}
+
 
 def get_config(arg=None):
-    arg = _common.parse_arg(arg, model=("2b", _common.MODELS), dataset=("flowers", tuple(DATASETS)),
-                            shots=(4, _common.SHOTS))
+    arg = _common.parse_arg(arg, **ARGS)
     c = _common.base_config(name=f"cls_fewshot_{arg.dataset}_{arg.model}_{arg.shots}shot", model=arg.model)
     c.total_steps = 200
     repo, noun = DATASETS[arg.dataset]

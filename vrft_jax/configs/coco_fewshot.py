@@ -14,9 +14,12 @@ from vrft_jax.configs import _common
 
 CATEGORIES = ("bus", "train", "fire hydrant", "stop sign", "cat", "dog", "bed", "toilet")
 
+# the recipe's arguments (--config=NAME:name=value,...): name -> (default, allowed values)
+ARGS = {"model": ("2b", _common.MODELS), "shots": (4, _common.SHOTS)}
+
 
 def get_config(arg=None):
-    arg = _common.parse_arg(arg, model=("2b", _common.MODELS), shots=(4, _common.SHOTS))
+    arg = _common.parse_arg(arg, **ARGS)
     c = _common.base_config(name=f"coco_fewshot_{arg.model}_{arg.shots}shot", model=arg.model)
     c.categories = CATEGORIES
     c.total_steps = 200

@@ -25,9 +25,12 @@ LVIS_RARE = ("casserole", "die", "egg_roll", "futon", "garbage", "handsaw", "hip
              "omelet", "shot_glass", "stepladder", "sugar_bowl")
 EVAL_SETS = ("novel", "lvis_rare")
 
+# the recipe's arguments (--config=NAME:name=value,...): name -> (default, allowed values)
+ARGS = {"model": ("2b", _common.MODELS), "eval": ("novel", EVAL_SETS)}
+
 
 def get_config(arg=None):
-    arg = _common.parse_arg(arg, model=("2b", _common.MODELS), eval=("novel", EVAL_SETS))
+    arg = _common.parse_arg(arg, **ARGS)
     suffix = "" if arg.eval == "novel" else f"_{arg.eval}"
     c = _common.base_config(name=f"coco_ov_base65_{arg.model}{suffix}", model=arg.model)
     c.total_steps = 750

@@ -29,9 +29,12 @@ SFT steps on large shapes leave GRPO nothing to learn (0.95 before).
 
 from vrft_jax.configs import _common
 
+# the recipe's arguments (--config=NAME:name=value,...): name -> (default, allowed values)
+ARGS = {}  # none: one given is an error naming it
+
 
 def get_config(arg=None):
-    _common.parse_arg(arg)  # takes no arguments; one given is an error naming it
+    _common.parse_arg(arg, **ARGS)
     c = _common.base_config(name="demo", model="2b")
     c.slice = "cpu"
     c.total_steps = 100

@@ -19,9 +19,12 @@ from vrft_jax.configs import _common
 
 EVAL_SETS = ("val", "test")
 
+# the recipe's arguments (--config=NAME:name=value,...): name -> (default, allowed values)
+ARGS = {"model": ("2b", _common.MODELS), "eval": ("val", EVAL_SETS)}
+
 
 def get_config(arg=None):
-    arg = _common.parse_arg(arg, model=("2b", _common.MODELS), eval=("val", EVAL_SETS))
+    arg = _common.parse_arg(arg, **ARGS)
     suffix = "" if arg.eval == "val" else f"_{arg.eval}"
     c = _common.base_config(name=f"lisa_grounding_{arg.model}{suffix}", model=arg.model)
     c.total_steps = 500

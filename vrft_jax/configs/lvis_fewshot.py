@@ -11,9 +11,12 @@ from vrft_jax.configs import _common
 
 CATEGORIES = ("horse_buggy", "die", "kitchen_table", "omelet", "papaya", "stepladder")
 
+# the recipe's arguments (--config=NAME:name=value,...): name -> (default, allowed values)
+ARGS = {"model": ("2b", _common.MODELS)}
+
 
 def get_config(arg=None):
-    arg = _common.parse_arg(arg, model=("2b", _common.MODELS))
+    arg = _common.parse_arg(arg, **ARGS)
     c = _common.base_config(name=f"lvis_fewshot_{arg.model}", model=arg.model)
     c.categories = CATEGORIES
     c.total_steps = 200

@@ -22,13 +22,15 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from vrft_jax.cli import UserError
+
 # CLIP's statistics, as Qwen2-VL's preprocessor_config.json gives them (transformers' OPENAI_CLIP_MEAN/STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200  # smart_resize refuses longer/shorter side ratios above this
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image that cannot be decoded or resized."""
 
 

@@ -16,6 +16,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from vrft_jax.cli import UserError
+
 TASKS = ("detection", "classification", "grounding")
 FIELDS = ("id", "image", "problem", "solution", "task", "label")
 REQUIRED = ("image", "problem", "solution", "task")
@@ -57,7 +59,7 @@ class Record:
         return dataclasses.asdict(self)
 
 
-class BadRecordError(ValueError):
+class BadRecordError(UserError, ValueError):
     """A record that cannot be used, in strict mode. The message names the record and what is wrong."""
 
     def __init__(self, where: str, reason: str, detail: str):

@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from flax import nnx
 
-from vrft_jax import distributed, model_dir, recipe, sampling
+from vrft_jax import cli, distributed, model_dir, recipe, sampling
 from vrft_jax.data import storage
 from vrft_jax.evaluate import evaluators, report, score
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
@@ -33,13 +33,13 @@ from vrft_jax.rewards.frames import Frame, frame_of
 def evaluate_checkpoint(config, checkpoint: str, workdir: str) -> dict:
     """Metrics of `checkpoint` on the recipe's held-out set; predictions, metrics and report in `workdir`."""
     if not config.eval.path:
-        raise app.UsageError(f"recipe {config.name} has no held-out set: give --config.eval.path=DATASET")
+        raise cli.UserError(f"recipe {config.name} has no held-out set: give --config.eval.path=DATASET")
     settings = recipe.build(config, check_paths=False)
     try:
         storage.dataset_dir(config.eval.path)
     except FileNotFoundError:
         command = recipe.prepare_command(config, "eval") if config.eval.prepare else "python -m vrft_jax.data.prepare"
-        raise app.UsageError(f"the held-out set {config.eval.path} is not there; make it with: {command}") from None
+        raise cli.UserError(f"the held-out set {config.eval.path} is not there; make it with: {command}") from None
     directory = model_dir.import_hf(checkpoint, os.path.join(workdir, "initial"))
     mesh = recipe.make_mesh(config) if jax.device_count() > 1 else None
     # One copy of the weights: loaded straight into the sampler's dtype and layout, which the evaluator decodes with.
@@ -64,7 +64,7 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     config = flags.FLAGS.config
-    recipe.use_platform(config)
+    cli.choose_platform(cpu_recipe=config.slice == "cpu")  # before JAX starts a backend
     distributed.initialize()  # under a launcher: one job with the other processes, as the train command
     if flags.FLAGS.split:
         config.unlock()
@@ -79,10 +79,11 @@ def main(argv) -> None:
 def run(argv: list[str]) -> int:
     if len(argv) > 1 and argv[1] == "score":
         return score.main(argv[2:])
+    argv, verbose = cli.strip_verbose(argv)
     recipe.define_flags()
     flags.DEFINE_string("ckpt", None, "a model directory (a run's model/) or a Hugging Face checkpoint", required=True)
     flags.DEFINE_string("split", None, "the held-out set's split (default: the recipe's eval.split)")
-    app.run(main, argv=argv, flags_parser=recipe.parse_flags)
+    app.run(cli.guard(main, verbose=verbose), argv=argv, flags_parser=recipe.parse_flags)
     return 0
 
 

@@ -15,12 +15,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from vrft_jax.cli import UserError
+
 SUPPORTED_MODEL_TYPE = "qwen2_vl"
 SUPPORTED_ARCHITECTURE = "Qwen2VLForConditionalGeneration"
 REMAT_POLICIES = ("none", "block", "save_dots")
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(UserError, ValueError):
     """The checkpoint describes a model this port does not implement."""
 
 
