@@ -15,6 +15,7 @@ This module is a leaf: the library's error classes derive from `UserError` witho
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import sys
@@ -83,9 +84,22 @@ def fail(error: BaseException | str, *, verbose: bool = False) -> NoReturn:
         traceback.print_exception(error)
     message = str(error) if not isinstance(error, KeyError) or not error.args else str(error.args[0])
     print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    if not verbose:
+    if not verbose and isinstance(error, BaseException):
         print(f"(add {VERBOSE_FLAG} to see where it was raised)", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (a missing or unknown argument, a bad choice) are one line too, with
+    a pointer to --help, instead of the usage text followed by the message; and whose `--help` keeps the
+    description's own line breaks."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 # ---------------------------------------------------------------------------------------------- platform

@@ -20,7 +20,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from vrft_jax.evaluate import detection, readers, score
+from vrft_jax.evaluate import detection, inputs, readers, score
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -177,10 +177,10 @@ def test_the_pixels_frame_scales_by_the_size_the_model_saw():
 ])
 def test_the_score_command_names_a_bad_line(tmp_path, line, message):
     (tmp_path / "p.jsonl").write_text('{"image_id": 1, "category_id": 1, "completion": ""}\n' + line + "\n")
-    with pytest.raises(ValueError, match=rf"p.jsonl:2: {message}"):
-        list(score.read_predictions(str(tmp_path / "p.jsonl")))
+    with pytest.raises(inputs.InputError, match=rf"p.jsonl:2: {message}"):
+        inputs.read_predictions(str(tmp_path / "p.jsonl"))
 
 
 def test_a_prediction_for_an_unknown_image_is_an_error_naming_it():
-    with pytest.raises(ValueError, match="image 99, category 1: not in the ground truth"):
+    with pytest.raises(inputs.InputError, match=r"prediction 1 \(image 99, category 1\): not in the ground truth"):
         score.score(ground_truth(), [(99, 1, "x")])

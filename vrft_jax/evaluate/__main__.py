@@ -78,7 +78,7 @@ def main(argv) -> None:
 
 def run(argv: list[str]) -> int:
     if len(argv) > 1 and argv[1] == "score":
-        return score.main(argv[2:])
+        cli.run(score.main, argv[1:])
     argv, verbose = cli.strip_verbose(argv)
     recipe.define_flags()
     flags.DEFINE_string("ckpt", None, "a model directory (a run's model/) or a Hugging Face checkpoint", required=True)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from vrft_jax.evaluate import inputs
 from vrft_jax.evaluate.readers import read_boxes
 from vrft_jax.rewards.frames import REL_SCALE, Frame, frame_of
 
@@ -46,28 +47,6 @@ class Query:
     category_id: int
     completion: str
     seen_hw: tuple[int, int] | None = None
-
-
-def check_ground_truth(gt: Mapping[str, Any]) -> None:
-    """ValueError naming what a COCO-format ground truth lacks: images with width and height, named
-    categories, annotations with image_id, category_id and a 4-number bbox of known images and categories."""
-    for key in ("images", "categories", "annotations"):
-        if not isinstance(gt.get(key), list):
-            raise ValueError(f"the ground truth has no {key!r} list (keys: {sorted(gt)})")
-    for image in gt["images"]:
-        if not all(isinstance(image.get(k), (int, float)) and image.get(k) > 0 for k in ("width", "height")):
-            raise ValueError(f"ground-truth image {image.get('id')!r} needs a positive width and height: {image}")
-    for category in gt["categories"]:
-        if "id" not in category or not isinstance(category.get("name"), str):
-            raise ValueError(f"ground-truth category needs an id and a name: {category}")
-    images = {image["id"] for image in gt["images"]}
-    categories = {c["id"] for c in gt["categories"]}
-    for k, ann in enumerate(gt["annotations"]):
-        bbox = ann.get("bbox")
-        if ann.get("image_id") not in images or ann.get("category_id") not in categories:
-            raise ValueError(f"annotation {k} (id {ann.get('id')!r}) names an unknown image or category: {ann}")
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            raise ValueError(f"annotation {k} (id {ann.get('id')!r}) has no [x, y, w, h] bbox: {ann}")
 
 
 def to_results(queries: Iterable[Query], gt: Mapping[str, Any], *, reader: str = "visual_rft",
@@ -136,7 +115,7 @@ def run_cocoeval(gt: Mapping[str, Any], results: Sequence[dict], protocol: str =
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {PROTOCOLS}")
-    check_ground_truth(gt)
+    inputs.check_ground_truth(gt)
     gt = copy.deepcopy(dict(gt))
     for k, ann in enumerate(gt["annotations"]):  # COCOeval needs ids and areas; the score command's files may lack them
         ann.setdefault("id", k + 1)
@@ -176,7 +155,7 @@ def evaluate(gt: Mapping[str, Any], results: Sequence[dict], *, protocol: str = 
     selected = list(categories) if categories else [names[c] for c in cat_ids]
     unknown = [n for n in selected if n not in by_name]
     if unknown:
-        raise ValueError(f"categories {unknown} are not in the ground truth (it has e.g. {sorted(by_name)[:5]})")
+        raise inputs.InputError(f"categories {unknown} are not in the ground truth (it has e.g. {sorted(by_name)[:5]})")
     scored = [paper_class[n] for n in selected if paper_class[n] is not None]
     metrics: dict[str, Any] = {
         "protocol": protocol,

@@ -33,7 +33,7 @@ from vrft_jax import storage as files  # `storage` is the data package's (datase
 from vrft_jax.data import lisa, make_iterator, storage
 from vrft_jax.data.buckets import size_buckets
 from vrft_jax.data.pipeline import open_source
-from vrft_jax.evaluate import classification, detection, grounding, readers
+from vrft_jax.evaluate import classification, detection, grounding, inputs, readers
 from vrft_jax.evaluate.settings import EvaluationSettings
 from vrft_jax.rewards.frames import REL_SCALE, Frame, frame_of
 from vrft_jax.sampling import detokenize, local_completions, rollout
@@ -257,9 +257,7 @@ class DetectionEvaluator(Evaluator):
         super().__init__(**kwargs)
         self._gt_file = None
         if self.settings.gt:
-            with open(self.settings.gt, encoding="utf-8") as f:
-                self._gt_file = json.load(f)
-            detection.check_ground_truth(self._gt_file)
+            self._gt_file, _ = inputs.load_ground_truth(self.settings.gt)
         source = storage.read_metadata(self.data.path).get("source", {})
         queries = source.get("queries")
         self.query_protocol = ("records" if source.get("source") not in ("coco", "lvis") else

@@ -20,8 +20,11 @@ Detection, `visual_rft` (coco_evaluation/Qwen2_VL_coco_infere.py, also its LVIS 
   number, or a coordinate that is not finite, is dropped and counted.
 
 Detection, `strict`: the text of the first `<answer>` (to its `</answer>`, or to the end when cut off), every
-complete `{'Position': [...], 'Confidence': c}` object in it (`rewards.parse.strict_predictions`), boxes with
-x2 > x1 and y2 > y1 and a finite confidence; the rest dropped and counted.
+complete `{'Position': [...], 'Confidence': c}` object in it (`rewards.parse.strict_predictions`), each box with
+finite numbers kept as written (the rest dropped and counted). A box with x2 <= x1 or y2 <= y1 is kept, as
+the `visual_rft` reading keeps it: both hand COCOeval the same detections of the same answer, so both count it
+as the evaluation does (it overlaps nothing); dropping it would score a malformed answer above the paper's
+reading of it.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class BoxReading:
     scores:  one confidence per box
     status:  "boxes", "no_boxes" (an answer with none: `No Objects`, an abstention, or nothing readable) or
              "error" (the reader failed where Visual-RFT's script raises)
-    dropped: boxes read but left out (non-finite score or coordinate; strict: degenerate or invalid)
+    dropped: boxes read but left out (a non-finite score or coordinate)
     """
 
     boxes: list[list[float]]
@@ -132,7 +135,7 @@ def _strict_boxes(completion: str) -> BoxReading:
     boxes, scores, dropped = [], [], 0
     for k, score in enumerate(found.conf):
         x1, y1, x2, y2 = found.xyxy[4 * k:4 * k + 4]
-        if not (_finite(score) and x2 > x1 and y2 > y1 and all(map(_finite, (x1, y1, x2, y2)))):
+        if not (_finite(score) and all(map(_finite, (x1, y1, x2, y2)))):
             dropped += 1
             continue
         boxes.append([x1, y1, x2, y2])
