@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from compile_count import counting_compiles
 from train_recipe import TIMING_KEYS
 from vrft_jax import grpo_loop, model_dir, recipe, run, sampling, sft, sharding
 from vrft_jax.data import make_iterator
+from vrft_jax.data import storage as datasets
 from vrft_jax.metrics import read_metrics
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, random_init
 from vrft_jax.models.qwen2_vl.tokenizer import CHAT_TEMPLATE, ENDOFTEXT_ID, IM_END_ID, load_tokenizer
@@ -60,9 +62,19 @@ def test_a_synthetic_dataset_made_by_other_arguments_is_refused_by_name(data_dir
     stale = tiny_config(data_dir, {"source.prepare": config.source.prepare.replace("--num-images 16",
                                                                                    "--num-images 17")})
     assert stale.source.prepare != config.source.prepare
-    with pytest.raises(ValueError, match=r"train dataset at .*train was made with other arguments.*"
-                                         r"num_images=16 \(recipe: 17\)"):
+    with pytest.raises(recipe.RecipeError, match=r"train dataset at .*train was made with other arguments.*"
+                                                r"--num-images 16 \(recipe: 17\).* pass --config.source.prepare=''"):
         run.make_synthetic_data(stale)
+    # the user's own set (made from another source) under the demo's data.path is trained on as it is
+    mine = os.path.join(data_dir, "mine")
+    shutil.copytree(os.path.join(data_dir, "train"), mine)
+    metadata = os.path.join(datasets.dataset_dir(mine), datasets.METADATA_FILE)
+    with open(metadata) as f:
+        made = json.load(f)
+    with open(metadata, "w") as f:
+        json.dump({**made, "source": {"source": "virft", "json": "mine.json"}}, f)
+    run.make_synthetic_data(tiny_config(data_dir, {"data.path": mine}))
+    shutil.rmtree(mine)
 
 
 def test_the_heldout_reward_counts_every_example_once_the_last_partial_batch_included(data_dir, tmp_path, one_device):

@@ -121,9 +121,10 @@ def warm_start_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
 
 def make_synthetic_data(config: ml_collections.ConfigDict) -> None:
     """Write a recipe's synthetic datasets when they are missing (the demo's: nothing to download), on process 0
-    with every process waiting for it. One already there must have been made by the recipe's own command: a set
-    left by another version of the recipe is an error naming the arguments that differ, never silently trained
-    on. Any other missing dataset is the user's to make: `recipe.build` names the command."""
+    with every process waiting for it. A synthetic set already there must have been made by the recipe's own
+    command: one left by another version of the recipe is an error naming the arguments that differ, never
+    silently trained on. A set made from another source (the user's own, given as `--config.data.path`) is
+    trained on as it is. Any other missing dataset is the user's to make: `recipe.build` names the command."""
     from vrft_jax.data import prepare
     from vrft_jax.data import storage as datasets
 
@@ -138,13 +139,19 @@ def make_synthetic_data(config: ml_collections.ConfigDict) -> None:
             distributed.on_primary(prepare.main, argv)
             continue
         expected, made = prepare.source_args(argv), datasets.read_metadata(path).get("source", {})
-        differ = sorted(k for k in expected.keys() | made.keys() if expected.get(k) != made.get(k))
+        if made.get("source") != "synthetic":
+            continue  # the user's own set under the recipe's name: theirs to train on
+        # the recipe's arguments that the set was made without (an older version's extra options do not count)
+        differ = sorted(k for k in expected if expected[k] != made.get(k))
         if differ:
-            raise ValueError(
+            key = "source.prepare" if which == "train" else "eval.prepare"
+            raise recipe.RecipeError(
                 f"the {which} dataset at {path} was made with other arguments than the recipe's "
-                f"`prepare {command}`: " + ", ".join(f"{k}={made.get(k)!r} (recipe: {expected.get(k)!r})"
-                                                     for k in differ)
-                + f"; delete {path} (and the run directories trained on it) to make it again")
+                f"`prepare {command}`: " + ", ".join(f"--{k.replace('_', '-')} {made.get(k)!r} (recipe: "
+                                                     f"{expected[k]!r})" for k in differ)
+                + f"; to make the recipe's set, delete {path} (and the runs trained on it) or point "
+                f"--config.{'data' if which == 'train' else 'eval'}.path elsewhere; to train on this one as it "
+                f"is, pass --config.{key}=''")
 
 
 def check_resume_config(saved: dict, current: dict) -> None:

@@ -281,8 +281,9 @@ def test_prepare_cli_writes_synthetic_sets_and_names_bad_records(tmp_path, capsy
     assert sorted(r.id for r in records) == sorted(r.id for r in synthetic.classification_records(3))
     (tmp_path / "d.json").write_text(json.dumps([{"image_path": "missing.png", "problem": "p",
                                                   "solution": "<answer>a</answer>"}]))
-    assert main(["virft", "--json", str(tmp_path / "d.json"), "--output", str(tmp_path), "--name", "bad"]) == 1
-    assert "entry 0 of" in capsys.readouterr().err
+    with pytest.raises(BadRecordError, match=r"entry 0 of .*; rerun with --on-bad-record skip"):
+        main(["virft", "--json", str(tmp_path / "d.json"), "--output", str(tmp_path), "--name", "bad"])
+    assert not (tmp_path / "bad").exists()  # a failed prepare leaves nothing where the dataset would have gone
 
 
 def test_synthetic_source_is_deterministic_with_exact_boxes():

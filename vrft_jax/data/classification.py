@@ -24,7 +24,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 def folder_entries(root: str) -> list[tuple[str, str]]:
     """(image path relative to root, class name) for `<root>/<class>/<image>`, sorted."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"class folder root {root} does not exist")
+        raise rec.SourceError(f"--folder {root}: no such folder")
     entries = []
     for class_name in sorted(os.listdir(root)):
         folder = os.path.join(root, class_name)
@@ -34,7 +34,7 @@ def folder_entries(root: str) -> list[tuple[str, str]]:
             if file.lower().endswith(IMAGE_EXTENSIONS):
                 entries.append((os.path.join(class_name, file), class_name))
     if not entries:
-        raise ValueError(f"no images found under {root}/<class>/")
+        raise rec.SourceError(f"--folder {root}: no images in {root}/<class>/ ({', '.join(IMAGE_EXTENSIONS)})")
     return entries
 
 
@@ -47,7 +47,7 @@ def list_entries(path: str) -> list[tuple[str, str]]:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             if "\t" not in line:
-                raise ValueError(f"{path} line {number}: expected '<image path>\\t<class name>', got {line!r}")
+                raise rec.SourceError(f"{path}:{number}: expected '<image path>\\t<class name>', got {line!r}")
             image, class_name = line.split("\t", 1)
             entries.append((image.strip(), class_name.strip()))
     return entries
@@ -57,7 +57,7 @@ def k_shot(entries: list[tuple[str, str]], shots: int, seed: int) -> list[tuple[
     """`shots` entries of each class (all when fewer), drawn by a generator seeded with (seed, CRC-32 of
     the class name): a class's subset does not change when other classes are added or removed."""
     if shots <= 0:
-        raise ValueError(f"shots must be positive, got {shots}")
+        raise rec.SourceError(f"--shots must be positive, got {shots}")
     by_class: dict[str, list[tuple[str, str]]] = {}
     for entry in entries:
         by_class.setdefault(entry[1], []).append(entry)

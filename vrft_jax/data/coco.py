@@ -14,7 +14,6 @@ LVIS's negative and not-exhaustive category lists are not used: Visual-RFT's rec
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -61,7 +60,7 @@ class Instances:
         names = list(names)
         unknown = [n for n in names if n not in by_name]
         if unknown:
-            raise KeyError(f"categories {unknown} are not in this {self.flavor} file "
+            raise rec.UnknownNameError(f"categories {unknown} are not in this {self.flavor} file "
                            f"(it has {len(by_name)}, e.g. {sorted(by_name)[:5]})")
         return [by_name[n] for n in names]
 
@@ -69,12 +68,15 @@ class Instances:
 def load_instances(annotations: str | Mapping[str, Any], flavor: str | None = None) -> Instances:
     """Index a COCO or LVIS instances file (path or parsed dict); `flavor` None detects it (LVIS
     categories carry a `frequency`)."""
+    where = "the instances" if isinstance(annotations, Mapping) else annotations
     if not isinstance(annotations, Mapping):
-        with open(annotations, encoding="utf-8") as f:
-            annotations = json.load(f)
+        annotations = rec.load_json(annotations, "an instances file")
+    if not isinstance(annotations, Mapping):
+        raise rec.SourceError(f"{where}: an instances file is an object with images, annotations and categories, "
+                              f"not a JSON {type(annotations).__name__}")
     for key in ("images", "annotations", "categories"):
-        if key not in annotations:
-            raise KeyError(f"instances file has no {key!r} list (keys: {sorted(annotations)})")
+        if not isinstance(annotations.get(key), list):
+            raise rec.SourceError(f"{where}: no {key!r} list (keys: {sorted(annotations)})")
     if flavor is None:
         flavor = "lvis" if any("frequency" in c for c in annotations["categories"]) else "coco"
     if flavor not in ("coco", "lvis"):
@@ -98,7 +100,7 @@ def load_instances(annotations: str | Mapping[str, Any], flavor: str | None = No
 def k_shot(instances: Instances, shots: int, seed: int, category_ids: Sequence[int]) -> dict[int, list[int]]:
     """category id -> the sorted ids of `shots` images containing it (all of them when fewer)."""
     if shots <= 0:
-        raise ValueError(f"shots must be positive, got {shots}")
+        raise rec.SourceError(f"--shots must be positive, got {shots}")
     chosen = {}
     for category_id in category_ids:
         candidates = instances.images_of(category_id)
@@ -140,20 +142,21 @@ def query_pairs(instances: Instances, category_ids: Sequence[int], queries: str)
             for category_id in category_ids:
                 yield image_id, category_id
     elif queries.startswith("exist:"):
-        with open(queries[len("exist:"):], encoding="utf-8") as f:
-            listed = json.load(f)
+        listed = rec.load_json(queries[len("exist:"):], "an exist map ({image id: [category names]})")
+        if not isinstance(listed, Mapping):
+            raise rec.SourceError(f"{queries}: an exist map is an object {{image id: [category names]}}")
         by_name = {instances.categories[c]: c for c in category_ids}
         known = set(instances.categories.values())
         for image_id in sorted(instances.images):
             names = listed.get(str(image_id), [])
             unknown = sorted(set(names) - known)
             if unknown:
-                raise ValueError(f"{queries}: image {image_id} lists categories {unknown} the annotations lack")
+                raise rec.SourceError(f"{queries}: image {image_id} lists categories {unknown} the annotations lack")
             for name in dict.fromkeys(names):  # in the file's order, once each
                 if name in by_name:
                     yield image_id, by_name[name]
     else:
-        raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
+        raise rec.SourceError(f"--queries must be one of {QUERIES}, got {queries!r}")
 
 
 def detection_candidates(instances: Instances, image_root: str, *, categories: Iterable[str] | None = None,
@@ -165,7 +168,7 @@ def detection_candidates(instances: Instances, image_root: str, *, categories: I
         pairs = query_pairs(instances, category_ids, queries)
     else:
         if queries != "present":
-            raise ValueError("k-shot subsets are training records: --shots takes no --queries")
+            raise rec.SourceError("k-shot subsets are training records: --shots takes no --queries")
         chosen = k_shot(instances, shots, seed, category_ids)
         pairs = ((image_id, cid) for cid in category_ids for image_id in chosen[cid])
     for image_id, category_id in pairs:
@@ -190,5 +193,5 @@ def split_categories(instances: Instances, base: Sequence[str], novel: Sequence[
     instances.category_ids(list(base) + list(novel))
     overlap = sorted(set(base) & set(novel))
     if overlap:
-        raise ValueError(f"categories {overlap} are listed as both base and novel")
+        raise rec.SourceError(f"categories {overlap} are listed as both base and novel")
     return {"base": list(base), "novel": list(novel)}

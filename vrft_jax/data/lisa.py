@@ -46,10 +46,11 @@ def lisa_folder_items(folder: str) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def lisa_json_items(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
-        items = json.load(f)
-    for k, item in enumerate(items):
-        yield f"entry {k} of {path}", item
+    """(where, item) for each entry of a lisa_train.json-style list; SourceError for a file that is not one."""
+    items = rec.load_json(path, "a LISA JSON list")
+    if not isinstance(items, list):
+        raise rec.SourceError(f"{path}: expected a JSON list of LISA items, got a JSON {type(items).__name__}")
+    return ((f"entry {k} of {path}", item) for k, item in enumerate(items))
 
 
 def pixel_box_label(box: Sequence[float]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -57,6 +58,34 @@ class Record:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class SourceError(UserError, ValueError):
+    """A source that cannot be converted at all (a file that is not there or not JSON, the wrong structure, an
+    unknown category, contradictory options); the message names the file, line or name."""
+
+
+class UnknownNameError(SourceError, KeyError):
+    """A category or class name the source does not have."""
+
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def load_json(path: str, what: str) -> Any:
+    """The parsed JSON file at `path` (`what` it should hold, for the messages); SourceError naming the file, and
+    the line and column of a syntax error."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read {what} ({e.strerror})") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: {what} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{path}:{e.lineno}:{e.colno}: {what} is not JSON ({e.msg})") from None
 
 
 class BadRecordError(UserError, ValueError):

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import types
@@ -28,11 +29,20 @@ from typing import Any
 import numpy as np
 
 from vrft_jax import storage
+from vrft_jax.cli import UserError
 from vrft_jax.data.records import FIELDS, Record
 
 VERSION = "1.0.0"
 INFO_FILE, METADATA_FILE = "dataset_info.json", "metadata.json"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class DatasetNameError(UserError, ValueError):
+    """A dataset name TFDS cannot take."""
+
+
+class DatasetExistsError(UserError, FileExistsError):
+    """A dataset already written where a new one would go."""
 
 
 def _features():
@@ -67,6 +77,14 @@ def _builder_class(name: str):
             for record in records:
                 yield record.id, record.as_dict()
 
+        # tfds announces "Downloading and preparing dataset Unknown size ..." and its end on stdout, for a local
+        # conversion that downloads nothing; the prepare command prints its own report instead.
+        def _log_download_bytes(self):
+            pass
+
+        def _log_download_done(self):
+            pass
+
     # tfds takes the dataset's directory name from the class attribute `name`.
     return types.new_class(f"Records_{name}", (_RecordsBuilder,), {"skip_registration": True},
                            lambda ns: ns.update(name=name))
@@ -80,16 +98,13 @@ def write_dataset(data_dir: str, name: str, splits: Mapping[str, Iterable[Record
     fills it while the records stream, so it must be complete when the last split has been written.
     """
 
-    if not _NAME.match(name):
-        raise ValueError(f"dataset name {name!r} must be lower-case letters, digits and underscores")
     if not splits:
         raise ValueError("no splits to write")
+    check_new_dataset(data_dir, name)
     data_dir = storage.absolute(data_dir)
     if not storage.is_url(data_dir):
         return _write_local(data_dir, name, splits, {} if metadata is None else metadata, description)
     target = storage.join(data_dir, name, VERSION)
-    if storage.isfile(storage.join(target, INFO_FILE)):
-        raise FileExistsError(f"{target} exists; remove it or pick another --name")
     storage.rmtree(target)  # what an interrupted upload left
     with tempfile.TemporaryDirectory(prefix="vrft-dataset-") as local:
         written = _write_local(local, name, splits, {} if metadata is None else metadata, description)
@@ -97,20 +112,48 @@ def write_dataset(data_dir: str, name: str, splits: Mapping[str, Iterable[Record
     return target
 
 
+def check_new_dataset(data_dir: str, name: str) -> None:
+    """DatasetNameError for a name TFDS cannot take; DatasetExistsError when `<data_dir>/<name>/<VERSION>` holds
+    a dataset already (a complete one: what an interrupted upload left is written over)."""
+    if not _NAME.match(name):
+        raise DatasetNameError(f"--name {name!r}: a dataset name is lower-case letters, digits and underscores, "
+                               "starting with a letter")
+    target = storage.join(storage.absolute(data_dir), name, VERSION)
+    if storage.isfile(storage.join(target, INFO_FILE)) or (not storage.is_url(target) and os.path.exists(target)):
+        raise DatasetExistsError(f"{target} exists; remove it or pick another --name")
+
+
 def _write_local(data_dir: str, name: str, splits: Mapping[str, Iterable[Record]], metadata: Mapping[str, Any],
                  description: str) -> str:
     builder = _builder_class(name)(splits=splits, metadata=metadata, description=description,
                                    data_dir=data_dir, file_format="array_record")
-    if os.path.exists(builder.data_dir):
-        raise FileExistsError(f"{builder.data_dir} exists; remove it or pick another --name")
-    # tfds wants a download directory even though nothing is downloaded, and prints progress to stdout,
-    # which belongs to the caller (the CLI prints its report there).
-    with tempfile.TemporaryDirectory() as downloads, contextlib.redirect_stdout(sys.stderr):
-        builder.download_and_prepare(download_dir=downloads)
+    # A failed conversion leaves nothing behind: the dataset's folder if this call made it, else the version.
+    made = os.path.join(data_dir, name) if not os.path.exists(os.path.join(data_dir, name)) else builder.data_dir
+    before = set(os.listdir(os.path.dirname(builder.data_dir))) if os.path.isdir(
+        os.path.dirname(builder.data_dir)) else set()
+    # tfds wants a download directory even though nothing is downloaded, and may print to stdout, which belongs
+    # to the caller (the CLI prints its report there).
+    try:
+        with tempfile.TemporaryDirectory() as downloads, contextlib.redirect_stdout(sys.stderr):
+            builder.download_and_prepare(download_dir=downloads)
+    except BaseException:
+        _remove_partial(made, builder.data_dir, before)
+        raise
     # The report was filled while the generators ran, after tfds snapshotted the metadata: write it again.
     storage.write_text_atomic(os.path.join(builder.data_dir, METADATA_FILE),
                               json.dumps(dict(metadata), indent=2, sort_keys=True))
     return builder.data_dir
+
+
+def _remove_partial(made: str, version_dir: str, before: set[str]) -> None:
+    """Remove what a failed write made: `made` when it is the dataset's folder this write created, else the
+    entries beside `version_dir` (its temporary `.incomplete` siblings) that were not there before."""
+    if made != version_dir:
+        shutil.rmtree(made, ignore_errors=True)
+        return
+    parent = os.path.dirname(version_dir)
+    for entry in set(os.listdir(parent) if os.path.isdir(parent) else []) - before:
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def dataset_dir(path: str) -> str:

@@ -3,7 +3,6 @@ and Visual-RFT's JSON (`[{image_path, problem, solution}]`, dataset/build_datase
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -80,11 +79,14 @@ def parquet_candidates(paths: Sequence[str], *, task: str | None = None,
 def json_candidates(path: str, *, task: str | None = None, image_root: str | None = None) -> Iterator[rec.Candidate]:
     """Entries of a ViRFT JSON list; relative `image_path`s are resolved against `image_root` (default:
     the JSON file's directory). Ids are "<file name>:<position>"."""
-    with open(path, encoding="utf-8") as f:
-        entries = json.load(f)
+    entries = rec.load_json(path, "a ViRFT JSON list")
     if not isinstance(entries, list):
-        raise ValueError(
-            f"{path}: expected a JSON list of {{image_path, problem, solution}}, got {type(entries).__name__}")
+        raise rec.SourceError(f"{path}: expected a JSON list of {{image_path, problem, solution}}, got a JSON "
+                              f"{'object' if isinstance(entries, dict) else type(entries).__name__}")
+    return _json_entries(path, entries, task=task, image_root=image_root)
+
+
+def _json_entries(path: str, entries: list, *, task: str | None, image_root: str | None) -> Iterator[rec.Candidate]:
     name = os.path.basename(path)
     root = image_root or os.path.dirname(os.path.abspath(path))
     for k, entry in enumerate(entries):
