@@ -8,7 +8,6 @@ of bounded size, so the export never holds the whole model in host memory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -18,7 +17,7 @@ from flax import nnx
 
 from model_port.mapping import tensor_map
 from model_port.safetensors_io import write_checkpoint
-from vrft_jax import model_dir
+from vrft_jax import cli, model_dir
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -46,12 +45,21 @@ def save_hf(model: Qwen2VL, path: str, *, hf_config: dict | None = None,
     return files
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="Flax model directory (from hf_to_flax or training)")
+def main(argv) -> None:
+    """The command (argv[0] its name); run through `cli.run`, which makes a UserError one line."""
+    parser = cli.ArgumentParser(prog="python -m model_port.flax_to_hf", description=__doc__)
+    parser.add_argument("--ckpt", required=True, help="Flax model directory (a run's model/, or hf_to_flax's)")
     parser.add_argument("--out", required=True, help="output HF directory")
-    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1024**3)
-    args = parser.parse_args(argv)
+    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1024**3,
+                        help="largest safetensors file, in GiB")
+    parser.add_argument(cli.VERBOSE_FLAG, action="store_true", help="show an error's traceback as well as its line")
+    args = parser.parse_args(argv[1:])
+    if not model_dir.is_model_dir(args.ckpt):
+        raise cli.UserError(f"--ckpt {args.ckpt}: not a model directory (a run's model/ or hf_to_flax's --out, "
+                            f"holding {model_dir.POINTER_FILE})")
+    if not args.max_shard_gb > 0:
+        raise cli.UserError(f"--max-shard-gb {args.max_shard_gb}: must be positive")
+    cli.choose_platform()
     model, hf_config = model_dir.load_model(args.ckpt, with_hf_config=True)
     files = save_hf(model, args.out, hf_config=hf_config, max_shard_bytes=int(args.max_shard_gb * 1024**3))
     copied = model_dir.copy_hf_assets(args.ckpt, args.out)
@@ -60,4 +68,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

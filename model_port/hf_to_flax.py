@@ -10,9 +10,9 @@ never holds more than one HF tensor and its reshaped copy.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ from flax import nnx
 
 from model_port.mapping import TIED_HEAD, canonical_name, tensor_map
 from model_port.safetensors_io import SafetensorsReader
-from vrft_jax import model_dir, sharding
+from vrft_jax import cli, model_dir, sharding
 from vrft_jax.cli import UserError
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
@@ -129,12 +129,22 @@ def check_tensors(reader: SafetensorsReader, config: Qwen2VLConfig, entries) -> 
             f"checkpoint {reader.path} does not match its config:\n  " + "\n  ".join(problems))
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def main(argv) -> None:
+    """The command (argv[0] its name); run through `cli.run`, which makes a UserError one line."""
+    parser = cli.ArgumentParser(prog="python -m model_port.hf_to_flax", description=__doc__)
     parser.add_argument("--hf", required=True, help="HF checkpoint directory (config.json + safetensors)")
     parser.add_argument("--out", required=True, help="output Flax model directory (vrft_jax.model_dir)")
-    parser.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--dtype", default=None, choices=DTYPES, help="parameter dtype (default: the checkpoint's)")
+    parser.add_argument(cli.VERBOSE_FLAG, action="store_true", help="show an error's traceback as well as its line")
+    args = parser.parse_args(argv[1:])
+    if not os.path.isfile(os.path.join(args.hf, "config.json")):
+        raise UserError(f"--hf {args.hf}: " + ("no such folder" if not os.path.isdir(args.hf) else
+                                               "no config.json (a Hugging Face checkpoint folder holds config.json "
+                                               "and its .safetensors files)"))
+    cli.choose_platform()
     model = load_hf(args.hf, dtype=args.dtype)
     model_dir.save_model(model, args.out, hf_source=args.hf)
     count = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
@@ -142,4 +152,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -66,8 +66,8 @@ def test_command_line_round_trip_through_orbax(tmp_path):
     source, ckpt, exported = tmp_path / "hf", tmp_path / "flax", tmp_path / "back"
     random_hf_model(GQA, seed=3).save_pretrained(source)
     (source / "generation_config.json").write_text(json.dumps({"eos_token_id": [2], "pad_token_id": 0}))
-    hf_to_flax.main(["--hf", str(source), "--out", str(ckpt)])
-    flax_to_hf.main(["--ckpt", str(ckpt), "--out", str(exported)])
+    hf_to_flax.main(["hf_to_flax", "--hf", str(source), "--out", str(ckpt)])
+    flax_to_hf.main(["flax_to_hf", "--ckpt", str(ckpt), "--out", str(exported)])
     assert_bit_identical(tensors(source), tensors(exported))
     assert hf_config(exported) == hf_config(source)
     assert json.loads((exported / "generation_config.json").read_text()) == {"eos_token_id": [2], "pad_token_id": 0}

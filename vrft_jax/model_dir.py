@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from vrft_jax import distributed, sharding, storage
+from vrft_jax import cli, distributed, sharding, storage
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
 
@@ -235,10 +235,18 @@ def export_hf(directory: str, out: str) -> None:
     distributed.agreed(export)
 
 
+class ConversionError(cli.UserError, RuntimeError):
+    """A checkpoint model_port could not convert, for a reason in the input (its one-line error)."""
+
+
 def _run_model_port(command: str, *args: str) -> None:
     """`python -m model_port.<command> ARGS` on the host's CPU (the run's process holds the accelerator, and
     libtpu, probed on a machine without a TPU, logs errors); its error output is in the exception."""
     argv = [sys.executable, "-m", f"model_port.{command}", *args]
     done = subprocess.run(argv, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stderr=subprocess.PIPE, text=True)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    if done.returncode == cli.EXIT_USER_ERROR and errors:  # the checkpoint's fault, said in the child's one line
+        raise ConversionError(f"{' '.join(argv[1:])} failed with exit code {done.returncode}: "
+                              f"{errors[-1][len('error: '):]}")
     if done.returncode:
         raise RuntimeError(f"{' '.join(argv[1:])} failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")
