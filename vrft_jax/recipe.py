@@ -654,5 +654,5 @@ def check_inputs_exist(config: ml_collections.ConfigDict) -> None:
                                f"hf download {config.model.hub_id} --local-dir {checkpoint}")
     found, expected = Qwen2VLConfig.from_hf(json.loads(files.read_text(config_file))), model_config(config)
     if (found.text, found.vision) != (expected.text, expected.vision):
-        raise ValueError(f"the checkpoint {checkpoint} is not a {config.model.preset} model: its text model is "
+        raise RecipeError(f"the checkpoint {checkpoint} is not a {config.model.preset} model: its text model is "
                          f"{found.text}, the recipe's {expected.text}")

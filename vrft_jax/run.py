@@ -269,9 +269,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     if config.mode == "sft":
         config = sft.run_config(config)
     storage.require_shared(workdir, config.shared_mount)
-    distributed.on_primary(storage.makedirs, workdir)
     make_synthetic_data(config)
-    settings = recipe.build(config)
+    settings = recipe.build(config)  # names a missing input before the workdir exists: a failed start leaves none
+    distributed.on_primary(storage.makedirs, workdir)
     mesh = recipe.make_mesh(config)
     model, source_dir = initial_model(config, settings, workdir, guard)
     if model is None or guard.should_stop(0):
