@@ -189,3 +189,15 @@ def test_each_hint_names_a_program_that_exists(workdir, program):
         executable = os.path.join(os.path.dirname(sys.executable), program[0])
         done = subprocess.run([executable, *program[1:], "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (program, done.stderr[-2000:])
+
+
+def test_the_readme_lists_every_recipe_with_its_arguments_and_links_nothing_outside_the_clone():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| ([^|]*(?:\\\|[^|]*)*) \|", readme, re.M)}
+    for name in recipe.available_recipes():
+        module = recipe._module(os.path.join(recipe.CONFIG_DIR, f"{name}.py"))
+        expected = ", ".join(f"`{arg}=" + "\\|".join(str(v) for v in recipe._default_first(default, allowed)) + "`"
+                             for arg, (default, allowed) in module.ARGS.items()) or "none"
+        assert rows.get(name) == expected, (name, rows.get(name), expected)
+    assert "../" not in readme
