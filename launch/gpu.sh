@@ -147,7 +147,12 @@ if [ "$dry_run" = 1 ]; then
 fi
 
 stop_requested=0
-trap 'stop_requested=$((stop_requested + 1))' INT TERM
+# The trap runs a function: a trap string is parsed when the signal arrives, and bash 5.2 can fail to parse
+# `$((...))` there when the signal interrupts its parsing of another expansion (seen under load: "trap: line 2:
+# unexpected EOF while looking for matching `)'", exit 2); a function body is parsed once, here.
+# shellcheck disable=SC2329  # invoked by the trap below
+count_stop_request() { stop_requested=$((stop_requested + 1)); }
+trap count_stop_request INT TERM
 starters=() followers=() started=1
 for (( rank = 0; rank < count; rank++ )); do
   background "$side_log" "${host_list[$rank]}" "$(start_command "$rank")"

@@ -177,7 +177,12 @@ if [ "$dry_run" = 1 ]; then
 fi
 
 stop_requested=0
-trap 'stop_requested=$((stop_requested + 1))' INT TERM
+# The trap runs a function: a trap string is parsed when the signal arrives, and bash 5.2 can fail to parse
+# `$((...))` there when the signal interrupts its parsing of another expansion (seen under load: "trap: line 2:
+# unexpected EOF while looking for matching `)'", exit 2); a function body is parsed once, here.
+# shellcheck disable=SC2329  # invoked by the trap below
+count_stop_request() { stop_requested=$((stop_requested + 1)); }
+trap count_stop_request INT TERM
 started=1
 background "$logdir/launcher.log" "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$start"
 wait_job $! || { started=0; echo "the command did not start on every worker (see $logdir/launcher.log)" >&2; }
