@@ -30,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -244,17 +246,47 @@ def print_heldout(when: str, value) -> None:
         print(f"held-out reward {when}: {mean:.4f} ± {se:.4f} (standard error, {n} examples)", flush=True)
 
 
-def write_report(config, workdir: str, heldout: HeldOut) -> str | None:
-    """The run's visual report (`vrft_jax.evaluate.report`) from its last evaluation; its path (process 0)."""
+def write_report(config, workdir: str, heldout: HeldOut | None) -> str | None:
+    """The run's visual report (`vrft_jax.evaluate.report`): its context, its last evaluation against step 0's
+    (when it evaluates) and its curves; its path (process 0)."""
     if jax.process_index() != 0:
         return None
-    before_path = storage.join(heldout.directory, "step_0.json")
-    before = json.loads(storage.read_text(before_path)) if storage.exists(before_path) else None
-    result = heldout.last
+    history = read_metrics(workdir)
+    evaluated = {}
+    if heldout is not None:
+        before_path, rows_path = (storage.join(heldout.directory, f"step_0.{ext}") for ext in ("json", "jsonl"))
+        if storage.exists(before_path) and storage.exists(rows_path):
+            evaluated = dict(before=json.loads(storage.read_text(before_path)),
+                             before_predictions=[json.loads(line) for line in storage.read_text(rows_path).splitlines()
+                                                 if line.strip()])
+        evaluated.update(predictions=heldout.last.predictions, metrics=heldout.last.metrics,
+                         image_of=heldout.evaluator.image_bytes, parse_rule=config.eval.parse)
+    warm = config.mode == "grpo" and config.warm_start.sft_steps > 0
+    before_label = (f"before GRPO (after the {config.warm_start.sft_steps}-step SFT warm start)" if warm
+                    else "before training")
     frame = "rel1000" if frame_of(config.rewards.frame) is Frame.REL1000 else "pixels"
-    return report.write_report(workdir, predictions=result.predictions, metrics=result.metrics,
-                               history=read_metrics(workdir), image_of=heldout.evaluator.image_bytes,
-                               title=f"{config.name}: {config.total_steps} steps", frame=frame, before=before)
+    return report.write_report(workdir, history=history, title=f"{config.name}: {config.mode} report", frame=frame,
+                               before_label=before_label, after_label=f"after step {config.total_steps}",
+                               context=report_context(config, workdir, history), **evaluated)
+
+
+def report_context(config, workdir: str, history) -> dict[str, Any]:
+    """What a reader of the report needs to know of the run before its numbers."""
+    model = config.model.checkpoint or f"random {config.model.preset} weights (seed {config.seed})"
+    return {
+        "recipe": config.name, "mode": config.mode, "model": model,
+        "trained": f"{config.total_steps} steps of {config.prompts_per_step} prompts"
+                   + (f" x {config.sampling.group_size} samples" if config.mode == "grpo" else ""),
+        "warm start": (f"{config.warm_start.sft_steps} SFT steps at lr {config.warm_start.learning_rate:g} "
+                       f"({storage.join(workdir, 'warm_start')})"
+                       if config.mode == "grpo" and config.warm_start.sft_steps > 0 else ""),
+        "learning rate": f"{config.train.learning_rate:g}", "seed": config.seed,
+        "training data": config.data.path, "held-out set": f"{config.eval.path} ({config.eval.split})"
+        if config.eval.path and config.eval_every else "none (eval_every=0)",
+        "rewards": f"{config.rewards.mode}: {dict(config.rewards.terms) if config.rewards.terms else 'all terms'}",
+        "steps logged": len({row['step'] for row in history}),
+        "workdir": workdir, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -354,11 +386,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     model_dir.save_model(nnx.merge(graphdef, state.params), final_dir, hf_source=source_dir)
     distributed.on_primary(model_dir.add_missing_assets, final_dir, tokenizer, settings.sampling.eos_token_ids,
                            settings.sampling.pad_token_id)
-    after, report_path = None, None
+    after = None
     if heldout is not None:
         after = summary(heldout.last)
         print_heldout("after", after)
-        report_path = distributed.on_primary(write_report, config, workdir, heldout)
+    report_path = distributed.on_primary(write_report, config, workdir, heldout)
     if config.export_hf:  # from the saved directory: no process holds the model whole
         model_dir.export_hf(final_dir, storage.join(workdir, "hf"))
     return Result(step=total, preempted=False, model_dir=final_dir, heldout_before=before, heldout_after=after,

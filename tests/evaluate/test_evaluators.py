@@ -26,7 +26,7 @@ from compile_count import counting_compiles
 from vrft_jax import recipe, sampling
 from vrft_jax import run as runs
 from vrft_jax.data import storage
-from vrft_jax.evaluate import evaluators, report
+from vrft_jax.evaluate import evaluators, report, report_curves
 from vrft_jax.metrics import read_metrics
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
@@ -141,13 +141,17 @@ def test_the_report_is_one_page_whose_images_are_inline_and_decode(run):
         page = f.read()
     sources = inline_images(page)
     assert len(sources) == page.count("<img")  # every image found, none referenced by path or URL
-    assert len(sources) >= 4 + 3  # the curves and the best / worst / random examples
+    curves = report_curves.curve_keys(read_metrics(workdir))
+    assert {"reward", "loss", "grad_norm", "learning_rate", "completion_length", "eval/AP"} <= {k for k, _ in curves}
+    shown = report.pick_samples(evaluators.read_predictions(os.path.join(workdir, "eval", "step_2.jsonl")))
+    assert len(sources) == len(curves) + sum(map(len, shown.values()))  # a curve each, and the examples
     for source in sources:
         assert source.startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))).verify()
-    for stem in ("rewards", "kl", "completion_length", "eval"):
-        assert os.path.exists(os.path.join(workdir, "report", f"curves_{stem}.png")), stem
-    for heading in ("best examples", "worst examples", "random examples", "training curves"):
+    for key, _ in curves:
+        assert os.path.exists(os.path.join(workdir, "report", f"curve_{key.replace('/', '_')}.png")), key
+    for heading in ("best examples", "worst examples", "random examples", "training curves", "difference",
+                    "format_valid_rate", "per class: paper_per_category_AP"):
         assert heading in page
 
 

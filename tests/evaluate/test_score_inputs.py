@@ -116,3 +116,12 @@ def test_strict_and_the_papers_reading_count_an_inverted_box_alike():
     ap = {reader: detection.evaluate(gt(), detection.to_results(queries, gt(), reader=reader)[0])["AP"]
           for reader in readers.READERS}
     assert ap["strict"] == ap["visual_rft"] and 0 < ap["strict"] < 1, ap  # the inverted box is a false positive
+
+
+def test_a_ground_truth_built_in_memory_with_numpy_numbers_is_accepted():
+    import numpy as np
+
+    g = gt()
+    g["images"][0]["id"] = np.int64(1)
+    g["annotations"][0]["bbox"] = [np.float64(v) for v in g["annotations"][0]["bbox"]]
+    assert inputs.check_ground_truth(g) == {}

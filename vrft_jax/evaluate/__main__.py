@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import jax
 from absl import app, flags, logging
@@ -26,6 +27,7 @@ from flax import nnx
 from vrft_jax import cli, distributed, model_dir, recipe, sampling
 from vrft_jax.data import storage
 from vrft_jax.evaluate import evaluators, report, score
+from vrft_jax.metrics import METRICS_FILE, read_metrics
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
 from vrft_jax.rewards.frames import Frame, frame_of
 
@@ -53,9 +55,17 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str) -> dict:
     result = evaluator.run(params)
     distributed.on_primary(evaluators.save, result, os.path.join(workdir, "eval"), 0)
     frame = "rel1000" if frame_of(config.rewards.frame) is Frame.REL1000 else "pixels"
+    # a run's model/: its training curves go in the report too
+    run_dir = os.path.dirname(os.path.normpath(checkpoint))
+    history = read_metrics(run_dir) if os.path.exists(os.path.join(run_dir, METRICS_FILE)) else ()
+    context = {"recipe": config.name, "checkpoint": checkpoint, "held-out set": f"{config.eval.path} "
+               f"({config.eval.split})", "reading": config.eval.parse,
+               "training curves": f"{run_dir}/{METRICS_FILE}" if history else "none (not a run's model/)",
+               "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     path = distributed.on_primary(report.write_report, workdir, predictions=result.predictions,
-                                  metrics=result.metrics, image_of=evaluator.image_bytes,
-                                  title=f"{config.name}: {checkpoint}", frame=frame)
+                                  metrics=result.metrics, image_of=evaluator.image_bytes, history=history,
+                                  title=f"{config.name}: evaluation of {checkpoint}", frame=frame, context=context,
+                                  after_label="this checkpoint", parse_rule=config.eval.parse)
     return {**result.metrics, "checkpoint": checkpoint, "report": path,
             "predictions": os.path.join(workdir, "eval", "step_0.jsonl")}
 

@@ -35,6 +35,7 @@ from vrft_jax.data.buckets import size_buckets
 from vrft_jax.data.pipeline import open_source
 from vrft_jax.evaluate import classification, detection, grounding, inputs, readers
 from vrft_jax.evaluate.settings import EvaluationSettings
+from vrft_jax.rewards import parse
 from vrft_jax.rewards.frames import REL_SCALE, Frame, frame_of
 from vrft_jax.sampling import detokenize, local_completions, rollout
 
@@ -96,8 +97,11 @@ class Evaluator:
                 out = jax.block_until_ready(out if self.mesh is None else distributed.pin_rows(out, self.mesh))
                 tokens, mask = local_completions(out)
                 valid = np.asarray(batch.meta["valid"], bool)
+                lengths = mask.sum(axis=1)
+                last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
+                stopped = (lengths > 0) & np.isin(last, self.sampling.eos_token_ids)
                 rows.extend(distributed.agreed(self._rows, batch.meta, detokenize(self.tokenizer, tokens, mask),
-                                               mask.sum(axis=1), valid))
+                                               lengths, stopped, valid))
                 tokens_made += int(mask[valid].sum())
                 bar.update(1)
         finally:
@@ -108,14 +112,14 @@ class Evaluator:
         return rows, {"seconds": seconds, "examples_per_s": len(rows) / seconds if seconds else 0.0,
                       "tokens_per_s": tokens_made / seconds if seconds else 0.0}
 
-    def _rows(self, meta: Mapping[str, Any], texts, lengths, valid) -> list[dict[str, Any]]:
+    def _rows(self, meta: Mapping[str, Any], texts, lengths, stopped, valid) -> list[dict[str, Any]]:
         rows = []
         for i in np.flatnonzero(valid):  # padding rows end here: nothing downstream sees them
             rows.append({"id": meta["id"][i], "index": int(meta["index"][i]), "label": meta["label"][i],
                          "prompt": meta["problem"][i], "solution": meta["solution"][i],
                          "image_hw": [int(v) for v in meta["image_hw"][i]],
                          "source_hw": [int(v) for v in meta["source_hw"][i]],
-                         "completion": texts[i], "completion_tokens": int(lengths[i])})
+                         "completion": texts[i], "completion_tokens": int(lengths[i]), "stopped": bool(stopped[i])})
         return rows
 
     def _add_rewards(self, rows: list[dict[str, Any]]) -> None:
@@ -144,7 +148,12 @@ class Evaluator:
         for name in (rows[0]["rewards"] if rows else {}):
             if name != "total":
                 reward[f"reward/{name}"] = float(np.mean([row["rewards"][name] for row in rows]))
-        metrics = {"type": self.type, **reward, **self.score(rows), "timing": timing}
+        scored = self.score(rows)
+        for row in rows:  # after score, which may read the answers
+            row["format_valid"] = bool(row["stopped"] and self.answer_reads(row["completion"]))
+        validity = {"format_valid_rate": float(np.mean([row["format_valid"] for row in rows])) if rows else None,
+                    "stopped_rate": float(np.mean([row["stopped"] for row in rows])) if rows else None}
+        metrics = {"type": self.type, **reward, **validity, **scored, "timing": timing}
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for name, value in (metrics.get("per_category_AP") or {}).items():
             if value is not None:  # a category without ground truth has no AP to plot
@@ -153,8 +162,16 @@ class Evaluator:
         return EvalResult(metrics, scalars, rows)
 
     def score(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """The type's metrics; may add parsed answers to the rows."""
+        """The type's metrics; may add parsed answers, and per-example scores (`row["scores"]`, by metric name:
+        what the report's paired standard errors are computed from), to the rows."""
         return {}
+
+    def answer_reads(self, completion: str) -> bool:
+        """Whether the completion has a closed `<answer>` the task's strict reader reads (a box list or `No
+        Objects`, a class name, a box): with `stopped` (it ended with EOS, not at the token limit), the
+        completion is format-valid, the rate the report shows beside the accuracy."""
+        answer = parse.strict_answer(completion, allow_unclosed=False)
+        return answer is not None and bool(answer.strip())
 
     def image_bytes(self, row: Mapping[str, Any]) -> bytes:
         """The encoded image of a prediction row (for the report), read from the held-out set by its index."""
@@ -188,6 +205,9 @@ class ClassificationEvaluator(Evaluator):
     def score(self, rows):
         for row in rows:
             row["parsed"] = {"class": readers.class_answer(row["completion"], self.settings.parse)}
+            row["scores"] = {"accuracy_substring": float(classification.correct_substring(row["completion"],
+                                                                                         row["label"])),
+                             "accuracy_strict": float(classification.correct_strict(row["completion"], row["label"]))}
         return classification.accuracy([r["completion"] for r in rows], [r["label"] for r in rows])
 
 
@@ -202,6 +222,9 @@ class GroundingEvaluator(Evaluator):
 
     def score(self, rows):
         return score_grounding(rows, parse=self.settings.parse, frame=self.settings.frame)
+
+    def answer_reads(self, completion):
+        return readers.grounding_box(completion, "strict") is not None
 
 
 def score_grounding(rows: list[dict[str, Any]], *, parse: str, frame: str) -> dict[str, Any]:
@@ -218,6 +241,7 @@ def score_grounding(rows: list[dict[str, Any]], *, parse: str, frame: str) -> di
                              "earlier record's is not; make the held-out set with one `prepare lisa` command")
         truth.append(gt)
         predicted.append(None if box is None else _to_pixels(box, row, frame_of(frame)))
+        row["scores"] = {"mIoU": grounding.box_metrics(predicted[-1:], truth[-1:])["mIoU"]}
     return {**grounding.box_metrics(predicted, truth), **grounding.mask_metrics_absent(),
             "ground_truth": kinds.pop() if kinds else None}
 
@@ -263,6 +287,10 @@ class DetectionEvaluator(Evaluator):
         self.query_protocol = ("records" if source.get("source") not in ("coco", "lvis") else
                                "visual_rft" if str(queries).startswith("exist:") else
                                {"all": "full", None: "present", "present": "present"}.get(queries, str(queries)))
+
+    def answer_reads(self, completion):
+        answer = parse.strict_answer(completion, allow_unclosed=False)
+        return answer is not None and parse.strict_predictions(answer, readers.MAX_STRICT_BOXES) is not None
 
     def score(self, rows):
         if self._gt_file is None:

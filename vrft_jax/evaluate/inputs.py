@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -199,7 +200,7 @@ def describe(warnings: Mapping[str, int], totals: Mapping[str, int]) -> list[str
 def _unique_ids(items: list, kind: str, source: str) -> set[int]:
     ids = set()
     for k, item in enumerate(items):
-        if not isinstance(item, Mapping) or type(item.get("id")) is not int:
+        if not isinstance(item, Mapping) or not _integer(item.get("id")):
             raise InputError(f"{source}: {kind} {k} needs an int id: {_short(item)}")
         if item["id"] in ids:
             raise InputError(f"{source}: {kind} id {item['id']} appears twice")
@@ -208,7 +209,12 @@ def _unique_ids(items: list, kind: str, source: str) -> set[int]:
 
 
 def _number(value: Any) -> bool:
-    return type(value) in (int, float)
+    """A real number, a NumPy one included (a ground truth built in memory), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _json_type(value: Any) -> str:

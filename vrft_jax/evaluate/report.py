@@ -1,13 +1,18 @@
-"""The visual report: one self-contained HTML page and PNG plots of the training curves.
+"""The visual report: one self-contained HTML page a researcher reads at a glance, and the PNGs of its curves.
 
     path = write_report(workdir, predictions=rows, metrics=eval_metrics, history=read_metrics(workdir),
-                        image_of=lambda row: encoded_image_bytes)
+                        image_of=lambda row: encoded_image_bytes, before=step_0_metrics, before_predictions=rows_0,
+                        context={"model": ..., "recipe": ..., "seed": ...})
 
-`workdir/report/` gets `curves_*.png` (each reward, KL, completion length, evaluation metrics, from
-`metrics.jsonl`) and `report.html`: the evaluation's numbers, the plots, and the best, the worst and random
-examples, each drawn with its ground-truth (green) and predicted (red) boxes, its `<think>` text, its answer
-and its rewards. Every image is inline (base64 PNG), so the page can be mailed or attached as it is. The
-workdir may be a `gs://` URL (files go through `vrft_jax.storage`).
+`workdir/report/report.html` holds, top to bottom: the run's context (model, recipe, mode, seed, data, date);
+the evaluation as one table of before / after / difference with the difference's standard error
+(`report_tables`), the format-validity rate (completions that ended with EOS and whose answer the task's reader
+reads) beside the accuracy, and the per-class results as columns with every regression marked; a grid of
+curves, one image per quantity (`report_curves`, also `report/curve_*.png`); and the best, the worst and random
+examples in an even grid, each drawn with its boxes (detection and grounding: ground truth green, prediction red)
+or its label and answer (classification), its `<think>` text, its answer and its rewards. Without an evaluation
+(`eval_every=0`) the page has the context and the curves. Every image is inline (base64 PNG): the page can be
+mailed or attached as it is. The workdir may be a `gs://` URL (files go through `vrft_jax.storage`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import base64
 import html
 import io
 import json
-import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,58 +28,13 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from vrft_jax import storage
-from vrft_jax.evaluate import readers
+from vrft_jax.evaluate import readers, report_curves, report_tables
 from vrft_jax.rewards import parse
 from vrft_jax.rewards.frames import REL_SCALE
 
 REPORT_DIR = "report"
 GROUND_TRUTH, PREDICTED = (40, 200, 60), (230, 40, 40)
 DISPLAY_SIDE = 320  # images are drawn at least this large (the demo's are 112 px)
-
-# Curves: (file stem, title, does a metric name belong to it)
-CURVES = (
-    ("rewards", "rewards (training samples)",
-     lambda k: (k == "reward" or k.startswith("reward/")) and not k.endswith("_std")),
-    ("kl", "KL to the reference", lambda k: k == "kl"),
-    ("completion_length", "completion length (tokens)", lambda k: k == "completion_length"),
-    ("eval", "held-out evaluation",
-     lambda k: k.startswith("eval/") and k not in ("eval/examples_per_s", "eval/examples", "eval/images")
-     and not k.startswith("eval/AP/")
-     and not k.endswith("standard_error")),
-)
-
-
-def plot_curves(history: Sequence[Mapping[str, Any]], directory: str) -> list[str]:
-    """A PNG per curve group that has data (CURVES), in `directory`; their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    storage.makedirs(directory)
-    paths = []
-    for stem, title, member in CURVES:
-        names = sorted({k for row in history for k in row if member(k)})
-        if not names:
-            continue
-        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-        for name in names:
-            points = [(row["step"], row[name]) for row in history if name in row and row[name] is not None]
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=name)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = storage.join(directory, f"curves_{stem}.png")
-        with storage.open(path, "wb") as f:
-            fig.savefig(f, format="png")
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
 
 def _scaled(boxes, source_hw, shown_hw, frame_of_boxes: str):
     """Boxes of the 0..1000 grid or of the stored image's pixels, in the shown image's pixels."""
@@ -161,77 +120,129 @@ def pick_samples(rows: Sequence[Mapping[str, Any]], k: int = 4, seed: int = 0) -
 
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
-h1{font-size:22px} h2{font-size:18px;margin-top:28px} table{border-collapse:collapse;font-size:13px}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} th{background:#f3f3f3}
-.cards{display:flex;flex-wrap:wrap;gap:14px} .card{border:1px solid #ddd;border-radius:6px;padding:8px;width:340px;
-font-size:12px} .card img{width:320px;display:block} .plots img{width:620px;margin:4px}
-pre{white-space:pre-wrap;word-break:break-word;background:#f7f7f7;padding:4px;margin:4px 0}
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1500px}
+h1{font-size:22px;margin-bottom:6px} h2{font-size:18px;margin-top:28px} h3{font-size:15px}
+table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3} table.context th,table.context td{text-align:left}
+td.regression{background:#fde2e2;color:#a40000} td.gain{color:#176b1d} td.significant{font-weight:700}
+.scroll{overflow-x:auto;max-width:100%} .note{color:#555;font-size:13px}
+.curves{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:10px}
+.curves figure{margin:0} .curves img{width:100%;display:block} .curves figcaption{font-size:12px;color:#555}
+.cards{display:grid;grid-template-columns:repeat(4,minmax(0,1fr));gap:14px}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px;font-size:12px;min-width:0}
+.card img{width:100%;aspect-ratio:1/1;object-fit:contain;background:#fafafa;display:block}
+.valid{color:#176b1d} .invalid{color:#a40000;font-weight:700}
+pre{white-space:pre-wrap;word-break:break-word;background:#f7f7f7;padding:4px;margin:4px 0;max-height:12em;
+overflow:auto}
 .legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:middle}
 """
 
-
-def _metrics_table(metrics: Mapping[str, Any]) -> str:
-    rows = []
-    for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            rows.append(f"<tr><th>{html.escape(key)}</th><td>{value:.4g}</td></tr>")
-        elif isinstance(value, str):
-            rows.append(f"<tr><th>{html.escape(key)}</th><td>{html.escape(value)}</td></tr>")
-        elif value is None:
-            rows.append(f"<tr><th>{html.escape(key)}</th><td>absent</td></tr>")
-        elif isinstance(value, Mapping) and value and all(isinstance(v, (int, float, type(None)))
-                                                           for v in value.values()):
-            inner = ", ".join(f"{html.escape(str(k))}: {'absent' if v is None else f'{v:.3g}'}"
-                              for k, v in value.items())
-            rows.append(f"<tr><th>{html.escape(key)}</th><td style='text-align:left'>{inner}</td></tr>")
-        elif isinstance(value, Mapping) and value and all(isinstance(v, Mapping) for v in value.values()):
-            for name, inner in value.items():  # per class: one row each
-                cells = ", ".join(f"{html.escape(str(k))} {v:.3g}" for k, v in inner.items()
-                                  if isinstance(v, (int, float)) and not isinstance(v, bool))
-                rows.append(f"<tr><th>{html.escape(key)}: {html.escape(str(name))}</th>"
-                            f"<td style='text-align:left'>{cells}</td></tr>")
-    return "<table>" + "".join(rows) + "</table>"
+BOX_TASKS = ("detection", "grounding")
 
 
-def _card(row: Mapping[str, Any], image_of: Callable[[Mapping[str, Any]], bytes], frame: str) -> str:
-    image = _data_uri(draw(image_of(row), row, frame))
+def _legend(task: str) -> str:
+    """What the examples' marks mean, for the task: boxes where there are boxes, else the answer's colour."""
+    if task in BOX_TASKS:
+        return ("<div class='legend'>boxes: <span style='background:rgb(40,200,60)'></span>ground truth"
+                "<span style='background:rgb(230,40,40)'></span>predicted</div>")
+    if task == "classification":
+        return ("<div class='legend'>each example: its label, and the class its answer names, "
+                "<span class='valid'>right</span> or <span class='invalid'>wrong</span></div>")
+    return ""
+
+
+def _card(row: Mapping[str, Any], image_of: Callable[[Mapping[str, Any]], bytes], frame: str, task: str) -> str:
+    image = _data_uri(draw(image_of(row), row, frame) if task in BOX_TASKS else _enlarged(image_of(row)))
     answer = parse.strict_answer(row["completion"], allow_unclosed=True)
     rewards = ", ".join(f"{k} {v:.3f}" for k, v in row["rewards"].items())
     parsed = row.get("parsed") or {}
-    extra = f"<div>read as: {html.escape(json.dumps(parsed)[:300])}</div>" if parsed else ""
+    valid = row.get("format_valid")
+    why = "cut at the token limit" if not row.get("stopped") else "answer not read"
+    validity = "" if valid is None else (
+        "<div class='valid'>format valid: ended with EOS, answer read</div>" if valid else
+        f"<div class='invalid'>format invalid: {why}</div>")
+    if task == "classification":
+        named = parsed.get("class")
+        right = (row.get("scores") or {}).get("accuracy_strict", 0.0) > 0 or (
+            row.get("scores") or {}).get("accuracy_substring", 0.0) > 0
+        extra = (f"<div>answer names <b class='{'valid' if right else 'invalid'}'>"
+                 f"{html.escape(str(named) if named is not None else '(nothing)')}</b></div>")
+    else:
+        extra = f"<div>read as: {html.escape(json.dumps(parsed)[:300])}</div>" if parsed else ""
     return (f"<div class='card'><img alt='{html.escape(row['id'])}' src='{image}'>"
             f"<div><b>{html.escape(row['id'])}</b> · label <b>{html.escape(row.get('label', ''))}</b></div>"
+            f"{extra}{validity}"
             f"<div>think:</div><pre>{html.escape(_think(row['completion']) or '(none)')}</pre>"
             f"<div>answer:</div><pre>{html.escape(answer if answer is not None else '(no <answer> tag)')}</pre>"
-            f"<div>completion:</div><pre>{html.escape(row['completion'])}</pre>"
-            f"{extra}<div>rewards: {html.escape(rewards)}</div></div>")
+            f"<div>completion ({row.get('completion_tokens', '?')} tokens):</div>"
+            f"<pre>{html.escape(row['completion'])}</pre><div>rewards: {html.escape(rewards)}</div></div>")
 
 
-def write_report(workdir: str, *, predictions: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any],
-                 history: Sequence[Mapping[str, Any]] = (), image_of: Callable[[Mapping[str, Any]], bytes],
-                 title: str = "vrft_jax", frame: str = "rel1000", before: Mapping[str, Any] | None = None,
-                 samples: int = 4) -> str:
-    """Write `workdir/report/` (module docstring); returns the HTML page's path."""
+def _enlarged(image_bytes: bytes) -> bytes:
+    """The image as PNG, at least DISPLAY_SIDE on its short side (nearest neighbour: pixels stay sharp)."""
+    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+    scale = max(1.0, DISPLAY_SIDE / min(image.size))
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.NEAREST)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _evaluation(metrics, predictions, before, before_predictions, *, before_label, after_label, parse_rule) -> str:
+    rows = report_tables.rows_of(metrics, before, predictions, before_predictions or ())
+    parts = [f"<h2>held-out evaluation ({metrics.get('type', '?')}, {metrics.get('examples', '?')} examples)</h2>"]
+    if before is None:
+        parts.append("<p class='note'>no evaluation before training was kept: the difference is absent</p>")
+    parts.append(report_tables.comparison_table(rows, before_label, after_label))
+    name, after_classes, after_examples = report_tables.per_class_of(metrics, predictions, parse_rule)
+    if after_classes:
+        _, before_classes, before_examples = report_tables.per_class_of(before or {}, before_predictions or (),
+                                                                        parse_rule)
+        regressions = sum(1 for c, a in after_classes.items()
+                          if a is not None and before_classes.get(c) is not None and a < before_classes[c])
+        parts.append(f"<h3>per class: {html.escape(name)} ({len(after_classes)} classes, {regressions} "
+                     f"regressed)</h3>")
+        parts.append(report_tables.per_class_table(name, after_classes, before_classes or None, after_examples,
+                                                   before_examples, before_label=before_label,
+                                                   after_label=after_label))
+    return "".join(parts)
+
+
+def write_report(workdir: str, *, predictions: Sequence[Mapping[str, Any]] = (),
+                 metrics: Mapping[str, Any] | None = None, history: Sequence[Mapping[str, Any]] = (),
+                 image_of: Callable[[Mapping[str, Any]], bytes] | None = None, title: str = "vrft_jax",
+                 frame: str = "rel1000", before: Mapping[str, Any] | None = None,
+                 before_predictions: Sequence[Mapping[str, Any]] | None = None,
+                 before_label: str = "before training", after_label: str = "after training",
+                 context: Mapping[str, Any] | None = None, parse_rule: str = "visual_rft", samples: int = 4) -> str:
+    """Write `workdir/report/` (module docstring); returns the HTML page's path. Without `metrics` (a run that
+    never evaluates) the page has the context and the curves."""
     directory = storage.join(workdir, REPORT_DIR)
-    plots = plot_curves(history, directory) if history else []
-    picked = pick_samples(predictions, samples) if predictions else {}
+    curves = report_curves.plot_curves(history, directory) if history else []
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
-    parts.append("<h2>evaluation</h2>" + _metrics_table(metrics))
-    if before:
-        parts.append("<h2>before training</h2>" + _metrics_table(before))
-    if plots:
-        parts.append("<h2>training curves</h2><div class='plots'>")
-        for path in plots:
-            parts.append(f"<img alt='{os.path.basename(path)}' src='{_data_uri(storage.read_bytes(path))}'>")
+    if context:
+        parts.append(report_tables.context_table(context))
+    if metrics is not None:
+        parts.append(_evaluation(metrics, predictions, before, before_predictions, before_label=before_label,
+                                 after_label=after_label, parse_rule=parse_rule))
+    else:
+        parts.append("<p class='note'>no held-out evaluation (eval_every=0, or no held-out set): the curves "
+                     "below are the training's own</p>")
+    if curves:
+        parts.append("<h2>training curves</h2><div class='curves'>")
+        for curve in curves:
+            parts.append(f"<figure data-curve='{html.escape(curve.key)}'><img alt='curve: {html.escape(curve.key)}' "
+                         f"src='{_data_uri(storage.read_bytes(curve.path))}'><figcaption>{html.escape(curve.key)}"
+                         "</figcaption></figure>")
         parts.append("</div>")
-    parts.append("<div class='legend'>boxes: <span style='background:rgb(40,200,60)'></span>ground truth"
-                 "<span style='background:rgb(230,40,40)'></span>predicted</div>")
-    for name, rows in picked.items():
-        parts.append(f"<h2>{name} examples</h2><div class='cards'>")
-        parts.extend(_card(row, image_of, frame) for row in rows)
-        parts.append("</div>")
+    if predictions and image_of is not None:
+        task = (metrics or {}).get("type", "")
+        parts.append(_legend(task))
+        for name, rows in pick_samples(predictions, samples).items():
+            parts.append(f"<h2>{name} examples</h2><div class='cards'>")
+            parts.extend(_card(row, image_of, frame, task) for row in rows)
+            parts.append("</div>")
     parts.append("</body></html>")
     path = storage.join(directory, "report.html")
     storage.write_text_atomic(path, "".join(parts))
