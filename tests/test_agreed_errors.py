@@ -71,4 +71,5 @@ def test_a_failure_on_one_process_stops_both_naming_it(site, datasets, tmp_path)
     failing = 1 if site in ("sft_target", "left_padding", "eval_rewards") else 0
     message = f"injected failure at {site} on process {failing}"
     assert f"InjectedFailure: {message}" in logs[failing], report
-    assert f"PeerError: process {failing} failed: InjectedFailure: {message}" in logs[1 - failing], report
+    # the peer's error is the other's whole story: one line (cli.UserError), no traceback of its own
+    assert f"error: process {failing} failed: InjectedFailure: {message}" in logs[1 - failing], report
