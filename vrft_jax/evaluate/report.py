@@ -134,7 +134,7 @@ td.regression{background:#fde2e2;color:#a40000} td.gain{color:#176b1d} td.signif
 .valid{color:#176b1d} .invalid{color:#a40000;font-weight:700}
 pre{white-space:pre-wrap;word-break:break-word;background:#f7f7f7;padding:4px;margin:4px 0;max-height:12em;
 overflow:auto}
-.legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:middle}
+.legend .swatch{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:middle}
 """
 
 BOX_TASKS = ("detection", "grounding")
@@ -143,11 +143,11 @@ BOX_TASKS = ("detection", "grounding")
 def _legend(task: str) -> str:
     """What the examples' marks mean, for the task: boxes where there are boxes, else the answer's colour."""
     if task in BOX_TASKS:
-        return ("<div class='legend'>boxes: <span style='background:rgb(40,200,60)'></span>ground truth"
-                "<span style='background:rgb(230,40,40)'></span>predicted</div>")
+        return ("<div class='legend'>boxes: <span class='swatch' style='background:rgb(40,200,60)'></span>ground "
+                "truth<span class='swatch' style='background:rgb(230,40,40)'></span>predicted</div>")
     if task == "classification":
         return ("<div class='legend'>each example: its label, and the class its answer names, "
-                "<span class='valid'>right</span> or <span class='invalid'>wrong</span></div>")
+                "<b class='valid'>right</b> or <b class='invalid'>wrong</b></div>")
     return ""
 
 
