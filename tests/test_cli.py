@@ -76,7 +76,7 @@ BAD = [
     (SCORE, ["--gt", "gt_list.json", "--predictions", "p.jsonl"], r"gt_list.json: expected a COCO .* JSON list"),
     (SCORE, ["--gt", "gt_negative.json", "--predictions", "p.jsonl"], r"gt_negative.json: annotation 0 .*negative"),
     (SCORE, ["--gt", "gt_string_box.json", "--predictions", "p.jsonl"], r"gt_string_box.json: annotation 0 .*bbox"),
-    (SCORE, ["--gt", "gt_broken.json", "--predictions", "p.jsonl"], r"gt_broken.json:1:\d+: not JSON"),
+    (SCORE, ["--gt", "gt_broken.json", "--predictions", "p.jsonl"], r"gt_broken.json:1:\d+: the ground truth is not"),
     (SCORE, ["--gt", "missing.json", "--predictions", "p.jsonl"], r"missing.json: cannot read the ground truth"),
     (SCORE, ["--gt", "gt.json", "--predictions", "p_latin1.jsonl"], r"p_latin1.jsonl:1: not UTF-8 text"),
     (SCORE, ["--gt", "gt.json", "--predictions", "p_empty.jsonl"], r"p_empty.jsonl: no predictions"),

@@ -54,10 +54,10 @@ def test_a_bad_ground_truth_is_named(tmp_path, ground_truth, message):
 def test_unreadable_ground_truth_names_the_file_and_line(tmp_path):
     path = tmp_path / "gt.json"
     path.write_text('{\n  "images": [,]\n}')
-    with pytest.raises(inputs.InputError, match=rf"{path}:2:14: not JSON"):
+    with pytest.raises(inputs.InputError, match=rf"{path}:2:14: the ground truth is not JSON"):
         inputs.load_ground_truth(str(path))
     path.write_bytes(b'{"images": "\xff"}')
-    with pytest.raises(inputs.InputError, match=rf"{path}: not UTF-8 text"):
+    with pytest.raises(inputs.InputError, match=rf"{path}: the ground truth is not UTF-8 text"):
         inputs.load_ground_truth(str(path))
     with pytest.raises(inputs.InputError, match=r"missing.json: cannot read the ground truth"):
         inputs.load_ground_truth(str(tmp_path / "missing.json"))

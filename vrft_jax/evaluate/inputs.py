@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vrft_jax.cli import UserError
+from vrft_jax.data import records
 
 LVIS_IMAGE_FIELDS = ("neg_category_ids", "not_exhaustive_category_ids")
 
@@ -49,16 +50,9 @@ class Prediction:
 def load_ground_truth(path: str) -> tuple[dict[str, Any], dict[str, int]]:
     """(the ground truth of the JSON file at `path`, its warning counts); InputError naming what is wrong."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read the ground truth ({e.strerror})") from None
-    try:
-        gt = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}:{e.colno}: not JSON ({e.msg})") from None
+        gt = records.load_json(path, "the ground truth")
+    except records.SourceError as e:
+        raise InputError(str(e)) from None
     return gt, check_ground_truth(gt, path)
 
 
