@@ -76,10 +76,10 @@ def test_an_impossible_layout_is_reported_as_not_fitting(capfd):
     assert "DOES NOT FIT" in r.text() and "nothing compiled" in r.text()
 
 
-def test_the_command_prints_the_verdict_and_exits_2_when_it_does_not_fit():
+def test_the_command_prints_the_verdict_and_exits_3_when_it_does_not_fit():
     out = subprocess.run([sys.executable, "-m", "vrft_jax.aot", "--config=lvis_fewshot:model=7b", "--topology=v5e-4"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.returncode == aot.EXIT_DOES_NOT_FIT == 3, out.stderr[-2000:]  # 2 is a bad invocation
     assert "lvis_fewshot_7b on v5e-4 (4 chips x 16 GiB)" in out.stdout and "DOES NOT FIT" in out.stdout
 
 

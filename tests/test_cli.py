@@ -139,6 +139,7 @@ def test_help_exits_0(workdir, command, lists_recipes):
             assert re.search(rf"^  {name} ", done.stdout, re.M), (name, done.stdout[:3000])
         assert "cls_fewshot     model=2b|7b  dataset=flowers|" in done.stdout
         assert "--config.KEY=VALUE" in done.stdout and "--verbose" in done.stdout
+        assert "visual-rft.md" not in done.stdout  # the project's notes are not in a clone
     if command == PREPARE:  # the global help names the sources; a source's help its own options
         assert all(source in done.stdout for source in ("virft", "coco", "lvis", "classification", "lisa"))
     if command[-1] == "coco":

@@ -338,6 +338,9 @@ def _vision_parameters(model_config) -> int:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+EXIT_DOES_NOT_FIT = 3  # the verdict; 2 (cli.EXIT_USER_ERROR) is a bad invocation, as for every command
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
     config = flags.FLAGS.config
@@ -351,7 +354,7 @@ def main(argv: Sequence[str]) -> None:
     result = report(config, flags.FLAGS.topology)
     print(result.text(flags.FLAGS.step_seconds), flush=True)
     if not result.fits:
-        sys.exit(2)
+        sys.exit(EXIT_DOES_NOT_FIT)
 
 
 def run(argv: Sequence[str] | None = None) -> None:

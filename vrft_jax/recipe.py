@@ -355,6 +355,8 @@ def recipe_table() -> str:
             f"{arg}={'|'.join(str(v) for v in _default_first(default, allowed))}"
             for arg, (default, allowed) in getattr(module, "ARGS", {}).items()) or "(no arguments)"
         summary = (module.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        summary = re.sub(r"; visual-rft\.md[^)]*\)", ")", summary)  # the project's notes are not in a clone
+        summary = re.sub(r" \(visual-rft\.md[^)]*\)", "", summary)
         lines += [f"  {name:<16}{arguments}", f"  {'':<16}{summary}"]
     return "\n".join(lines)
 

@@ -1,5 +1,5 @@
-"""Few-shot fine-grained classification (visual-rft.md §3.3, §9.1): Flowers102, Pets37, FGVC-Aircraft
-or Cars196 with 1, 2, 4, 8 or 16 shots per class.
+"""Few-shot fine-grained classification (the paper's Table 2; visual-rft.md §3.3, §9.1): Flowers102, Pets37,
+FGVC-Aircraft or Cars196 with 1, 2, 4, 8 or 16 shots per class.
 
 Four shots is the released ViRFT_CLS_* set of the dataset; the other counts are drawn from a folder
 per class with `prepare classification --shots K` (seed 0). 200 steps (the author, issue #105);

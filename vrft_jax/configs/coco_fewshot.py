@@ -1,4 +1,5 @@
-"""COCO few-shot detection on 8 categories (visual-rft.md §3.1, §9.2): 1, 2, 4, 8 or 16 shots.
+"""COCO few-shot detection on 8 categories (the paper's Table 3; visual-rft.md §3.1, §9.2): 1, 2, 4, 8 or 16
+shots.
 
 Four shots is the released ViRFT_COCO_8_cate_4_shot (32 records); the other counts are drawn from
 COCO 2017 train with `prepare coco --shots K` (same categories, seed 0). 200 steps, as the paper;

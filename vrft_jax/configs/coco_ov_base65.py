@@ -1,5 +1,6 @@
 """Open-vocabulary COCO: train on ViRFT_COCO_base65, 6k (image, category) records of 65 base categories,
-then detect the 15 novel ones (visual-rft.md §3.1, §9.6), or the 13 rare LVIS categories (§9.7).
+then detect the 15 novel ones (the paper's Table 7; visual-rft.md §3.1, §9.6), or the 13 rare LVIS categories
+(Table 8; visual-rft.md §9.7).
 
 750 steps: 6k records x 2 epochs / 16 prompts per step, the released script's run (issue #47);
 paper-mode rewards: IoU + confidence + format.

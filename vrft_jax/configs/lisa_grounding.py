@@ -1,5 +1,5 @@
-"""LISA reasoning grounding (visual-rft.md §3.4, §9.5): a box for an instruction that needs reasoning,
-239 training images of LISA's ReasonSeg, one record per instruction.
+"""LISA reasoning grounding (the paper's Table 6; visual-rft.md §3.4, §9.5): a box for an instruction that needs
+reasoning, 239 training images of LISA's ReasonSeg, one record per instruction.
 
 500 steps and a checkpoint every 50, as the paper's run (6 epochs, save_steps 50); paper-mode rewards:
 GIoU + 1 and format.

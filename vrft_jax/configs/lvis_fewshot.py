@@ -1,4 +1,4 @@
-"""LVIS few-shot detection: Visual-RFT on 6 rare LVIS categories (visual-rft.md §3.1, §9.3).
+"""LVIS few-shot detection: Visual-RFT on 6 rare LVIS categories (the paper's Table 4; visual-rft.md §3.1, §9.3).
 
 ViRFT_LVIS_few_shot holds 65 (image, category) records, 1-10 images per category ("10-shot"). 200
 steps, as the paper's few-shot detection runs; paper-mode rewards: IoU + confidence + format.
