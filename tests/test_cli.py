@@ -70,7 +70,8 @@ BAD = [
     (TRAIN, ["--config=lvis_fewshot", "--config.data.path=data/taken"], r"initial checkpoint "
      r"checkpoints/Qwen2-VL-2B-Instruct is not there.*hf download Qwen/Qwen2-VL-2B-Instruct"),
     (EVALUATE, ["--config=lvis_fewshot"], r"--ckpt must have a value"),
-    (EVALUATE, ["--config=lvis_fewshot", "--ckpt=x"], r"the held-out set data/lvis_val_\S+ is not there; make it "),
+    (EVALUATE, ["--config=lvis_fewshot", "--ckpt=x"],
+     r"held-out set data/lvis_val_\S+ is not there; to make it, fetch the sources: LVIS"),
     (AOT, ["--config=lvis_fewshot", "--topology=v4-7"], r"--topology=v4-7"),
     (AOT, ["--config=lvis_fewshot"], r"--topology must have a value"),
     (SCORE, ["--gt", "gt_list.json", "--predictions", "p.jsonl"], r"gt_list.json: expected a COCO .* JSON list"),

@@ -78,7 +78,7 @@ BLOCK_KEYS = {
     "model": frozenset({"preset", "checkpoint", "hub_id", "precision", "param_dtype", "dtype", "remat", "text",
                         "vision", "tie_word_embeddings"}),
     "source": frozenset({"download", "prepare"}),
-    "eval": frozenset({"path", "split", "prepare", "type", "gt", "protocol", "parse", "max_new_tokens",
+    "eval": frozenset({"path", "split", "prepare", "download", "type", "gt", "protocol", "parse", "max_new_tokens",
                        "repetition_penalty", "min_pixels", "max_pixels", "max_prompt_len", "patch_bucket",
                        "problem_prefix", "system_prompt", "batch_size", "categories"}),
     "rewards": frozenset({"mode", "frame", "terms"}),
@@ -634,19 +634,26 @@ def prepare_argv(config: ml_collections.ConfigDict, which: str = "train") -> lis
     return argv + destination
 
 
+def how_to_make(config: ml_collections.ConfigDict, which: str = "train") -> str:
+    """What makes the training (or "eval") dataset: the sources to fetch, then the `prepare` command."""
+    block = config.source if which == "train" else config.eval
+    download = block.get("download", "")
+    steps = ([f"fetch the source{'' if which == 'train' else 's'}: {download}"] if download else []) + (
+        [f"run: {prepare_command(config, which)}"] if block.get("prepare") else
+        ["make it with `python -m vrft_jax.data.prepare SOURCE ...` (prepare --help lists the sources)"])
+    return "to make it, " + "; then ".join(steps)
+
+
 def check_inputs_exist(config: ml_collections.ConfigDict) -> None:
     """MissingPathError naming the command that makes the first missing input: the training dataset,
     the held-out one, or the initial checkpoint (a Hugging Face directory)."""
-    for which, path, download in (("train", config.data.path, config.source.download),
-                                  ("eval", config.eval.path, "")):
+    for which, path in (("train", config.data.path), ("eval", config.eval.path)):
         if which == "eval" and not (path and config.eval_every):  # `evaluate` checks its own set
             continue
         try:
             storage.dataset_dir(path)
         except FileNotFoundError:
-            steps = ([f"fetch the source: {download}"] if download else []) + [f"run: {prepare_command(config, which)}"]
-            raise MissingPathError(f"the {which} dataset {path} is not there; to make it, " + "; then ".join(steps)
-                                   ) from None
+            raise MissingPathError(f"the {which} dataset {path} is not there; {how_to_make(config, which)}") from None
     checkpoint = config.model.checkpoint
     if not checkpoint:
         return

@@ -162,8 +162,9 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
     # records' own boxes) and protocol (coco, lvis), how answers are read (visual_rft: as the paper's
     # scripts; strict), and decoding: greedy with Qwen2-VL's shipped repetition penalty, which Visual-RFT's
     # evaluation ran with; max_new_tokens None = the rollout's.
-    c.eval = dict(path="", split="train", prepare="", type="rewards", gt="", protocol="coco", parse="visual_rft",
-                  max_new_tokens=config_dict.placeholder(int), repetition_penalty=1.05)
+    # download: what to fetch before `prepare` can make the held-out set (the hint of a missing one)
+    c.eval = dict(path="", split="train", prepare="", download="", type="rewards", gt="", protocol="coco",
+                  parse="visual_rft", max_new_tokens=config_dict.placeholder(int), repetition_penalty=1.05)
     # What the held-out set is shown, apart from training (each None = the training value: the data block's,
     # prompts_per_step, the recipe's categories): image bounds, the text and patch buckets' limits, the text
     # before each question, the system prompt by name (`prompts.SYSTEM_PROMPTS`: "template" sends none, "r1"),
@@ -292,12 +293,23 @@ def detection_eval(c: ml_collections.ConfigDict, *, flavor: str, annotations: st
     c.eval.split = "val"
     c.eval.prepare = (f"{flavor} --annotations {annotations} --images {images} "
                       f"--categories {shlex.quote(','.join(categories))} --queries exist:{exist_map} --split val")
+    clone = exist_map[:exist_map.index("Visual-RFT/") + len("Visual-RFT")]
+    if flavor == "lvis":
+        fetch = [f"LVIS v1 val annotations (https://www.lvisdataset.org) as {annotations}",
+                 f"COCO train2017 and val2017 images (LVIS val draws from both; https://cocodataset.org) under "
+                 f"{images}"]
+    else:
+        fetch = [f"COCO 2017 annotations and val2017 images (https://cocodataset.org) as {annotations} and {images}"]
+    c.eval.download = "; ".join([*fetch, f"Visual-RFT's exist maps: git clone {VISUAL_RFT_REPO} {clone}"])
     c.eval.type = "detection"
     c.eval.gt = annotations
     c.eval.protocol = protocol
     c.eval.max_new_tokens = 1024
     c.eval.categories = categories
     visual_rft_eval(c, problem_prefix=IMAGE_PREFIX)
+
+
+VISUAL_RFT_REPO = "https://github.com/Liuziyu77/Visual-RFT"
 
 
 def hf_download(repo: str, directory: str) -> str:

@@ -53,6 +53,8 @@ def get_config(arg=None):
     c.eval.path = f"data/cls_{arg.dataset}_test"
     c.eval.prepare = (f"classification --list sources/{arg.dataset}/test.tsv --image-root sources/{arg.dataset} "
                       f"--noun {noun} --split test")
+    c.eval.download = (f"the CoOp test split of {arg.dataset}: its images under sources/{arg.dataset}, listed as "
+                       f"sources/{arg.dataset}/test.tsv (image<TAB>class, written from Visual-RFT's val_data/*.pth)")
     c.eval.type = "classification"
     c.eval.split = "test"
     c.eval.max_new_tokens = 1024

@@ -38,6 +38,8 @@ def get_config(arg=None):
     c.eval_every = 0
     c.eval.path = f"data/lisa_{arg.eval}_evaluation"
     c.eval.prepare = f"lisa --input sources/LISA/{arg.eval} --evaluation --split {arg.eval}"
+    c.eval.download = (f"ReasonSeg's {arg.eval}/ folder (https://github.com/dvlab-research/LISA) as "
+                       f"sources/LISA/{arg.eval}")
     c.eval.type = "grounding"
     c.eval.split = arg.eval
     c.eval.max_new_tokens = 128

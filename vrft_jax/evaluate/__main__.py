@@ -40,8 +40,8 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str) -> dict:
     try:
         storage.dataset_dir(config.eval.path)
     except FileNotFoundError:
-        command = recipe.prepare_command(config, "eval") if config.eval.prepare else "python -m vrft_jax.data.prepare"
-        raise cli.UserError(f"the held-out set {config.eval.path} is not there; make it with: {command}") from None
+        raise cli.UserError(f"the held-out set {config.eval.path} is not there; {recipe.how_to_make(config, 'eval')}"
+                            ) from None
     directory = model_dir.import_hf(checkpoint, os.path.join(workdir, "initial"))
     mesh = recipe.make_mesh(config) if jax.device_count() > 1 else None
     # One copy of the weights: loaded straight into the sampler's dtype and layout, which the evaluator decodes with.
