@@ -203,3 +203,11 @@ def test_the_readme_lists_every_recipe_with_its_arguments_and_links_nothing_outs
                              for arg, (default, allowed) in module.ARGS.items()) or "none"
         assert rows.get(name) == expected, (name, rows.get(name), expected)
     assert "../" not in readme
+
+
+@pytest.mark.parametrize("name", [n for n in recipe.available_recipes() if n != "demo"])
+def test_a_missing_held_out_set_says_what_to_fetch_and_the_prepare_command(name):
+    config = recipe.load(name)
+    hint = recipe.how_to_make(config, "eval")
+    assert hint.startswith("to make it, fetch the sources: ") and config.eval.download in hint
+    assert hint.endswith(recipe.prepare_command(config, "eval"))
