@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vrft_jax import recipe
+from vrft_jax import cli, recipe
 from vrft_jax.data import make_iterator, prepare, storage
 from vrft_jax.data.image import ImageGeometry
 from vrft_jax.data.records import Record
@@ -189,7 +189,6 @@ def test_lisa_is_evaluated_as_lisa_evaluation_does_first_instruction_pixel_box_i
                                    frame="qwen2_vl")
 
 
-def test_prepare_refuses_evaluation_for_a_source_that_is_not_lisa(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+def test_prepare_refuses_evaluation_for_a_source_that_is_not_lisa(tmp_path):
+    with pytest.raises(cli.UserError, match="unrecognized arguments: --evaluation"):
         prepare.main(["synthetic", "--evaluation", "--output", str(tmp_path), "--name", "s"])
-    assert "unrecognized arguments: --evaluation" in capsys.readouterr().err

@@ -90,8 +90,9 @@ def fail(error: BaseException | str, *, verbose: bool = False) -> NoReturn:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose usage errors (a missing or unknown argument, a bad choice) are one line too, with
-    a pointer to --help, instead of the usage text followed by the message; and whose `--help` keeps the
+    """argparse's parser whose usage errors (a missing or unknown argument, a bad choice) are a UserError, one
+    line with a pointer to --help, instead of the usage text and an exit: raised, so that a library caller (a
+    run's process 0 making a dataset) reports it to its peers like any other error. `--help` keeps the
     description's own line breaks."""
 
     def __init__(self, *args, **kwargs):
@@ -99,7 +100,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        fail(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 # ---------------------------------------------------------------------------------------------- platform

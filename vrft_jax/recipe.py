@@ -333,7 +333,7 @@ def usage(spec: str | None = None) -> str:
     command_flags = [f"  --{flag.name}: {' '.join(flag.help.split())}" + (" (required)" if flag.name in _required()
                                                                             else "")
                      for module, defined in flags.FLAGS.flags_by_module_dict().items()
-                     if not module.startswith("absl") for flag in defined]
+                     if _ours(module) for flag in defined]
     parts.append("flags:\n" + "\n".join([
         *command_flags,
         "  --config.KEY=VALUE: any field of the recipe, e.g. --config.train.learning_rate=1e-5 "
@@ -375,6 +375,13 @@ def _flat(tree: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
+def _ours(module: str) -> bool:
+    """A flag-defining module of this project (the command's own, or the recipe's), not a library's (grain,
+    orbax and array_record define flags of their own on import)."""
+    return module.startswith("vrft_jax") or module == "__main__" or (
+        module.endswith(".py") and os.path.dirname(os.path.abspath(module)).startswith(os.path.dirname(CONFIG_DIR)))
+
+
 def _required() -> set[str]:
     return {name for name, flag in flags.FLAGS._flags().items() if getattr(flag, "required", False)}
 
@@ -387,7 +394,7 @@ def from_flags() -> tuple[ml_collections.ConfigDict, str]:
         build(config, check_paths=False, process_count=1)
     except (KeyError, TypeError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # str(KeyError) adds quotes
-        raise RecipeError(f"recipe {config.get('name', '?')}: {message}") from None
+        raise RecipeError(f"recipe {config.get('name', '?')}: {message}") from e  # --verbose: where it came from
     return config, flags.FLAGS.workdir or default_workdir(config)
 
 

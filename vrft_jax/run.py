@@ -143,8 +143,9 @@ def make_synthetic_data(config: ml_collections.ConfigDict) -> None:
         expected, made = prepare.source_args(argv), datasets.read_metadata(path).get("source", {})
         if made.get("source") != "synthetic":
             continue  # the user's own set under the recipe's name: theirs to train on
-        # the recipe's arguments that the set was made without (an older version's extra options do not count)
-        differ = sorted(k for k in expected if expected[k] != made.get(k))
+        # every option of the source, either side's absence read as the default None (an older version's
+        # options that the source no longer has do not count)
+        differ = sorted(k for k in prepare.source_options("synthetic") if expected.get(k) != made.get(k))
         if differ:
             key = "source.prepare" if which == "train" else "eval.prepare"
             raise recipe.RecipeError(

@@ -202,3 +202,17 @@ def test_the_difference_standard_error_is_paired_where_examples_match_and_unpair
 def test_curve_keys_follow_the_pages_order_and_skip_what_is_not_a_curve():
     keys = [k for k, _ in report_curves.curve_keys(history())]
     assert keys == [*TRAIN_KEYS, *EVAL_KEYS]
+
+
+def test_a_checkpoints_evaluation_has_no_before_column(tmp_path):
+    rows, metrics = rows_and_metrics(after=True)
+    path = report.write_report(str(tmp_path), predictions=rows, metrics=metrics, image_of=image_of,
+                               after_label="this checkpoint", parse_rule="strict")
+    with open(path, encoding="utf-8") as f:
+        dom = Dom(f.read())
+    comparison = dom.table("comparison")
+    assert [c[0] for c in comparison[0]] == ["metric", "this checkpoint", "± standard error"]
+    reward = next(row for row in comparison if row[0][0] == "reward")
+    assert reward[2][0] == f"{metrics['reward_standard_error']:.3f}"
+    per_class = dom.table("per-class")
+    assert [row[0][0] for row in per_class[1:]] == ["this checkpoint"]  # no empty before / difference rows

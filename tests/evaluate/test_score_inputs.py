@@ -104,18 +104,20 @@ def test_the_lvis_protocol_on_a_coco_file_is_refused_and_the_reverse_warned():
     assert "coco_protocol_on_lvis_file" not in score.score(lvis, predictions)["warnings"]  # lvis by default
 
 
-def test_strict_and_the_papers_reading_count_an_inverted_box_alike():
-    """The same well-formed answer, with a right box and an inverted one scored above it: both readers hand COCOeval
-    the same detections, so both score the same; strict used to drop the inverted box and score higher."""
-    completion = ("<think>a bus</think><answer>[{'Position': [600, 600, 100, 100], 'Confidence': 0.95}, "
+@pytest.mark.parametrize("inverted", [[600, 600, 100, 100], [600, 100, 100, 600], [100, 600, 600, 100]])
+def test_strict_and_the_papers_reading_count_an_inverted_box_alike(inverted):
+    """The same well-formed answer, with a right box and an inverted one (on both axes, on x, on y) scored above
+    it: both readers hand COCOeval the same detections, so both score the same, below 1 (the inverted box counts
+    against the answer); strict used to drop it and score 1."""
+    completion = (f"<think>a bus</think><answer>[{{'Position': {inverted}, 'Confidence': 0.95}}, "
                   "{'Position': [100, 100, 600, 600], 'Confidence': 0.9}]</answer>")
     paper, strict = readers.read_boxes(completion, "visual_rft"), readers.read_boxes(completion, "strict")
-    assert strict.boxes == paper.boxes == [[600.0, 600.0, 100.0, 100.0], [100.0, 100.0, 600.0, 600.0]]
+    assert strict.boxes == paper.boxes == [[float(v) for v in inverted], [100.0, 100.0, 600.0, 600.0]]
     assert strict.scores == paper.scores and strict.dropped == paper.dropped == 0
     queries = [detection.Query(1, 1, completion), detection.Query(2, 2, "<answer>No Objects</answer>")]
     ap = {reader: detection.evaluate(gt(), detection.to_results(queries, gt(), reader=reader)[0])["AP"]
           for reader in readers.READERS}
-    assert ap["strict"] == ap["visual_rft"] and 0 < ap["strict"] < 1, ap  # the inverted box is a false positive
+    assert ap["strict"] == ap["visual_rft"] and 0 < ap["strict"] < 1, ap
 
 
 def test_a_ground_truth_built_in_memory_with_numpy_numbers_is_accepted():

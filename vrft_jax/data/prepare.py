@@ -127,8 +127,11 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument(cli.VERBOSE_FLAG, action="store_true", help="show an error's traceback as well as its line")
     sources = p.add_subparsers(dest="source", required=True, metavar="SOURCE", parser_class=cli.ArgumentParser)
 
+    p.source_parsers = {}  # name -> its sub-command's parser (`source_options`)
+
     def source(name: str, summary: str) -> argparse.ArgumentParser:
-        return sources.add_parser(name, parents=[common], help=summary, description=summary)
+        p.source_parsers[name] = sources.add_parser(name, parents=[common], help=summary, description=summary)
+        return p.source_parsers[name]
 
     virft_ = source("virft", "ViRFT parquet files (--parquet) or a ViRFT JSON list (--json)")
     given = virft_.add_mutually_exclusive_group(required=True)
@@ -184,6 +187,14 @@ def source_args(argv: Sequence[str]) -> dict:
     return _source(parser().parse_args(argv))
 
 
+def source_options(source: str) -> set[str]:
+    """The names under which a dataset of `source` records its options (the sub-command's, less the
+    destination's): what two datasets of that source are compared on."""
+    options = parser().source_parsers[source]._actions
+    return {action.dest for action in options if action.dest not in ("help", "output", "name", "verbose")} | {
+        "source"}
+
+
 # the options that name an input, and whether it is a file or a folder
 _INPUTS = {"parquet": "file", "json": "file", "annotations": "file", "images": "folder", "folder": "folder",
            "list": "file", "input": "file or folder", "image_root": "folder"}
@@ -219,7 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     is left where the dataset would have gone."""
     import tensorflow_datasets as tfds
 
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and not set(argv) & {"-h", "--help"}:
+        raise cli.UserError(f"the source comes first: python -m vrft_jax.data.prepare SOURCE {' '.join(argv)} "
+                            f"(SOURCE one of {', '.join(SOURCES)})")
+    args = parser().parse_args(argv)
     tfds.disable_progress_bar()
     check_inputs(args)
     storage.check_new_dataset(args.output, args.name)

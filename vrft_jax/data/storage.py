@@ -127,8 +127,13 @@ def _write_local(data_dir: str, name: str, splits: Mapping[str, Iterable[Record]
                  description: str) -> str:
     builder = _builder_class(name)(splits=splits, metadata=metadata, description=description,
                                    data_dir=data_dir, file_format="array_record")
-    # A failed conversion leaves nothing behind: the dataset's folder if this call made it, else the version.
-    made = os.path.join(data_dir, name) if not os.path.exists(os.path.join(data_dir, name)) else builder.data_dir
+    # A failed conversion leaves nothing behind: the highest folder this call creates (--output itself, when it
+    # is new), else the version's temporary siblings.
+    made = builder.data_dir
+    while not os.path.exists(os.path.dirname(made)):
+        made = os.path.dirname(made)
+    made = os.path.join(data_dir, name) if made == builder.data_dir and not os.path.exists(
+        os.path.join(data_dir, name)) else made
     before = set(os.listdir(os.path.dirname(builder.data_dir))) if os.path.isdir(
         os.path.dirname(builder.data_dir)) else set()
     # tfds wants a download directory even though nothing is downloaded, and may print to stdout, which belongs

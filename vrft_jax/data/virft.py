@@ -50,11 +50,15 @@ def parquet_candidates(paths: Sequence[str], *, task: str | None = None,
     `image` is the `datasets` Image struct: its `bytes`, or when those are null its `path` (relative to
     `image_root`, default the parquet file's directory). Ids are "<file name>:<row>".
     """
+    import pyarrow
     import pyarrow.parquet as pq
 
     for path in paths:
         name = os.path.basename(path)
-        parquet = pq.ParquetFile(path)
+        try:
+            parquet = pq.ParquetFile(path)
+        except (pyarrow.ArrowException, OSError) as e:
+            raise rec.SourceError(f"--parquet {path}: not a parquet file ({e})") from None
         columns = set(parquet.schema_arrow.names)
         missing = {"image", "problem", "solution"} - columns
         row = 0

@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from vrft_jax import cli, distributed, model_dir, recipe, sampling
+from vrft_jax import storage as files  # `storage` is the data package's (datasets)
 from vrft_jax.data import storage
 from vrft_jax.evaluate import evaluators, report, score
 from vrft_jax.metrics import METRICS_FILE, read_metrics
@@ -56,8 +57,8 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str) -> dict:
     distributed.on_primary(evaluators.save, result, os.path.join(workdir, "eval"), 0)
     frame = "rel1000" if frame_of(config.rewards.frame) is Frame.REL1000 else "pixels"
     # a run's model/: its training curves go in the report too
-    run_dir = os.path.dirname(os.path.normpath(checkpoint))
-    history = read_metrics(run_dir) if os.path.exists(os.path.join(run_dir, METRICS_FILE)) else ()
+    run_dir = checkpoint.rstrip("/").rsplit("/", 1)[0] if "/" in checkpoint.rstrip("/") else "."
+    history = read_metrics(run_dir) if files.exists(files.join(run_dir, METRICS_FILE)) else ()
     context = {"recipe": config.name, "checkpoint": checkpoint, "held-out set": f"{config.eval.path} "
                f"({config.eval.split})", "reading": config.eval.parse,
                "training curves": f"{run_dir}/{METRICS_FILE}" if history else "none (not a run's model/)",

@@ -22,9 +22,9 @@ Detection, `visual_rft` (coco_evaluation/Qwen2_VL_coco_infere.py, also its LVIS 
 Detection, `strict`: the text of the first `<answer>` (to its `</answer>`, or to the end when cut off), every
 complete `{'Position': [...], 'Confidence': c}` object in it (`rewards.parse.strict_predictions`), each box with
 finite numbers kept as written (the rest dropped and counted). A box with x2 <= x1 or y2 <= y1 is kept, as
-the `visual_rft` reading keeps it: both hand COCOeval the same detections of the same answer, so both count it
-as the evaluation does (it overlaps nothing); dropping it would score a malformed answer above the paper's
-reading of it.
+the `visual_rft` reading keeps it: both hand COCOeval the same detections of the same answer, so both score it
+as faster-coco-eval does (a ranked detection that matches no ground truth: a false positive, whichever axis is
+inverted); dropping it would score a malformed answer above the paper's reading of it.
 """
 
 from __future__ import annotations

@@ -191,9 +191,7 @@ def _enlarged(image_bytes: bytes) -> bytes:
 def _evaluation(metrics, predictions, before, before_predictions, *, before_label, after_label, parse_rule) -> str:
     rows = report_tables.rows_of(metrics, before, predictions, before_predictions or ())
     parts = [f"<h2>held-out evaluation ({metrics.get('type', '?')}, {metrics.get('examples', '?')} examples)</h2>"]
-    if before is None:
-        parts.append("<p class='note'>no evaluation before training was kept: the difference is absent</p>")
-    parts.append(report_tables.comparison_table(rows, before_label, after_label))
+    parts.append(report_tables.comparison_table(rows, before_label, after_label, own_se=metrics))
     name, after_classes, after_examples = report_tables.per_class_of(metrics, predictions, parse_rule)
     if after_classes:
         _, before_classes, before_examples = report_tables.per_class_of(before or {}, before_predictions or (),

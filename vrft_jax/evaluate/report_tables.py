@@ -129,7 +129,21 @@ def _difference_cell(difference: float | None, se: float | None) -> str:
     return f"<td class='difference {' '.join(classes)}'>{_fmt(difference, signed=True)}</td>"
 
 
-def comparison_table(rows: Sequence[Row], before_label: str, after_label: str) -> str:
+def comparison_table(rows: Sequence[Row], before_label: str, after_label: str,
+                     own_se: Mapping[str, Any] | None = None) -> str:
+    """metric | before | after | difference | ± SE of the difference; with no `before` at all (a checkpoint's
+    evaluation), metric | after | ± its own SE (from `own_se`, the metrics, where they give one)."""
+    if all(row.before is None for row in rows):
+        own_se = own_se or {}
+
+        def se(name):
+            value = own_se.get(f"{name}_standard_error")
+            return _fmt(value) if _number(value) else "n/a"
+
+        body = "".join(f"<tr data-metric='{html.escape(row.name)}'><th>{html.escape(row.name)}</th>"
+                       f"<td>{_fmt(row.after)}</td><td class='se'>{se(row.name)}</td></tr>" for row in rows)
+        return (f"<table class='comparison'><tr><th>metric</th><th>{html.escape(after_label)}</th>"
+                f"<th>± standard error</th></tr>{body}</table>")
     head = (f"<tr><th>metric</th><th>{html.escape(before_label)}</th><th>{html.escape(after_label)}</th>"
             "<th>difference</th><th>± standard error</th></tr>")
     body = []
@@ -159,8 +173,10 @@ def per_class_table(name: str, after: Mapping[str, float | None], before: Mappin
         cells["se"].append(f"<td class='se'>{'n/a' if se is None else f'{se:.3f}'}</td>")
     head = "<tr><th></th>" + "".join(f"<th class='class'>{html.escape(c)}</th>" for c in classes) + "</tr>"
     labels = {"before": before_label, "after": after_label, "difference": "difference", "se": "± standard error"}
-    body = "".join(f"<tr class='{key}'><th>{html.escape(labels[key])}</th>{''.join(row)}</tr>"
-                   for key, row in cells.items() if key != "se" or any("n/a" not in c for c in row))
+    shown = [key for key in cells if (before or key == "after") and (key != "se" or any("n/a" not in c
+                                                                                        for c in cells[key]))]
+    body = "".join(f"<tr class='{key}'><th>{html.escape(labels[key])}</th>{''.join(cells[key])}</tr>"
+                   for key in shown)
     return (f"<div class='scroll'><table class='per-class' data-metric='{html.escape(name)}'>{head}{body}</table>"
             "</div>")
 
