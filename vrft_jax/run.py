@@ -258,8 +258,7 @@ def write_report(config, workdir: str, heldout: HeldOut | None) -> str | None:
         before_path, rows_path = (storage.join(heldout.directory, f"step_0.{ext}") for ext in ("json", "jsonl"))
         if storage.exists(before_path) and storage.exists(rows_path):
             evaluated = dict(before=json.loads(storage.read_text(before_path)),
-                             before_predictions=[json.loads(line) for line in storage.read_text(rows_path).splitlines()
-                                                 if line.strip()])
+                             before_predictions=evaluators.read_predictions(rows_path))
         evaluated.update(predictions=heldout.last.predictions, metrics=heldout.last.metrics,
                          image_of=heldout.evaluator.image_bytes, parse_rule=config.eval.parse)
     warm = config.mode == "grpo" and config.warm_start.sft_steps > 0

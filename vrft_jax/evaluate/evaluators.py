@@ -191,8 +191,8 @@ def save(result: EvalResult, directory: str, step: int) -> tuple[str, str]:
 
 
 def read_predictions(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows `save` wrote to `path` (local or gs://)."""
+    return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
 
 
 @register("rewards")

@@ -72,9 +72,7 @@ def predicted_boxes(row: Mapping[str, Any]) -> list[list[float]]:
 def draw(image_bytes: bytes, row: Mapping[str, Any], frame: str = "rel1000") -> bytes:
     """The example's image as PNG bytes, at least DISPLAY_SIDE on its short side, with its boxes drawn.
     Predicted boxes are in the model's frame: "rel1000" (Qwen2-VL) or "pixels" of the seen image."""
-    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-    scale = max(1.0, DISPLAY_SIDE / min(image.size))
-    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.NEAREST)
+    image = _enlarged(image_bytes)
     shown_hw = (image.height, image.width)
     canvas = ImageDraw.Draw(image)
     line = max(2, round(min(image.size) / 120))
@@ -87,9 +85,7 @@ def draw(image_bytes: bytes, row: Mapping[str, Any], frame: str = "rel1000") -> 
         predicted = _scaled(predicted, row["image_hw"], shown_hw, "pixels")
     for box in predicted:
         canvas.rectangle(_ordered(box), outline=PREDICTED, width=line)
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
+    return _png(image)
 
 
 def _ordered(box):
@@ -152,7 +148,7 @@ def _legend(task: str) -> str:
 
 
 def _card(row: Mapping[str, Any], image_of: Callable[[Mapping[str, Any]], bytes], frame: str, task: str) -> str:
-    image = _data_uri(draw(image_of(row), row, frame) if task in BOX_TASKS else _enlarged(image_of(row)))
+    image = _data_uri(draw(image_of(row), row, frame) if task in BOX_TASKS else _png(_enlarged(image_of(row))))
     answer = parse.strict_answer(row["completion"], allow_unclosed=True)
     rewards = ", ".join(f"{k} {v:.3f}" for k, v in row["rewards"].items())
     parsed = row.get("parsed") or {}
@@ -178,11 +174,14 @@ def _card(row: Mapping[str, Any], image_of: Callable[[Mapping[str, Any]], bytes]
             f"<pre>{html.escape(row['completion'])}</pre><div>rewards: {html.escape(rewards)}</div></div>")
 
 
-def _enlarged(image_bytes: bytes) -> bytes:
-    """The image as PNG, at least DISPLAY_SIDE on its short side (nearest neighbour: pixels stay sharp)."""
+def _enlarged(image_bytes: bytes) -> Image.Image:
+    """The image, at least DISPLAY_SIDE on its short side (nearest neighbour: pixels stay sharp)."""
     image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
     scale = max(1.0, DISPLAY_SIDE / min(image.size))
-    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.NEAREST)
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.NEAREST)
+
+
+def _png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
