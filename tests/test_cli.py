@@ -145,6 +145,8 @@ def test_help_exits_0(workdir, command, lists_recipes):
         assert "cls_fewshot     model=2b|7b  dataset=flowers|" in done.stdout
         assert "--config.KEY=VALUE" in done.stdout and "--verbose" in done.stdout
         assert "visual-rft.md" not in done.stdout  # the project's notes are not in a clone
+    if command in (EVALUATE, AOT):  # absl's required flags say so in their help
+        assert re.search(r"^  --(ckpt|topology): \(required\)", done.stdout, re.M), done.stdout[-2000:]
     if command == PREPARE:  # the global help names the sources; a source's help its own options
         assert all(source in done.stdout for source in ("virft", "coco", "lvis", "classification", "lisa"))
     if command[-1] == "coco":

@@ -359,7 +359,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run(argv: Sequence[str] | None = None) -> None:
     recipe.define_flags()
-    flags.DEFINE_string("topology", None, "the TPU slice: v4-N, v5e-N, v5p-N, v6e-N", required=True)
+    flags.DEFINE_string("topology", None, "(required) the TPU slice: v4-N, v5e-N, v5p-N, v6e-N", required=True)
     flags.DEFINE_float("step_seconds", None, "a step time, for the MFU it implies")
     argv, verbose = cli.strip_verbose(argv or sys.argv)
     app.run(cli.guard(main, verbose=verbose), argv=argv, flags_parser=recipe.parse_flags)

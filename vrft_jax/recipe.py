@@ -186,7 +186,7 @@ def suggest(config: ml_collections.ConfigDict, path: str, n: int = 3) -> list[st
     """The recipe's keys closest to a misspelled `path`, in any block: `lr` -> `train.learning_rate` (its words'
     initials), `learnin_rate` -> `train.learning_rate` (spelling), `temperature` -> `sampling.temperature` and
     `eval.temperature`... (the leaf wherever it is)."""
-    keys = [key for key, _ in _flat(config.to_dict())]
+    keys = list(flat_config(config.to_dict()))
     keys += [prefix for key in keys for prefix in _prefixes(key)]  # blocks, so that `trian.x` finds `train.x`
     wanted = path.split(".")[-1].lower()
 
@@ -330,8 +330,7 @@ def usage(spec: str | None = None) -> str:
     fields and values (what `--config.KEY=VALUE` may set)."""
     main = sys.modules.get("__main__")
     parts = [(getattr(main, "__doc__", None) or "").strip(), recipe_table()]
-    command_flags = [f"  --{flag.name}: {' '.join(flag.help.split())}" + (" (required)" if flag.name in _required()
-                                                                            else "")
+    command_flags = [f"  --{flag.name}: {' '.join(flag.help.split())}"
                      for module, defined in flags.FLAGS.flags_by_module_dict().items()
                      if _ours(module) for flag in defined]
     parts.append("flags:\n" + "\n".join([
@@ -341,7 +340,7 @@ def usage(spec: str | None = None) -> str:
         "  --verbose: show the traceback of an error as well as its one line"]))
     if spec:
         config = _load_file(*resolve(spec), spec=spec)
-        fields = [f"  {key} = {value!r}" for key, value in _flat(config.to_dict())]
+        fields = [f"  {key} = {value!r}" for key, value in flat_config(config.to_dict()).items()]
         parts.append(f"fields of {spec} (--config.KEY=VALUE):\n" + "\n".join(fields))
     return "\n\n".join(part for part in parts if part)
 
@@ -365,14 +364,16 @@ def _default_first(default, allowed) -> list:
     return [default, *(v for v in allowed if v != default)] if allowed is not None else [default, "..."]
 
 
-def _flat(tree: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
-    items = []
+def flat_config(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{"block.key": value} of a nested config dict; lists become tuples, so a config read back from JSON
+    compares equal to the ConfigDict it was written from."""
+    flat = {}
     for key, value in tree.items():
         if isinstance(value, Mapping) and value:
-            items += _flat(value, f"{prefix}{key}.")
+            flat.update(flat_config(value, f"{prefix}{key}."))
         else:
-            items.append((f"{prefix}{key}", value))
-    return items
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
 
 
 def _ours(module: str) -> bool:
@@ -380,10 +381,6 @@ def _ours(module: str) -> bool:
     orbax and array_record define flags of their own on import)."""
     return module.startswith("vrft_jax") or module == "__main__" or (
         module.endswith(".py") and os.path.dirname(os.path.abspath(module)).startswith(os.path.dirname(CONFIG_DIR)))
-
-
-def _required() -> set[str]:
-    return {name for name, flag in flags.FLAGS._flags().items() if getattr(flag, "required", False)}
 
 
 def from_flags() -> tuple[ml_collections.ConfigDict, str]:

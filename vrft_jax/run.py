@@ -161,29 +161,19 @@ def check_resume_config(saved: dict, current: dict) -> None:
     """ConfigChangedError naming every key whose value differs between the checkpoint's resolved config and this
     run's, except `RESUMABLE_CHANGES`; `total_steps` may change only where the learning-rate schedule does not
     depend on it (an explicit `train.decay_steps`, or a constant rate)."""
-    differ = [key for key in sorted(_flat(saved).keys() | _flat(current).keys())
-              if _flat(saved).get(key, "<absent>") != _flat(current).get(key, "<absent>")]
+    flat_saved, flat_current = recipe.flat_config(saved), recipe.flat_config(current)
+    differ = [key for key in sorted(flat_saved.keys() | flat_current.keys())
+              if flat_saved.get(key, "<absent>") != flat_current.get(key, "<absent>")]
     refused = [key for key in differ if not any(fnmatch.fnmatchcase(key, p) for p in RESUMABLE_CHANGES)]
     if "total_steps" in differ and "train.decay_steps" in differ:
         refused.append("total_steps (train.decay_steps follows it: the learning rate of the steps taken would change)")
     if refused:
-        flat_saved, flat_current = _flat(saved), _flat(current)
         details = "; ".join(f"{k}: {flat_saved.get(k, '<absent>')!r} -> {flat_current.get(k, '<absent>')!r}"
                             if k in flat_saved or k in flat_current else k for k in refused)
         raise ConfigChangedError(
             f"the config differs from the checkpoint's in {len(refused)} key(s) a resume may not change: {details}. "
             f"Resume with the checkpoint's values, or start a new run in another --workdir (changeable on resume: "
             f"{', '.join(RESUMABLE_CHANGES)})")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return flat
 
 
 def _write_config(resolved: dict, workdir: str, start: int) -> None:

@@ -92,7 +92,8 @@ def run(argv: list[str]) -> int:
         cli.run(score.main, argv[1:])
     argv, verbose = cli.strip_verbose(argv)
     recipe.define_flags()
-    flags.DEFINE_string("ckpt", None, "a model directory (a run's model/) or a Hugging Face checkpoint", required=True)
+    flags.DEFINE_string("ckpt", None, "(required) a model directory (a run's model/) or a Hugging Face checkpoint",
+                        required=True)
     flags.DEFINE_string("split", None, "the held-out set's split (default: the recipe's eval.split)")
     app.run(cli.guard(main, verbose=verbose), argv=argv, flags_parser=recipe.parse_flags)
     return 0
