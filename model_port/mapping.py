@@ -65,29 +65,19 @@ def _linear(in_shape, out_shape, hf_shape=None):
 def tensor_map(config: Qwen2VLConfig) -> list[Entry]:
     t, v = config.text, config.vision
     D, N, K, H, F = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size
-    E, NV, HV, M = v.embed_dim, v.num_heads, v.head_dim, v.mlp_dim
+    E = v.embed_dim
     W = E * v.merge_tokens
-    L, LV = t.num_layers, v.depth
+    L = t.num_layers
     blk, lyr = "visual.blocks.{i}.", "model.layers.{i}."
     vb, tl = ("visual", "blocks"), ("text", "layers")
 
     entries = [
         Entry("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"),
               **_linear((v.patch_dim,), (E,), (E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size))),
-        Entry(blk + "norm1.weight", vb + ("norm1", "weight"), **_identity((E,)), num_layers=LV),
-        Entry(blk + "norm1.bias", vb + ("norm1", "bias"), **_identity((E,)), num_layers=LV),
-        Entry(blk + "attn.qkv.weight", vb + ("attn", "qkv_kernel"), **_linear((E,), (3, NV, HV)), num_layers=LV),
-        Entry(blk + "attn.qkv.bias", vb + ("attn", "qkv_bias"), **_reshape((3, NV, HV), (3 * E,)), num_layers=LV),
-        Entry(blk + "attn.proj.weight", vb + ("attn", "out_kernel"), **_linear((NV, HV), (E,)), num_layers=LV),
-        Entry(blk + "attn.proj.bias", vb + ("attn", "out_bias"), **_identity((E,)), num_layers=LV),
-        Entry(blk + "norm2.weight", vb + ("norm2", "weight"), **_identity((E,)), num_layers=LV),
-        Entry(blk + "norm2.bias", vb + ("norm2", "bias"), **_identity((E,)), num_layers=LV),
-        Entry(blk + "mlp.fc1.weight", vb + ("mlp", "fc1_kernel"), **_linear((E,), (M,)), num_layers=LV),
-        Entry(blk + "mlp.fc1.bias", vb + ("mlp", "fc1_bias"), **_identity((M,)), num_layers=LV),
-        Entry(blk + "mlp.fc2.weight", vb + ("mlp", "fc2_kernel"), **_linear((M,), (E,)), num_layers=LV),
-        Entry(blk + "mlp.fc2.bias", vb + ("mlp", "fc2_bias"), **_identity((E,)), num_layers=LV),
+        *_vision_block_entries(config, blk, vb),
         Entry("visual.merger.ln_q.weight", ("visual", "merger", "ln_q", "weight"), **_identity((E,))),
-        Entry("visual.merger.ln_q.bias", ("visual", "merger", "ln_q", "bias"), **_identity((E,))),
+        *([Entry("visual.merger.ln_q.bias", ("visual", "merger", "ln_q", "bias"), **_identity((E,)))]
+          if config.family == "qwen2_vl" else []),
         Entry("visual.merger.mlp.0.weight", ("visual", "merger", "fc1_kernel"), **_linear((W,), (W,))),
         Entry("visual.merger.mlp.0.bias", ("visual", "merger", "fc1_bias"), **_identity((W,))),
         Entry("visual.merger.mlp.2.weight", ("visual", "merger", "fc2_kernel"), **_linear((W,), (D,))),
@@ -111,6 +101,38 @@ def tensor_map(config: Qwen2VLConfig) -> list[Entry]:
     if not config.tie_word_embeddings:
         entries.append(Entry("lm_head.weight", ("text", "lm_head"), **_linear((D,), (t.vocab_size,))))
     return entries
+
+
+def _vision_block_entries(config: Qwen2VLConfig, blk: str, vb: Path) -> list[Entry]:
+    """One ViT block's tensors: Qwen2-VL's LayerNorms and fc1/fc2 MLP, or Qwen2.5-VL's RMSNorms (weight only)
+    and gate/up/down SwiGLU with biases. These names repeat the language model's (`mlp.gate_proj` ...), so
+    every name here is anchored on `visual.blocks.`."""
+    v = config.vision
+    E, NV, HV, M, LV = v.embed_dim, v.num_heads, v.head_dim, v.mlp_dim, v.depth
+    norms = ("weight",) if config.family == "qwen2_5_vl" else ("weight", "bias")
+    entries = [Entry(blk + f"{norm}.{part}", vb + (norm, part), **_identity((E,)), num_layers=LV)
+               for norm in ("norm1", "norm2") for part in norms]
+    entries += [
+        Entry(blk + "attn.qkv.weight", vb + ("attn", "qkv_kernel"), **_linear((E,), (3, NV, HV)), num_layers=LV),
+        Entry(blk + "attn.qkv.bias", vb + ("attn", "qkv_bias"), **_reshape((3, NV, HV), (3 * E,)), num_layers=LV),
+        Entry(blk + "attn.proj.weight", vb + ("attn", "out_kernel"), **_linear((NV, HV), (E,)), num_layers=LV),
+        Entry(blk + "attn.proj.bias", vb + ("attn", "out_bias"), **_identity((E,)), num_layers=LV),
+    ]
+    if config.family == "qwen2_5_vl":
+        for hf, ours, (n_in, n_out) in (("gate_proj", "gate", (E, M)), ("up_proj", "up", (E, M)),
+                                        ("down_proj", "down", (M, E))):
+            entries += [
+                Entry(blk + f"mlp.{hf}.weight", vb + ("mlp", f"{ours}_kernel"), **_linear((n_in,), (n_out,)),
+                      num_layers=LV),
+                Entry(blk + f"mlp.{hf}.bias", vb + ("mlp", f"{ours}_bias"), **_identity((n_out,)), num_layers=LV),
+            ]
+        return entries
+    return entries + [
+        Entry(blk + "mlp.fc1.weight", vb + ("mlp", "fc1_kernel"), **_linear((E,), (M,)), num_layers=LV),
+        Entry(blk + "mlp.fc1.bias", vb + ("mlp", "fc1_bias"), **_identity((M,)), num_layers=LV),
+        Entry(blk + "mlp.fc2.weight", vb + ("mlp", "fc2_kernel"), **_linear((M,), (E,)), num_layers=LV),
+        Entry(blk + "mlp.fc2.bias", vb + ("mlp", "fc2_bias"), **_identity((E,)), num_layers=LV),
+    ]
 
 
 TIED_HEAD = "lm_head.weight"  # may appear in a tied checkpoint; must then equal the embeddings

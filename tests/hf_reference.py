@@ -1,6 +1,6 @@
-"""Reference fixtures: tiny Qwen2-VL configs with every parameter randomised, in PyTorch, and the
-awkward batches that catch porting bugs (mixed image sizes, sides not multiples of 28, left and right
-padding, a text-only row, two images in one prompt)."""
+"""Reference fixtures: tiny Qwen2-VL and Qwen2.5-VL configs with every parameter randomised, in PyTorch,
+and the awkward batches that catch porting bugs (mixed image sizes, sides not multiples of 28, left and
+right padding, a text-only row, two images in one prompt)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import dataclasses
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
-from transformers import Qwen2VLConfig as HFConfig
-from transformers import Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 
@@ -18,6 +17,10 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 class Tiny:
     name: str
     hf: dict
+
+    @property
+    def family(self) -> str:
+        return self.hf.get("model_type", "qwen2_vl")
 
     @property
     def image_token_id(self) -> int:
@@ -38,6 +41,15 @@ def _config(name, *, vocab, hidden, inter, layers, heads, kv, section, theta, vd
         video_token_id=base_id + 3, tie_word_embeddings=tie))
 
 
+def _window_config(name, *, window, fullatt, vdepth, vembed, vheads, vinter, **text):
+    """A tiny Qwen2.5-VL: Qwen2-VL's decoder, the windowed RMSNorm/SwiGLU vision tower."""
+    tiny = _config(name, vdepth=vdepth, vembed=vembed, vheads=vheads, vmlp=2, **text)
+    vision = dict(depth=vdepth, hidden_size=vembed, out_hidden_size=text["hidden"], intermediate_size=vinter,
+                  num_heads=vheads, hidden_act="silu", window_size=window, fullatt_block_indexes=list(fullatt),
+                  tokens_per_second=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    return Tiny(name, {**tiny.hf, "model_type": "qwen2_5_vl", "vision_config": vision})
+
+
 TINY_CONFIGS = (
     # GQA 4:2, untied head, the environment's reference shape.
     _config("gqa", vocab=1024, hidden=64, inter=128, layers=2, heads=4, kv=2, section=(2, 3, 3), theta=1e6,
@@ -48,13 +60,29 @@ TINY_CONFIGS = (
     # One shared kv head (GQA 6:1), uneven vision heads.
     _config("mqa", vocab=2048, hidden=96, inter=192, layers=2, heads=6, kv=1, section=(2, 3, 3), theta=1e6,
             vdepth=2, vembed=48, vheads=3, vmlp=2, tie=False, eps=1e-6, base_id=1900),
+    # Qwen2.5-VL with the released 112-pixel windows (4x4 merged tokens): `mixed_batch`'s merged grids 2x3,
+    # 4x5, 2x2 and 3x3 give sides that are (4: HF pads a whole empty window) and are not multiples of the
+    # window, two images in a row; full attention in the last block; a SwiGLU width that is no multiple of 32.
+    _window_config("window", window=112, fullatt=(2,), vdepth=3, vembed=32, vheads=2, vinter=56, vocab=1024,
+                   hidden=64, inter=128, layers=2, heads=4, kv=2, section=(2, 3, 3), theta=1e6, tie=False,
+                   eps=1e-6, base_id=1000),
+    # 56-pixel windows (2x2 merged tokens), so every image spans several; full attention in the first block,
+    # tied embeddings.
+    _window_config("window_small", window=56, fullatt=(0,), vdepth=2, vembed=48, vheads=3, vinter=80, vocab=512,
+                   hidden=96, inter=160, layers=2, heads=6, kv=2, section=(2, 3, 3), theta=1e6, tie=True,
+                   eps=1e-6, base_id=400),
 )
 
 
-def random_hf_model(tiny: Tiny, seed: int = 0, dtype=torch.float32) -> Qwen2VLForConditionalGeneration:
-    """An HF model with every parameter (norms and biases included) drawn at random."""
+HF_CLASSES = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+              "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}
+
+
+def random_hf_model(tiny: Tiny, seed: int = 0, dtype=torch.float32) -> transformers.PreTrainedModel:
+    """An HF model of the tiny's family with every parameter (norms and biases included) drawn at random."""
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(HFConfig(**tiny.hf, attn_implementation="eager")).eval()
+    config_class, model_class = (getattr(transformers, name) for name in HF_CLASSES[tiny.family])
+    model = model_class(config_class(**tiny.hf, attn_implementation="eager")).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1 and ("norm" in name or "ln_q" in name):

@@ -1,4 +1,4 @@
-"""Qwen2VLConfig reads both HF config forms, knows the real shapes, and refuses what it cannot run."""
+"""Qwen2VLConfig reads both HF config forms of each family, knows the real shapes, and refuses what it cannot run."""
 
 import dataclasses
 
@@ -6,11 +6,10 @@ import jax
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
-from transformers import Qwen2VLConfig as HFConfig
-from transformers import Qwen2VLForConditionalGeneration
 
-from hf_reference import TINY_CONFIGS
+from hf_reference import HF_CLASSES, TINY_CONFIGS
 from vrft_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, UnsupportedConfigError
 
 # The hub's legacy flat config.json of a Qwen2-VL-2B-shaped model (rope_scaling, in_chans).
@@ -32,9 +31,13 @@ def parameter_count(config: Qwen2VLConfig) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
+def hf_config(family: str, d: dict):
+    return getattr(transformers, HF_CLASSES[family][0])(**d)
+
+
 def hf_parameter_count(config: Qwen2VLConfig) -> int:
     with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(HFConfig(**config.to_hf_dict()))
+        model = getattr(transformers, HF_CLASSES[config.family][1])(hf_config(config.family, config.to_hf_dict()))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -44,16 +47,28 @@ def test_legacy_flat_hub_config_reads_as_the_2b_preset():
 
 @pytest.mark.parametrize("tiny", TINY_CONFIGS, ids=lambda t: t.name)
 def test_nested_transformers5_config_round_trips(tiny):
-    config = Qwen2VLConfig.from_hf(HFConfig(**tiny.hf).to_dict())
+    original = hf_config(tiny.family, tiny.hf).to_dict()
+    config = Qwen2VLConfig.from_hf(original)
+    assert config.family == tiny.family
     assert config.text.mrope_section == tuple(tiny.hf["text_config"]["rope_parameters"]["mrope_section"])
     assert config.tie_word_embeddings == tiny.hf["tie_word_embeddings"]
     assert Qwen2VLConfig.from_hf(config.to_hf_dict()) == config
-    again = HFConfig(**config.to_hf_dict()).to_dict()
-    original = HFConfig(**tiny.hf).to_dict()
+    again = hf_config(tiny.family, config.to_hf_dict()).to_dict()
     for key in ("text_config", "vision_config"):
         for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                      "intermediate_size", "rope_parameters", "depth", "embed_dim", "num_heads", "mlp_ratio"):
+                      "intermediate_size", "rope_parameters", "depth", "embed_dim", "num_heads", "mlp_ratio",
+                      "out_hidden_size", "window_size", "fullatt_block_indexes", "tokens_per_second", "hidden_act"):
             assert again[key].get(field) == original[key].get(field), (key, field)
+
+
+def test_qwen2_5_vl_presets_carry_the_checkpoints_values_not_the_class_defaults():
+    """transformers' Qwen2_5_VLVisionConfig defaults tokens_per_second to 4 and hidden_size to 3584; the released
+    checkpoints say 2 and 1280 (field-2026-12b.md 1.1). A preset's export must say what the checkpoints say."""
+    vision = Qwen2VLConfig.qwen2_5_vl_7b().to_hf_dict()["vision_config"]
+    assert (vision["tokens_per_second"], vision["hidden_size"], vision["out_hidden_size"]) == (2, 1280, 3584)
+    assert (vision["window_size"], vision["fullatt_block_indexes"], vision["intermediate_size"]) == \
+        (112, [7, 15, 23, 31], 3420)
+    assert Qwen2VLConfig.qwen2_5_vl_7b().vision.window_patches == 8  # 4x4 merged tokens of 2x2 patches
 
 
 @pytest.mark.parametrize("preset,expected", [("qwen2_vl_2b", 2_208_985_600), ("qwen2_vl_7b", 8_291_375_616)])
@@ -64,8 +79,10 @@ def test_real_presets_have_exactly_the_hf_parameter_count(preset, expected):
     assert ours == expected  # the counts published for Qwen2-VL-2B/7B-Instruct
 
 
-def test_72b_preset_matches_hf_count():
-    config = Qwen2VLConfig.qwen2_vl_72b()
+@pytest.mark.parametrize("preset", ["qwen2_vl_72b", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_32b",
+                                    "qwen2_5_vl_72b"])
+def test_presets_match_hf_count(preset):
+    config = getattr(Qwen2VLConfig, preset)()
     assert parameter_count(config) == hf_parameter_count(config)
 
 
@@ -79,6 +96,16 @@ def test_bad_configs_name_the_field():
         Qwen2VLConfig.from_hf({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]})
     with pytest.raises(UnsupportedConfigError, match="hidden_act='gelu'"):
         Qwen2VLConfig.from_hf({**LEGACY_2B, "hidden_act": "gelu"})
+    with pytest.raises(UnsupportedConfigError, match="a qwen2_5_vl checkpoint converts as Qwen2_5_VLForCond"):
+        Qwen2VLConfig.from_hf({**LEGACY_2B, "model_type": "qwen2_5_vl"})
+    with pytest.raises(ValueError, match="window_size of at least 28 pixels"):
+        seven = Qwen2VLConfig.qwen2_5_vl_7b()
+        seven.replace(vision=dataclasses.replace(seven.vision, window_size=20))
+    with pytest.raises(ValueError, match=r"fullatt_block_indexes=\(32,\) must lie in \[0, depth=32\)"):
+        seven.replace(vision=dataclasses.replace(seven.vision, fullatt_block_indexes=(32,)))
+    with pytest.raises(ValueError, match="are qwen2_5_vl's, not qwen2_vl's"):
+        Qwen2VLConfig.qwen2_vl_2b().replace(vision=dataclasses.replace(Qwen2VLConfig.qwen2_vl_2b().vision,
+                                                                         window_size=112))
 
 
 def test_runtime_dtypes_are_separate():

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file
-from transformers import Qwen2VLConfig as HFConfig
-from transformers import Qwen2VLForConditionalGeneration
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from hf_reference import TINY_CONFIGS, Tiny, mixed_batch, random_hf_model
 from model_port import flax_to_hf, hf_to_flax
@@ -19,6 +18,7 @@ from model_port.safetensors_io import INDEX_FILE, SafetensorsReader
 from vrft_jax.models.qwen2_vl import UnsupportedConfigError
 
 GQA, TIED = TINY_CONFIGS[0], TINY_CONFIGS[1]
+WINDOW = next(t for t in TINY_CONFIGS if t.family == "qwen2_5_vl")
 
 
 def tensors(path) -> dict[str, np.ndarray]:
@@ -35,12 +35,13 @@ def assert_bit_identical(a: dict, b: dict):
 
 
 def hf_config(path) -> dict:
-    config = HFConfig.from_pretrained(path).to_dict()
-    config.pop("transformers_version", None)
+    config = AutoConfig.from_pretrained(path).to_dict()
+    for where_from in ("transformers_version", "_name_or_path"):
+        config.pop(where_from, None)
     return config
 
 
-@pytest.mark.parametrize("tiny", [GQA, TIED], ids=lambda t: t.name)
+@pytest.mark.parametrize("tiny", [GQA, TIED, WINDOW], ids=lambda t: t.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_round_trip_is_bit_identical_and_reloads_in_transformers(tiny, dtype, tmp_path):
     source, exported = tmp_path / "hf", tmp_path / "back"
@@ -54,8 +55,9 @@ def test_round_trip_is_bit_identical_and_reloads_in_transformers(tiny, dtype, tm
     assert hf_config(exported) == hf_config(source)
     # Both directories through from_pretrained: a model cast in memory with .to(bf16) also casts its
     # rotary buffers, which a loaded one keeps in float32, so only loaded models compare exactly.
-    original, reloaded = (Qwen2VLForConditionalGeneration.from_pretrained(p, attn_implementation="eager").eval()
+    original, reloaded = (AutoModelForImageTextToText.from_pretrained(p, attn_implementation="eager").eval()
                           for p in (source, exported))
+    assert type(reloaded).__name__ == type(hf).__name__
     batch = mixed_batch(tiny, seed=7).torch(tiny.image_token_id)
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
     with torch.no_grad():
@@ -84,7 +86,7 @@ def test_sharded_checkpoints_are_read_and_written_with_an_index(tmp_path):
     files = flax_to_hf.save_hf(model, str(exported), max_shard_bytes=150_000)
     assert len(files) > 1 and (exported / INDEX_FILE).exists()
     assert_bit_identical(tensors(single), tensors(exported))
-    reloaded = Qwen2VLForConditionalGeneration.from_pretrained(exported).eval()
+    reloaded = AutoModelForImageTextToText.from_pretrained(exported).eval()
     for (name, a), (_, b) in zip(hf.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -180,8 +182,11 @@ def test_transformers_5_in_memory_names_are_accepted(good_checkpoint, tmp_path):
 def test_unsupported_architecture_stops_with_a_clear_message(good_checkpoint, tmp_path):
     weights, config = good_checkpoint
     _write(tmp_path, weights,
-           {**config, "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]})
-    with pytest.raises(UnsupportedConfigError, match="model_type='qwen2_5_vl'.*Qwen2-VL only"):
+           {**config, "model_type": "qwen3_vl_moe", "architectures": ["Qwen3VLMoeForConditionalGeneration"]})
+    with pytest.raises(UnsupportedConfigError, match="model_type='qwen3_vl_moe'.*ports qwen2_vl"):
+        load_hf(str(tmp_path))
+    _write(tmp_path, weights, {**config, "model_type": "qwen2_5_vl"})  # Qwen2-VL's tensors under the wrong family
+    with pytest.raises(UnsupportedConfigError, match="a qwen2_5_vl checkpoint converts as Qwen2_5_VL"):
         load_hf(str(tmp_path))
     _write(tmp_path, weights, {**config, "text_config": {**config["text_config"], "use_sliding_window": True}})
     with pytest.raises(UnsupportedConfigError, match="use_sliding_window"):

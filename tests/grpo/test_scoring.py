@@ -53,10 +53,11 @@ def hf_log_softmax(hf, tiny, batch, tokens, mask, dtype):
     return logprobs, entropy
 
 
-@pytest.mark.parametrize("tiny", TINY_CONFIGS[:2], ids=lambda t: t.name)
+@pytest.mark.parametrize("tiny", [*TINY_CONFIGS[:2], next(t for t in TINY_CONFIGS if t.family == "qwen2_5_vl")],
+                         ids=lambda t: t.name)
 def test_logprobs_and_entropy_equal_the_log_softmax_of_a_full_forward(tiny, tmp_path):
-    """Untied and tied LM heads; a chunk size (4) that does not divide L (10). The truth is HF's full
-    forward over prompt + completion in float64."""
+    """Untied and tied LM heads, Qwen2.5-VL's windowed vision tower; a chunk size (4) that does not divide
+    L (10). The truth is HF's full forward over prompt + completion in float64."""
     hf = random_hf_model(tiny, seed=31)
     hf.save_pretrained(tmp_path)
     model = load_hf(str(tmp_path))

@@ -1,9 +1,13 @@
-"""Qwen2-VL configuration: the architecture (read from / written to a Hugging Face `config.json`)
-plus the runtime choices that are ours alone (parameter and compute dtypes, remat, matmul precision).
+"""The configuration of a Qwen-VL family model (Qwen2-VL, Qwen2.5-VL): the architecture (read from /
+written to a Hugging Face `config.json`) plus the runtime choices that are ours alone (parameter and
+compute dtypes, remat, matmul precision).
 
-Hugging Face's own `transformers.Qwen2VLConfig` parses the file, so the nested transformers-5 form,
-the hub's legacy flat form (`rope_scaling={"type": "mrope", ...}`, `in_chans`) and every default for
-a missing key are exactly what the PyTorch model would use.
+Hugging Face's own config class of the family (`transformers.Qwen2VLConfig`, `Qwen2_5_VLConfig`) parses
+the file, so the nested transformers-5 form, the hub's legacy flat form (`rope_scaling={"type": "mrope",
+...}`, `in_chans`) and every default for a missing key are exactly what the PyTorch model would use. The
+class defaults of those configs are not the released models' (Qwen2.5-VL's `tokens_per_second` is 4 in
+the class, 2 in every checkpoint): a preset here is written from the checkpoints, and a real run reads
+the checkpoint's own `config.json`.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import jax.numpy as jnp
 
 from vrft_jax.cli import UserError
 
-SUPPORTED_MODEL_TYPE = "qwen2_vl"
-SUPPORTED_ARCHITECTURE = "Qwen2VLForConditionalGeneration"
+# model_type -> (the HF architecture, the HF config class): the families this port implements.
+FAMILIES = {
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLConfig"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
+}
 REMAT_POLICIES = ("none", "block", "save_dots")
 
 
@@ -28,13 +35,22 @@ class UnsupportedConfigError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VisionConfig:
-    """The ViT: Conv3d patch embedding, `depth` pre-LN blocks with 2-D rotary attention, 2x2 merger."""
+    """The ViT: Conv3d patch embedding, `depth` pre-norm blocks with 2-D rotary attention, 2x2 merger.
+
+    Qwen2-VL's blocks use LayerNorm and a QuickGELU MLP `embed_dim * mlp_ratio` wide, with full attention
+    over each image; Qwen2.5-VL's RMSNorm and a SwiGLU MLP `intermediate_size` wide, with attention within
+    windows of `window_size` input pixels except in the blocks `fullatt_block_indexes`.
+    """
 
     depth: int
-    embed_dim: int
+    embed_dim: int  # HF Qwen2-VL `embed_dim`, Qwen2.5-VL `hidden_size`: the ViT width
     num_heads: int
-    mlp_ratio: float
-    out_dim: int  # HF `vision_config.hidden_size`: the merger's output width = the text hidden size
+    out_dim: int  # HF Qwen2-VL `hidden_size`, Qwen2.5-VL `out_hidden_size`: the merger's output = the LM width
+    mlp_ratio: float = 4.0  # Qwen2-VL
+    intermediate_size: int | None = None  # Qwen2.5-VL's SwiGLU width (replaces mlp_ratio)
+    window_size: int | None = None  # Qwen2.5-VL: a window's side in input pixels
+    fullatt_block_indexes: tuple[int, ...] = ()  # Qwen2.5-VL: blocks attending over the whole image
+    tokens_per_second: int | None = None  # Qwen2.5-VL video's time scale; kept for export, images never use it
     in_channels: int = 3
     patch_size: int = 14
     temporal_patch_size: int = 2
@@ -48,7 +64,14 @@ class VisionConfig:
 
     @property
     def mlp_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        return self.intermediate_size or int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def window_patches(self) -> int | None:
+        """A window's side in patches (a whole number of merged tokens, as HF rounds it), None without windows."""
+        if self.window_size is None:
+            return None
+        return self.window_size // self.spatial_merge_size // self.patch_size * self.spatial_merge_size
 
     @property
     def patch_dim(self) -> int:
@@ -83,8 +106,12 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Qwen2VLConfig:
+    """A Qwen-VL family model: `family` is the HF `model_type` (a key of FAMILIES), which fixes the vision
+    blocks, the `config.json` and tensor layout, and the box frame the model writes."""
+
     text: TextConfig
     vision: VisionConfig
+    family: str = "qwen2_vl"
     tie_word_embeddings: bool = False
     image_token_id: int = 151655
     video_token_id: int = 151656
@@ -105,6 +132,8 @@ class Qwen2VLConfig:
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
         object.__setattr__(self, "text", dataclasses.replace(
             self.text, mrope_section=tuple(int(s) for s in self.text.mrope_section)))
+        object.__setattr__(self, "vision", dataclasses.replace(
+            self.vision, fullatt_block_indexes=tuple(int(i) for i in self.vision.fullatt_block_indexes)))
         _validate(self)
 
     def replace(self, **changes) -> Qwen2VLConfig:
@@ -114,18 +143,26 @@ class Qwen2VLConfig:
 
     @classmethod
     def from_hf(cls, hf: Any, **runtime) -> Qwen2VLConfig:
-        """From a `config.json` dict, a `transformers.Qwen2VLConfig`, or a checkpoint directory."""
+        """From a `config.json` dict, a transformers config of a family, or a checkpoint directory."""
         if isinstance(hf, (str, os.PathLike)):
             path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
             with open(path, encoding="utf-8") as f:
                 hf = json.load(f)
         if isinstance(hf, dict):
             hf = _parse_hf_dict(hf)
+        family = hf.model_type
         t, v = hf.text_config, hf.vision_config
         _check_supported(hf)
         rope = dict(t.rope_parameters or {})
         eos = t.eos_token_id
+        if family == "qwen2_5_vl":
+            vision = dict(embed_dim=v.hidden_size, out_dim=v.out_hidden_size, intermediate_size=v.intermediate_size,
+                          window_size=v.window_size, fullatt_block_indexes=tuple(v.fullatt_block_indexes),
+                          tokens_per_second=v.tokens_per_second)
+        else:
+            vision = dict(embed_dim=v.embed_dim, out_dim=v.hidden_size, mlp_ratio=v.mlp_ratio)
         return cls(
+            family=family,
             text=TextConfig(
                 vocab_size=t.vocab_size,
                 hidden_size=t.hidden_size,
@@ -141,15 +178,13 @@ class Qwen2VLConfig:
             ),
             vision=VisionConfig(
                 depth=v.depth,
-                embed_dim=v.embed_dim,
                 num_heads=v.num_heads,
-                mlp_ratio=v.mlp_ratio,
-                out_dim=v.hidden_size,
                 in_channels=v.in_channels,
                 patch_size=v.patch_size,
                 temporal_patch_size=v.temporal_patch_size,
                 spatial_merge_size=v.spatial_merge_size,
                 rope_theta=(v.rope_parameters or {}).get("rope_theta", 10000.0),
+                **vision,
             ),
             tie_word_embeddings=bool(hf.tie_word_embeddings),
             image_token_id=hf.image_token_id,
@@ -172,18 +207,32 @@ class Qwen2VLConfig:
         ours = self._architecture_dict()
         if base is None:
             return ours
-        import transformers  # only the config class; no torch needed
-
-        merged = transformers.Qwen2VLConfig(**base).to_dict()
+        merged = _hf_config_class(self.family)(**base).to_dict()
         merged.pop("transformers_version", None)
         return _deep_update(merged, ours)
 
     def _architecture_dict(self) -> dict:
         t, v = self.text, self.vision
         eos = list(self.eos_token_ids)
+        common_vision = {
+            "depth": v.depth,
+            "num_heads": v.num_heads,
+            "in_channels": v.in_channels,
+            "patch_size": v.patch_size,
+            "spatial_merge_size": v.spatial_merge_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+        }
+        if self.family == "qwen2_5_vl":
+            vision = {"hidden_size": v.embed_dim, "out_hidden_size": v.out_dim, "hidden_act": "silu",
+                      "intermediate_size": v.mlp_dim, "window_size": v.window_size,
+                      "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": v.tokens_per_second}
+        else:
+            vision = {"embed_dim": v.embed_dim, "hidden_size": v.out_dim, "hidden_act": "quick_gelu",
+                      "mlp_ratio": v.mlp_ratio}
         return {
-            "architectures": [SUPPORTED_ARCHITECTURE],
-            "model_type": SUPPORTED_MODEL_TYPE,
+            "architectures": [FAMILIES[self.family][0]],
+            "model_type": self.family,
             "dtype": self.param_dtype.name,
             "image_token_id": self.image_token_id,
             "video_token_id": self.video_token_id,
@@ -191,7 +240,7 @@ class Qwen2VLConfig:
             "vision_end_token_id": self.vision_end_token_id,
             "tie_word_embeddings": self.tie_word_embeddings,
             "text_config": {
-                "model_type": "qwen2_vl_text",
+                "model_type": f"{self.family}_text",
                 "vocab_size": t.vocab_size,
                 "hidden_size": t.hidden_size,
                 "intermediate_size": t.intermediate_size,
@@ -211,20 +260,7 @@ class Qwen2VLConfig:
                 "eos_token_id": eos[0] if len(eos) == 1 else eos,
                 "pad_token_id": self.pad_token_id,
             },
-            "vision_config": {
-                "model_type": "qwen2_vl_vision",
-                "depth": v.depth,
-                "embed_dim": v.embed_dim,
-                "hidden_size": v.out_dim,
-                "hidden_act": "quick_gelu",
-                "mlp_ratio": v.mlp_ratio,
-                "num_heads": v.num_heads,
-                "in_channels": v.in_channels,
-                "patch_size": v.patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-                "temporal_patch_size": v.temporal_patch_size,
-                "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
-            },
+            "vision_config": {"model_type": f"{self.family}_vision", **common_vision, **vision},
         }
 
     # ------------------------------------------------------------------ real checkpoints
@@ -266,6 +302,55 @@ class Qwen2VLConfig:
         )
 
 
+    @classmethod
+    def qwen2_5_vl_3b(cls, **runtime) -> Qwen2VLConfig:
+        """Qwen/Qwen2.5-VL-3B-Instruct."""
+        return cls(
+            family="qwen2_5_vl",
+            text=TextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
+                            num_heads=16, num_kv_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128000),
+            vision=_window_vit(out_dim=2048),
+            tie_word_embeddings=True,
+            **runtime,
+        )
+
+    @classmethod
+    def qwen2_5_vl_7b(cls, **runtime) -> Qwen2VLConfig:
+        """Qwen/Qwen2.5-VL-7B-Instruct."""
+        return cls(
+            family="qwen2_5_vl",
+            text=TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                            num_heads=28, num_kv_heads=4, rms_norm_eps=1e-6, max_position_embeddings=128000),
+            vision=_window_vit(out_dim=3584),
+            tie_word_embeddings=False,
+            **runtime,
+        )
+
+    @classmethod
+    def qwen2_5_vl_32b(cls, **runtime) -> Qwen2VLConfig:
+        """Qwen/Qwen2.5-VL-32B-Instruct."""
+        return cls(
+            family="qwen2_5_vl",
+            text=TextConfig(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64,
+                            num_heads=40, num_kv_heads=8, rms_norm_eps=1e-6, max_position_embeddings=128000),
+            vision=_window_vit(out_dim=5120),
+            tie_word_embeddings=False,
+            **runtime,
+        )
+
+    @classmethod
+    def qwen2_5_vl_72b(cls, **runtime) -> Qwen2VLConfig:
+        """Qwen/Qwen2.5-VL-72B-Instruct."""
+        return cls(
+            family="qwen2_5_vl",
+            text=TextConfig(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_layers=80,
+                            num_heads=64, num_kv_heads=8, rms_norm_eps=1e-6, max_position_embeddings=128000),
+            vision=_window_vit(out_dim=8192),
+            tie_word_embeddings=False,
+            **runtime,
+        )
+
+
 def _deep_update(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
@@ -279,38 +364,49 @@ def _real_vit(out_dim: int) -> VisionConfig:
     return VisionConfig(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, out_dim=out_dim)
 
 
+def _window_vit(out_dim: int) -> VisionConfig:
+    # Every Qwen2.5-VL size: 112-pixel windows (4x4 merged tokens), full attention in every eighth block.
+    return VisionConfig(depth=32, embed_dim=1280, num_heads=16, intermediate_size=3420, out_dim=out_dim,
+                        window_size=112, fullatt_block_indexes=(7, 15, 23, 31), tokens_per_second=2)
+
+
+def _hf_config_class(family: str):
+    import transformers  # only the config classes; no torch needed
+
+    return getattr(transformers, FAMILIES[family][1])
+
+
 def _parse_hf_dict(d: dict):
     model_type = d.get("model_type")
     archs = d.get("architectures") or []
-    if model_type != SUPPORTED_MODEL_TYPE:
+    if model_type not in FAMILIES:
+        known = ", ".join(f"{family} ({arch})" for family, (arch, _) in FAMILIES.items())
         raise UnsupportedConfigError(
             f"unsupported architecture: config.json has model_type={model_type!r}, architectures={archs}; "
-            f"vrft_jax ports Qwen2-VL only (model_type {SUPPORTED_MODEL_TYPE!r}, {SUPPORTED_ARCHITECTURE}). "
-            "Qwen2.5-VL differs (window attention, RMSNorm/SwiGLU vision blocks) and is not implemented.")
-    if archs and SUPPORTED_ARCHITECTURE not in archs:
+            f"vrft_jax ports {known}")
+    if archs and FAMILIES[model_type][0] not in archs:
         raise UnsupportedConfigError(
-            f"unsupported architecture {archs}: only {SUPPORTED_ARCHITECTURE} checkpoints are converted")
-    import transformers  # only the config parser; no torch needed
-
-    return transformers.Qwen2VLConfig(**d)
+            f"unsupported architecture {archs}: a {model_type} checkpoint converts as {FAMILIES[model_type][0]}")
+    return _hf_config_class(model_type)(**d)
 
 
 def _check_supported(hf) -> None:
     t, v = hf.text_config, hf.vision_config
+    vision_act = {"qwen2_vl": "quick_gelu", "qwen2_5_vl": "silu"}[hf.model_type]
     problems = []
     if getattr(t, "use_sliding_window", False):
         problems.append("text_config.use_sliding_window=True (sliding-window attention is not implemented)")
     if t.hidden_act != "silu":
         problems.append(f"text_config.hidden_act={t.hidden_act!r} (expected 'silu')")
-    if v.hidden_act != "quick_gelu":
-        problems.append(f"vision_config.hidden_act={v.hidden_act!r} (expected 'quick_gelu')")
+    if v.hidden_act != vision_act:
+        problems.append(f"vision_config.hidden_act={v.hidden_act!r} (expected {vision_act!r})")
     rope_type = (t.rope_parameters or {}).get("rope_type", "default")
     if rope_type not in ("default", "mrope"):
         problems.append(f"text_config.rope_parameters.rope_type={rope_type!r} (only M-RoPE without scaling)")
     if getattr(t, "head_dim", None) not in (None, t.hidden_size // t.num_attention_heads):
         problems.append(f"text_config.head_dim={t.head_dim} differs from hidden_size/num_attention_heads")
     if problems:
-        raise UnsupportedConfigError("unsupported Qwen2-VL variant: " + "; ".join(problems))
+        raise UnsupportedConfigError(f"unsupported {hf.model_type} variant: " + "; ".join(problems))
 
 
 def _validate(c: Qwen2VLConfig) -> None:
@@ -326,6 +422,16 @@ def _validate(c: Qwen2VLConfig) -> None:
         errors.append(f"vision.embed_dim={v.embed_dim}/num_heads={v.num_heads} must give a head_dim divisible by 4")
     if v.out_dim != t.hidden_size:
         errors.append(f"vision.out_dim={v.out_dim} must equal text.hidden_size={t.hidden_size}")
+    if c.family not in FAMILIES:
+        errors.append(f"family={c.family!r} is not one of {tuple(FAMILIES)}")
+    windowed = c.family == "qwen2_5_vl"
+    if windowed and not (v.intermediate_size and v.window_size and v.window_patches):
+        errors.append(f"a qwen2_5_vl vision tower needs intermediate_size and a window_size of at least "
+                      f"{v.spatial_merge_size * v.patch_size} pixels (got {v.intermediate_size}, {v.window_size})")
+    if not windowed and (v.intermediate_size or v.window_size or v.fullatt_block_indexes):
+        errors.append(f"intermediate_size, window_size and fullatt_block_indexes are qwen2_5_vl's, not {c.family}'s")
+    if any(not 0 <= i < v.depth for i in v.fullatt_block_indexes):
+        errors.append(f"vision.fullatt_block_indexes={v.fullatt_block_indexes} must lie in [0, depth={v.depth})")
     if c.remat not in REMAT_POLICIES:
         errors.append(f"remat={c.remat!r} is not one of {REMAT_POLICIES}")
     if errors:

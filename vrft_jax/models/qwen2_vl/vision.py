@@ -1,20 +1,28 @@
-"""The Qwen2-VL vision tower on static-shape patch buckets.
+"""The Qwen2-VL and Qwen2.5-VL vision towers on static-shape patch buckets.
 
 Each batch row holds the patches of its own images, padded to a fixed bucket `P` (a multiple of
 `spatial_merge_size**2`), with per-patch segment ids (k for the k-th image of the row, 0 for
 padding) and (row, column) ids for the 2-D rope. Attention is block-diagonal by segment, so it never
 crosses images or padding; the shapes depend on the bucket only, never on the image sizes.
+
+Qwen2.5-VL's window attention is the same mask narrowed to the patches of one window: a patch at
+(row, column) lies in window (row // w, column // w) of its image, w = `vision.window_patches`, which is
+the partition HF's `get_vision_window_index` makes (windows start at the image's top-left corner; the
+last ones of a side are cut short). HF reorders the patches so that each window is contiguous for its
+variable-length kernels, and restores the order after the merger; a mask needs no reordering, and
+attention over a set of keys does not depend on their order, so the features are HF's in HF's order.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vrft_jax.models.qwen2_vl import rope
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
-from vrft_jax.models.qwen2_vl.layers import LayerNorm, attention, einsum, param, scan_layers, stacked
+from vrft_jax.models.qwen2_vl.layers import LayerNorm, RMSNorm, attention, einsum, param, scan_layers, stacked
 from vrft_jax.sharding import constrain
 
 
@@ -72,13 +80,40 @@ class VisionMLP(nnx.Module):
         return einsum("BPM,ME->BPE", h, self.fc2_kernel, self.config) + self.fc2_bias[...].astype(dtype)
 
 
-class VisionBlock(nnx.Module):
+class VisionSwiGLU(nnx.Module):
+    """Qwen2.5-VL's vision MLP: down(silu(gate(x)) * up(x)), every projection with a bias."""
+
     def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs):
         v = config.vision
-        self.norm1 = LayerNorm(v.embed_dim, v.layer_norm_eps, config, rngs=rngs, axis="vit_embed")
+        self.config = config
+        self.gate_kernel = param(rngs, (v.embed_dim, v.mlp_dim), ("vit_embed", "vit_mlp"), config)
+        self.gate_bias = param(rngs, (v.mlp_dim,), ("vit_mlp",), config)
+        self.up_kernel = param(rngs, (v.embed_dim, v.mlp_dim), ("vit_embed", "vit_mlp"), config)
+        self.up_bias = param(rngs, (v.mlp_dim,), ("vit_mlp",), config)
+        self.down_kernel = param(rngs, (v.mlp_dim, v.embed_dim), ("vit_mlp", "vit_embed"), config)
+        self.down_bias = param(rngs, (v.embed_dim,), ("vit_embed",), config)
+
+    def __call__(self, x_bpe):
+        dtype = self.config.dtype
+        gate = einsum("BPE,EM->BPM", x_bpe, self.gate_kernel, self.config) + self.gate_bias[...].astype(dtype)
+        up = einsum("BPE,EM->BPM", x_bpe, self.up_kernel, self.config) + self.up_bias[...].astype(dtype)
+        return einsum("BPM,ME->BPE", jax.nn.silu(gate) * up, self.down_kernel, self.config) \
+            + self.down_bias[...].astype(dtype)
+
+
+def _norm(config: Qwen2VLConfig, *, rngs: nnx.Rngs):
+    """The family's vision norm: Qwen2-VL's LayerNorm, Qwen2.5-VL's RMSNorm (both eps 1e-6, float32 inside)."""
+    v = config.vision
+    norm = RMSNorm if config.family == "qwen2_5_vl" else LayerNorm
+    return norm(v.embed_dim, v.layer_norm_eps, config, rngs=rngs, axis="vit_embed")
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        self.norm1 = _norm(config, rngs=rngs)
         self.attn = VisionAttention(config, rngs=rngs)
-        self.norm2 = LayerNorm(v.embed_dim, v.layer_norm_eps, config, rngs=rngs, axis="vit_embed")
-        self.mlp = VisionMLP(config, rngs=rngs)
+        self.norm2 = _norm(config, rngs=rngs)
+        self.mlp = VisionSwiGLU(config, rngs=rngs) if config.family == "qwen2_5_vl" else VisionMLP(config, rngs=rngs)
 
     def __call__(self, x_bpe, cos_bph, sin_bph, mask_bpp):
         x_bpe = constrain(x_bpe, ("batch", "length", "act_embed"))
@@ -87,13 +122,13 @@ class VisionBlock(nnx.Module):
 
 
 class PatchMerger(nnx.Module):
-    """LayerNorm, then fold each `merge x merge` block of consecutive patches into one token: MLP(4E -> D)."""
+    """The vision norm, then fold each `merge x merge` block of consecutive patches into one token: MLP(4E -> D)."""
 
     def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs):
         v = config.vision
         wide = v.embed_dim * v.merge_tokens
         self.config = config
-        self.ln_q = LayerNorm(v.embed_dim, v.layer_norm_eps, config, rngs=rngs, axis="vit_embed")
+        self.ln_q = _norm(config, rngs=rngs)
         self.fc1_kernel = param(rngs, (wide, wide), ("vit_merge", "vit_merge_out"), config)
         self.fc1_bias = param(rngs, (wide,), ("vit_merge_out",), config)
         self.fc2_kernel = param(rngs, (wide, v.out_dim), ("vit_merge_out", "embed"), config)
@@ -106,6 +141,16 @@ class PatchMerger(nnx.Module):
         h = jax.nn.gelu(einsum("BMW,WZ->BMZ", x, self.fc1_kernel, self.config) + self.fc1_bias[...].astype(dtype),
                         approximate=False)
         return einsum("BMZ,ZD->BMD", h, self.fc2_kernel, self.config) + self.fc2_bias[...].astype(dtype)
+
+
+def attention_mask(segment_ids_bp, positions_bp2, window_patches: int | None = None):
+    """bool[B, P, P]: True where patch i attends to patch j, both of the same image (segment > 0) and, with
+    `window_patches`, of the same window: (row // window_patches, column // window_patches)."""
+    mask = (segment_ids_bp[:, :, None] == segment_ids_bp[:, None, :]) & (segment_ids_bp[:, :, None] > 0)
+    if window_patches is None:
+        return mask
+    window = positions_bp2 // window_patches
+    return mask & jnp.all(window[:, :, None, :] == window[:, None, :, :], axis=-1)
 
 
 class VisionTower(nnx.Module):
@@ -130,10 +175,18 @@ class VisionTower(nnx.Module):
             raise ValueError(f"patch bucket {patches_bpc.shape[1]} is not a multiple of {v.merge_tokens}")
         x = self.patch_embed(patches_bpc)
         cos, sin = rope.vision_cos_sin(positions_bp2, v.head_dim, v.rope_theta)
-        mask = (segment_ids_bp[:, :, None] == segment_ids_bp[:, None, :]) & (segment_ids_bp[:, :, None] > 0)
+        image_mask = attention_mask(segment_ids_bp, positions_bp2)
+        if v.window_patches is None:
+            def body(block, x, _):
+                return block(x, cos, sin, image_mask), None
 
-        def body(block, x, _):
-            return block(x, cos, sin, mask), None
+            x, _ = scan_layers(self.blocks, x, None, body, self.config)
+            return self.merger(x)
+        window_mask = attention_mask(segment_ids_bp, positions_bp2, v.window_patches)
+        full = jnp.asarray(np.isin(np.arange(v.depth), v.fullatt_block_indexes))
 
-        x, _ = scan_layers(self.blocks, x, None, body, self.config)
+        def windowed_body(block, x, full_attention):
+            return block(x, cos, sin, jnp.where(full_attention, image_mask, window_mask)), None
+
+        x, _ = scan_layers(self.blocks, x, full, windowed_body, self.config)
         return self.merger(x)
