@@ -32,13 +32,16 @@ from vrft_jax.train_step import TrainBatch, TrainConfig, TrainState, make_train_
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(REPO, "tests", "recipe_cli.py")
 
-# Every recipe with every value of each of its arguments.
+# Every recipe with every value of each of its arguments, for the Qwen2-VL sizes; each other family's preset once
+# per recipe, with the recipe's default arguments (their programs differ from Qwen2-VL's by the model alone).
+QWEN2_VL = ("2b", "7b")
+OTHER_FAMILIES = tuple(model for model in _common.MODELS if model not in QWEN2_VL)
 ARGUMENTS = {
-    "lvis_fewshot": dict(model=_common.MODELS),
-    "coco_fewshot": dict(model=_common.MODELS, shots=_common.SHOTS),
-    "coco_ov_base65": dict(model=_common.MODELS, eval=coco_ov_base65.EVAL_SETS),
-    "cls_fewshot": dict(model=_common.MODELS, dataset=tuple(cls_fewshot.DATASETS), shots=_common.SHOTS),
-    "lisa_grounding": dict(model=_common.MODELS, eval=lisa_grounding.EVAL_SETS),
+    "lvis_fewshot": dict(model=QWEN2_VL),
+    "coco_fewshot": dict(model=QWEN2_VL, shots=_common.SHOTS),
+    "coco_ov_base65": dict(model=QWEN2_VL, eval=coco_ov_base65.EVAL_SETS),
+    "cls_fewshot": dict(model=QWEN2_VL, dataset=tuple(cls_fewshot.DATASETS), shots=_common.SHOTS),
+    "lisa_grounding": dict(model=QWEN2_VL, eval=lisa_grounding.EVAL_SETS),
     "demo": {},
 }
 REPRODUCTIONS = {"lvis_fewshot": ("detection", 200), "coco_fewshot": ("detection", 200),
@@ -55,7 +58,13 @@ def _specs(name):
         yield f"{name}:{arg}" if arg else name
 
 
-SPECS = [spec for name in ARGUMENTS for spec in _specs(name)]
+SPECS = [spec for name in ARGUMENTS for spec in _specs(name)] + [
+    f"{name}:model={model}" for name, grid in ARGUMENTS.items() if "model" in grid for model in OTHER_FAMILIES]
+
+
+def _model(spec: str) -> str:
+    """The spec's `model` argument (the recipes' default: 2b)."""
+    return next((part.split("=")[1] for part in spec.partition(":")[2].split(",") if part.startswith("model=")), "2b")
 
 
 def _build(spec, overrides=None):
@@ -86,14 +95,16 @@ def test_every_recipe_builds_every_setting(spec):
         return
     assert not config.export_hf
     task, steps = REPRODUCTIONS[spec.split(":")[0]]
-    model = "7b" if "model=7b" in spec else "2b"
-    assert settings.model == getattr(Qwen2VLConfig, f"qwen2_vl_{model}")(
+    model = _common.MODEL_SETTINGS[_model(spec)]
+    assert settings.model == getattr(Qwen2VLConfig, model["preset"])(
         param_dtype=jnp.float32, dtype=jnp.bfloat16, remat="block")
-    assert config.model.hub_id == f"Qwen/Qwen2-VL-{model.upper()}-Instruct"
-    assert config.slice == {"2b": "v5e-8", "7b": "v5p-8"}[model]
+    assert config.model.hub_id == model["hub_id"] and config.slice == model["slice"]
     assert {r.name for r, _ in settings.reward_fn.terms} == TASK_REWARDS[task]
     assert all(r.mode == "paper" and weight == 1.0 for r, weight in settings.reward_fn.terms)
-    assert config.rewards.frame == "qwen2_vl" and config.total_steps == steps
+    # boxes in the family's frame (Qwen2.5-VL: pixels), the records' answers in Visual-RFT's grid
+    assert config.rewards.frame is None and recipe.box_frame(config) == settings.model.family
+    assert settings.data.box_frame == settings.model.family and config.rewards.solution_frame == "rel1000"
+    assert config.total_steps == steps
 
 
 @pytest.mark.parametrize("spec", [spec for spec in SPECS if not spec.startswith("demo")])
@@ -107,7 +118,7 @@ def test_reproduction_recipes_have_visual_rfts_hyperparameters(spec):
     assert (optimizer.adam_b1, optimizer.adam_b2, optimizer.adam_eps, optimizer.weight_decay) == (0.9, 0.999, 1e-8, 0.0)
     assert optimizer.max_grad_norm == 1.0 and s.train.num_iterations == 1
     assert config.prompts_per_step == 16
-    assert s.sampling.group_size == (4 if "model=7b" in spec else 8)
+    assert s.sampling.group_size == _common.MODEL_SETTINGS[_model(spec)]["group_size"]
     assert (s.sampling.max_new_tokens, s.sampling.top_k, s.sampling.top_p) == (256, 50, 1.0)
     assert s.sampling.temperature == s.train.scoring.temperature == 1.0 and not s.sampling.greedy
     # evaluation: greedy, one answer, Qwen2-VL's shipped repetition penalty, Visual-RFT's evaluation lengths

@@ -131,3 +131,20 @@ def test_a_target_over_the_limit_is_named_before_the_first_step(datasets, tmp_pa
                                          r"\(id 'long_answer'\) 6\d\d tokens; raise sft.max_target_len"):
         run.train(c, str(tmp_path / "over"))
     assert not os.path.exists(os.path.join(tmp_path, "over", "metrics.jsonl"))
+
+
+def test_qwen2_5_vl_is_taught_its_answers_in_pixels_and_their_bucket_holds_the_longest_image():
+    """A Qwen2.5-VL SFT target is the stored grid answer rewritten in pixels of the image the model sees; the bucket
+    is measured with the boxes of the largest image the pixel budget allows (4-digit sides), never too short."""
+    stored = prompts.detection_solution([[100, 200, 500, 800], [0, 0, 1000, 1000]])
+    [target] = sft.targets([stored], "qwen2_5_vl", "rel1000", [(280, 560)])
+    assert "'Position': [56, 56, 280, 224]" in target and "'Position': [0, 0, 560, 280]" in target
+    assert sft.targets([stored], "qwen2_vl", "rel1000", [(280, 560)]) == [stored]
+    side = sft.largest_side(401408)
+    assert 1000 <= side < 10000  # a pixel coordinate has at most as many digits as the bound's
+    tokenizer = load_tokenizer()
+    source = [{"solution": stored, "id": "a"}]
+    grid = sft.target_bucket(tokenizer, source, 1024)
+    pixels = sft.target_bucket(tokenizer, source, 1024, frame="qwen2_5_vl", stored="rel1000", max_pixels=401408)
+    longest = int(sft.target_lengths(tokenizer, sft.targets([stored], "qwen2_5_vl", "rel1000", [(side, side)]))[0])
+    assert pixels >= longest >= int(sft.target_lengths(tokenizer, [target])[0]) and grid <= pixels

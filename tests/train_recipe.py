@@ -11,11 +11,16 @@ recipe (a child `python -m vrft_jax.train` too); the guard lets the file be load
 
 The data paths are relative, like the demo's: tests override `data.path` and `eval.path` to their
 tmp_path, where `run.make_synthetic_data` writes the 16 training and 8 held-out images.
+
+Its argument `family=qwen2_5_vl` swaps in the same tiny model of that family (Qwen2.5-VL: the windowed
+RMSNorm/SwiGLU vision tower, 56-pixel windows over 112 x 112 images, so each image spans four), and
+`task=detection` trains on synthetic detection records with Visual-RFT's IoU and format rewards, in the
+family's box frame.
 """
 
 import numpy as np
 
-from vrft_jax.configs import demo
+from vrft_jax.configs import _common, demo
 from vrft_jax.rewards import Reward, available_rewards, register
 
 LENGTH_REWARD = "test_completion_length"
@@ -60,8 +65,12 @@ def shrink(c):
     return c
 
 
+ARGS = {"family": ("qwen2_vl", ("qwen2_vl", "qwen2_5_vl")), "task": ("classification", ("classification", "detection"))}
+
+
 def get_config(arg=None):
-    c = shrink(demo.get_config(arg))
+    arg = _common.parse_arg(arg, **ARGS)
+    c = shrink(demo.get_config())
     c.name = "test_train"
     c.total_steps = 6
     c.log_every = 1
@@ -91,4 +100,15 @@ def get_config(arg=None):
     c.sft.max_target_len = 8
     c.rewards.mode = "strict"
     c.rewards.terms = {LENGTH_REWARD: 1.0}
+    if arg.family == "qwen2_5_vl":
+        c.model.family = "qwen2_5_vl"
+        c.model.vision = dict(depth=2, embed_dim=32, num_heads=2, out_dim=32, intermediate_size=48, window_size=56,
+                              fullatt_block_indexes=(1,))
+        c.data.max_pixels = 112 * 112
+    if arg.task == "detection":
+        c.source.prepare = "synthetic --task detection --num-images 16 --seed 0"
+        c.eval.prepare = "synthetic --task detection --num-images 8 --seed 1 --split test"
+        c.rewards.mode = "paper"
+        c.rewards.terms = {"detection_iou": 1.0, "format": 1.0}
+        c.data.max_prompt_len = 256
     return c

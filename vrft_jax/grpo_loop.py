@@ -57,6 +57,8 @@ class RunContext:
                      state's parameters into it (`sampling.sampler_graphdef`, `sampling.make_sampler_cast`)
     mesh:            None on one device
     reward_columns:  batch meta columns passed to the rewards (e.g. image_hw)
+    box_frame, solution_frame: the frame the model writes boxes in, and the one the records' answers are
+                     stored in (`vrft_jax.rewards.frames` names); SFT writes its targets in the first
     """
 
     graphdef: Any
@@ -71,6 +73,8 @@ class RunContext:
     sampler_cast: Callable[[nnx.State], nnx.State]
     mesh: Any = None
     reward_columns: tuple[str, ...] = ("image_hw",)
+    box_frame: str = "rel1000"
+    solution_frame: str = "rel1000"
 
     def __post_init__(self):
         scorer = self.train.scoring.temperature

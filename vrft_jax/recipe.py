@@ -58,6 +58,7 @@ from vrft_jax.metrics import METRIC_NAMES
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig, TextConfig, VisionConfig
 from vrft_jax.optimizer import OptimizerConfig
 from vrft_jax.rewards import RewardSpec, WeightedReward, combine, reward_options
+from vrft_jax.rewards.frames import frame_of
 from vrft_jax.sampling import SamplingConfig
 from vrft_jax.scoring import ScoringConfig
 from vrft_jax.train_step import TrainConfig
@@ -65,7 +66,8 @@ from vrft_jax.train_step import TrainConfig
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEFAULT_RECIPE = "demo"
 MODES = ("grpo", "sft")
-PRESETS = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_vl_72b", "custom")
+PRESETS = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_vl_72b", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_32b",
+           "qwen2_5_vl_72b", "custom")
 
 # A recipe's top-level fields. The blocks that are a dataclass's (data, sampling, grpo, train) are checked by
 # its `from_dict`; the others by BLOCK_KEYS.
@@ -76,12 +78,12 @@ TOP_LEVEL_KEYS = frozenset({
 OPTIONAL_KEYS = frozenset({"categories"})
 BLOCK_KEYS = {
     "model": frozenset({"preset", "checkpoint", "hub_id", "precision", "param_dtype", "dtype", "remat", "text",
-                        "vision", "tie_word_embeddings"}),
+                        "vision", "tie_word_embeddings", "family"}),
     "source": frozenset({"download", "prepare"}),
     "eval": frozenset({"path", "split", "prepare", "download", "type", "gt", "protocol", "parse", "max_new_tokens",
                        "repetition_penalty", "min_pixels", "max_pixels", "max_prompt_len", "patch_bucket",
                        "problem_prefix", "system_prompt", "batch_size", "categories"}),
-    "rewards": frozenset({"mode", "frame", "terms"}),
+    "rewards": frozenset({"mode", "frame", "solution_frame", "terms"}),
     "mesh": frozenset({"data", "fsdp", "tensor"}),
     "warm_start": frozenset({"sft_steps", "learning_rate"}),
     "sft": frozenset({"learning_rate", "warmup_steps", "weight_decay", "samples_per_step", "micro_batches",
@@ -487,8 +489,11 @@ def model_config(config: ml_collections.ConfigDict) -> Qwen2VLConfig:
         if part not in block:
             raise ValueError(f"model.preset='custom' needs a model.{part} block ({cls.__name__}'s fields)")
         _reject_unknown(f"model.{part}", block[part].keys(), {f.name for f in dataclasses.fields(cls)})
-    return Qwen2VLConfig(text=TextConfig(**block.text.to_dict()), vision=VisionConfig(**block.vision.to_dict()),
-                         tie_word_embeddings=block.get("tie_word_embeddings", False), **runtime)
+    vision = block.vision.to_dict()
+    vision["fullatt_block_indexes"] = tuple(vision.get("fullatt_block_indexes", ()))
+    return Qwen2VLConfig(text=TextConfig(**block.text.to_dict()), vision=VisionConfig(**vision),
+                         tie_word_embeddings=block.get("tie_word_embeddings", False),
+                         family=block.get("family", "qwen2_vl"), **runtime)
 
 
 # The recipe's flat `train` block, split into the leaf configs TrainConfig composes: {recipe key: (leaf, field)}.
@@ -540,7 +545,7 @@ def eval_settings(config: ml_collections.ConfigDict) -> EvaluationSettings:
     block = config.eval
     categories = config.get("categories", ()) if block.categories is None else block.categories
     return EvaluationSettings(type=block.type, gt=block.gt, protocol=block.protocol, parse=block.parse,
-                              categories=tuple(categories), frame=config.rewards.frame)
+                              categories=tuple(categories), frame=box_frame(config))
 
 
 def evaluator(config: ml_collections.ConfigDict, settings: Settings, *, tokenizer, sampler_graphdef,
@@ -558,7 +563,7 @@ def data_config(config: ml_collections.ConfigDict, process_count: int | None = N
     if "batch_size" in config.data:
         raise KeyError("data.batch_size is set by prompts_per_step (global prompts per step), not in the data block")
     batch_size = _per_process(config.prompts_per_step, "prompts_per_step", process_count)
-    return DataConfig.from_dict({**config.data.to_dict(), "batch_size": batch_size})
+    return DataConfig.from_dict({**config.data.to_dict(), "batch_size": batch_size, "box_frame": box_frame(config)})
 
 
 def _per_process(global_batch: int, key: str, process_count: int | None) -> int:
@@ -592,11 +597,19 @@ def eval_data_config(config: ml_collections.ConfigDict, process_count: int | Non
                                                       drop_remainder=False, shuffle=False, **changes)
 
 
+def box_frame(config: ml_collections.ConfigDict) -> str:
+    """The frame the model writes boxes in: `rewards.frame`, or (None) the model family's."""
+    frame = config.rewards.frame or model_config(config).family
+    frame_of(frame)  # an unknown name is a ValueError naming the known ones
+    return frame
+
+
 def reward_fn(config: ml_collections.ConfigDict) -> WeightedReward:
     """`rewards.combine` of `rewards.terms` ({name: weight}) in `rewards.mode`; every reward that reads
-    boxes gets the recipe's `rewards.frame`."""
+    boxes gets the model's frame (`box_frame`) and the records' (`rewards.solution_frame`)."""
     block = config.rewards
-    specs = [RewardSpec(name, weight, {"frame": block.frame} if "frame" in reward_options(name) else {})
+    frames = {"frame": box_frame(config), "solution_frame": block.solution_frame}
+    specs = [RewardSpec(name, weight, {k: v for k, v in frames.items() if k in reward_options(name)})
              for name, weight in block.terms.items()]
     return combine(specs, mode=block.mode)
 

@@ -47,7 +47,7 @@ from vrft_jax.metrics import MetricWriter, every, named, read_metrics
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, random_init, with_config
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
 from vrft_jax.progress import Reporter, Timer
-from vrft_jax.rewards.frames import Frame, frame_of
+from vrft_jax.rewards.frames import frame_of
 from vrft_jax.scoring import make_score_fn
 from vrft_jax.train_step import check_nonfinite, init_state, make_train_step, reference_weights
 
@@ -254,7 +254,7 @@ def write_report(config, workdir: str, heldout: HeldOut | None) -> str | None:
     warm = config.mode == "grpo" and config.warm_start.sft_steps > 0
     before_label = (f"before GRPO (after the {config.warm_start.sft_steps}-step SFT warm start)" if warm
                     else "before training")
-    frame = "rel1000" if frame_of(config.rewards.frame) is Frame.REL1000 else "pixels"
+    frame = frame_of(recipe.box_frame(config)).value
     return report.write_report(workdir, history=history, title=f"{config.name}: {config.mode} report", frame=frame,
                                before_label=before_label, after_label=f"after step {config.total_steps}",
                                context=report_context(config, workdir, history), **evaluated)
@@ -313,7 +313,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                             mesh=mesh),
         reference=reference, sampler_graphdef=sampling.sampler_graphdef(settings.model, settings.sampler_dtype),
         sampler_cast=sampling.make_sampler_cast(state.params, settings.sampler_dtype, mesh, settings.sampling.layout),
-        mesh=mesh)
+        mesh=mesh, box_frame=recipe.box_frame(config), solution_frame=config.rewards.solution_frame)
 
     target_len = distributed.agreed(sft_target_bucket, config, settings, tokenizer) if sft_mode else None
     data = make_iterator(settings.data, settings.model, mesh=mesh, tokenizer=tokenizer, checkpoint_dir=source_dir)
@@ -400,7 +400,8 @@ def next_batch(data, config):
 def sft_target_bucket(config: ml_collections.ConfigDict, settings: recipe.Settings, tokenizer) -> int:
     """The SFT run's target length: every training record's solution + EOS measured (`sft.target_bucket`)."""
     source, name = open_source(settings.data)
-    return sft.target_bucket(tokenizer, source, config.sft.max_target_len, name)
+    return sft.target_bucket(tokenizer, source, config.sft.max_target_len, name, frame=recipe.box_frame(config),
+                             stored=config.rewards.solution_frame, max_pixels=settings.data.max_pixels)
 
 
 def one_step(context: grpo_loop.RunContext, state, data, writer: MetricWriter, config, key, step: int,

@@ -16,6 +16,7 @@ the first step (`target_bucket`), as the prompt buckets are: a record whose targ
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -29,6 +30,7 @@ from vrft_jax.data.buckets import MULTIPLE
 from vrft_jax.data.storage import field_text
 from vrft_jax.grpo_loop import Outcome, RunContext, place
 from vrft_jax.progress import Timer
+from vrft_jax.rewards.frames import answer_in_frame, frame_of
 from vrft_jax.train_step import TrainBatch, TrainState
 
 
@@ -63,18 +65,38 @@ def target_lengths(tokenizer, solutions: Sequence[str]) -> np.ndarray:
     return np.asarray([len(ids) + 1 for ids in encoded], np.int64)
 
 
-def target_bucket(tokenizer, source, limit: int, name: str = "data") -> int:
+def targets(solutions: Sequence[str], frame: str, stored: str, image_hw) -> list[str]:
+    """The answers a model writing boxes in `frame` is taught: each stored solution (boxes in `stored`) with its
+    boxes rewritten for the image the model sees at image_hw[row] = (height, width) (`frames.answer_in_frame`)."""
+    if frame_of(frame) is frame_of(stored):
+        return list(solutions)
+    return [answer_in_frame(text, stored, frame, hw) for text, hw in zip(solutions, np.asarray(image_hw))]
+
+
+def largest_side(max_pixels: int) -> int:
+    """A bound on either side of a resized image within `max_pixels`: `smart_resize` refuses an aspect ratio
+    over 200, so a side is at most sqrt(200 * max_pixels)."""
+    return math.isqrt(200 * max_pixels) + 1
+
+
+def target_bucket(tokenizer, source, limit: int, name: str = "data", *, frame: str = "rel1000",
+                  stored: str = "rel1000", max_pixels: int = 401408) -> int:
     """The target bucket L of an SFT run over `source` (records with a `solution`): the smallest multiple of
     `MULTIPLE` that holds every record's solution and EOS, at most `limit`. Measured once, before the first
     batch, as `data.buckets` sizes the prompt buckets; a record over the limit is an error naming it (index,
     id, tokens), since a truncated answer would teach the model to stop mid-answer. An error whatever
-    `data.on_bad_record` says: the pipeline does not know the bucket, so it cannot skip such a record."""
+    `data.on_bad_record` says: the pipeline does not know the bucket, so it cannot skip such a record.
+
+    A target in another frame than the stored answers' (Qwen2.5-VL's pixels) is measured with its boxes written
+    for the largest image the pixel budget allows (`largest_side`): the longest its numbers can be."""
     if limit < 1:
         raise ValueError(f"sft.max_target_len={limit} must be >= 1")
     if len(source) == 0:
         raise ValueError(f"{name} has no records")
     start = time.perf_counter()
-    lengths = target_lengths(tokenizer, [str(field_text(source[index]["solution"])) for index in range(len(source))])
+    solutions = [str(field_text(source[index]["solution"])) for index in range(len(source))]
+    side = largest_side(max_pixels)
+    lengths = target_lengths(tokenizer, targets(solutions, frame, stored, [(side, side)] * len(solutions)))
     over = np.flatnonzero(lengths > limit)
     if over.size:
         named = ", ".join(f"record {i} (id {str(field_text(source[int(i)].get('id', '?')))!r}) {lengths[i]} tokens"
@@ -127,7 +149,9 @@ def iteration(context: RunContext, state: TrainState, batch, timer: Timer, *, le
     a run) stops every process, naming the row, before any enters the update."""
     with timer.timed("update"):
         train_batch = distributed.agreed(
-            sft_batch, batch.model_inputs, batch.solution, context.tokenizer, length=length,
+            sft_batch, batch.model_inputs,
+            targets(batch.solution, context.box_frame, context.solution_frame, batch.meta["image_hw"]),
+            context.tokenizer, length=length,
             eos_id=context.sampling.eos_token_ids[0], pad_id=context.sampling.pad_token_id,
             valid=batch.meta.get("valid"), mesh=context.mesh)
         state, metrics = context.step(state, place(context, train_batch), log)

@@ -48,3 +48,36 @@ def test_extent_and_image_size():
 def test_size_from_grid_thw():
     # A 476 x 644 resized image is a 34 x 46 grid of 14-pixel patches.
     assert size_from_grid_thw((1, 34, 46)) == (476, 644)
+
+
+# A stored answer on Visual-RFT's grid, and the same boxes in pixels of a 280 x 560 (height x width) seen image.
+STORED = "<answer>[{'Position': [100, 200, 500, 800], 'Confidence': 1}, {'Position': [0, 0, 1000, 1000], " \
+         "'Confidence': 1}]</answer>"
+IN_PIXELS = "<answer>[{'Position': [56, 56, 280, 224], 'Confidence': 1}, {'Position': [0, 0, 560, 280], " \
+            "'Confidence': 1}]</answer>"
+SEEN_HW = (280, 560)
+
+
+def test_an_answer_is_rewritten_box_by_box_in_the_models_frame():
+    from vrft_jax.rewards.frames import answer_in_frame
+
+    assert answer_in_frame(STORED, "rel1000", "qwen2_5_vl", SEEN_HW) == IN_PIXELS
+    assert answer_in_frame(IN_PIXELS, "pixels", "rel1000", SEEN_HW) == STORED
+    assert answer_in_frame(STORED, "rel1000", "qwen2_vl", None) == STORED  # same frame: untouched
+    # LISA's corners, rounded half up and kept inside the image; text around them is kept
+    assert answer_in_frame("<answer> (1,999),(1000,1001) </answer>", "rel1000", "pixels", (100, 300)) == \
+        "<answer> (0,100),(300,100) </answer>"
+    assert answer_in_frame("<answer>cat</answer>", "rel1000", "pixels", SEEN_HW) == "<answer>cat</answer>"
+
+
+@pytest.mark.parametrize("model,exact", [("2b", STORED), ("qwen2_5_vl_7b", IN_PIXELS)])
+def test_an_exactly_right_box_gets_iou_reward_1_in_each_familys_frame(model, exact):
+    """The recipe's rewards for `model` (its family's frame, the records' stored grid): the exactly right answer in
+    the model's frame scores IoU 1; the same numbers in the other family's frame do not."""
+    from vrft_jax import recipe
+
+    reward = recipe.reward_fn(recipe.load(f"lvis_fewshot:model={model}"))
+    wrong = IN_PIXELS if exact is STORED else STORED
+    scores = reward([exact, wrong], [STORED, STORED], image_hw=[SEEN_HW, SEEN_HW]).per_reward
+    assert scores["detection_iou"][0] == 1.0 and scores["detection_iou"][1] < 0.5
+    assert scores["detection_confidence"][0] == 1.0

@@ -105,3 +105,17 @@ def test_paper_mode_equals_the_original(pairs):
     contents, sols = zip(*pairs)
     got = get_reward("grounding_giou", "paper")(contents, sols)
     np.testing.assert_array_equal(got, [_oracle_f32(oracle.grounding(c, s)) for c, s in pairs])
+
+
+def test_paper_mode_reads_a_stored_grid_answer_in_the_pixels_frame():
+    """Qwen2.5-VL's frame over records on Visual-RFT's grid: the paper's raw-number comparison is made on the answer
+    rewritten in pixels of the seen image, so the exactly right pixel answer gets the paper's 2 (exact text)."""
+    from vrft_jax.data.prompts import grounding_solution
+    from vrft_jax.rewards import get_reward
+
+    reward = get_reward("grounding_giou", "paper", frame="qwen2_5_vl", solution_frame="rel1000")
+    assert reward.columns == ("image_hw",)
+    solution = grounding_solution([100, 200, 500, 800])
+    scores = reward.score(["<answer> (56,56),(280,224) </answer>", "<answer> (100,200),(500,800) </answer>"],
+                          [solution, solution], {"image_hw": [(280, 560), (280, 560)]})
+    assert scores[0] == 2.0 and scores[1] < 1.0

@@ -25,7 +25,7 @@ import types
 import ml_collections
 from ml_collections import config_dict
 
-MODELS = ("2b", "7b")
+MODELS = ("2b", "7b", "qwen2_5_vl_3b", "qwen2_5_vl_7b")
 SHOTS = (1, 2, 4, 8, 16)
 
 # Values that several blocks read, each set once at the top level: every path listed under a name is a
@@ -46,6 +46,9 @@ MODEL_SETTINGS = {
     # 7B fits a v5p-8 (`python -m vrft_jax.aot`). On a v4-16 or v5e-16 it fits only with
     # --config.train.sampler_layout=sharded, the v5e-16 under 10% headroom: the README's fit table.
     "7b": dict(preset="qwen2_vl_7b", group_size=4, hub_id="Qwen/Qwen2-VL-7B-Instruct", slice="v5p-8"),
+    # Qwen2.5-VL (boxes in pixels of the resized image): the group sizes of the Qwen2-VL size it replaces.
+    "qwen2_5_vl_3b": dict(preset="qwen2_5_vl_3b", group_size=8, hub_id="Qwen/Qwen2.5-VL-3B-Instruct", slice="v5e-8"),
+    "qwen2_5_vl_7b": dict(preset="qwen2_5_vl_7b", group_size=4, hub_id="Qwen/Qwen2.5-VL-7B-Instruct", slice="v5p-8"),
 }
 
 
@@ -89,7 +92,7 @@ def _convert(name: str, text: str, kind: type):
 
 
 def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
-    """A whole recipe with Visual-RFT's settings (visual-rft.md §6) for `model` ("2b" or "7b"), every
+    """A whole recipe with Visual-RFT's settings (visual-rft.md §6) for `model` (a key of MODEL_SETTINGS), every
     dataclass field present so that any can be overridden. A recipe then sets its data, rewards and
     length."""
     settings = MODEL_SETTINGS[model]
@@ -223,7 +226,10 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
     # warmup_steps unless set itself (which leaves them alone).
     c.train.decay_steps = c.get_oneway_ref("total_steps") - c.train.get_ref("warmup_steps")
 
-    c.rewards = dict(mode="paper", frame="qwen2_vl", terms={})
+    # frame: the frame the model writes boxes in (None: its family's, `vrft_jax.rewards.frames`: Qwen2-VL's 0..1000
+    # grid, Qwen2.5-VL's pixels of the resized image), which prompts, rewards, SFT targets and evaluation follow;
+    # solution_frame: the one the records' answers are stored in (`prepare` writes Visual-RFT's 0..1000 grid).
+    c.rewards = dict(mode="paper", frame=config_dict.placeholder(str), solution_frame="rel1000", terms={})
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.warm_start = dict(sft_steps=0, learning_rate=1e-5)  # SFT before GRPO (the demo's); 0 = none
 

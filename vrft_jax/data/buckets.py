@@ -66,7 +66,8 @@ def measure(config: DataConfig, model_config: Qwen2VLConfig, tokenizer, source, 
     encoder = ExampleEncoder(tokenizer, model_config, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
                              max_prompt_len=config.max_prompt_len,
                              patch_bucket=resolve_patch_bucket(config, model_config), on_bad_record="skip",
-                             source=name, system_prompt=config.system_prompt, problem_prefix=config.problem_prefix)
+                             source=name, system_prompt=config.system_prompt, problem_prefix=config.problem_prefix,
+                             box_frame=config.box_frame)
     tokens, patches, unmeasured = [], [], 0
     for index in tqdm(range(len(source)), desc=f"sizing buckets of {name}", unit="record", leave=False,
                       disable=None):

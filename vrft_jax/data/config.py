@@ -51,6 +51,8 @@ class DataConfig:
       system_prompt:   None for Visual-RFT training (the template adds "You are a helpful assistant.")
       problem_prefix:  text put before each problem; "<image>\n" reproduces Visual-RFT's evaluation
                        prompts (its eval scripts send '<image>\n' + question), "" its training prompts
+      box_frame:       the frame detection prompts ask boxes in (`vrft_jax.rewards.frames` names); None = the
+                       model family's (Qwen2-VL's 0..1000 grid, Qwen2.5-VL's pixels of the resized image)
     """
 
     path: str = ""
@@ -74,6 +76,7 @@ class DataConfig:
     tokenizer_path: str | None = None
     system_prompt: str | None = None
     problem_prefix: str = ""
+    box_frame: str | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

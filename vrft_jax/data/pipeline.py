@@ -122,7 +122,7 @@ def build_dataset(config: DataConfig, model_config: Qwen2VLConfig, *, tokenizer=
         tokenizer, model_config, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
         max_prompt_len=config.max_prompt_len, patch_bucket=resolve_patch_bucket(config, model_config),
         on_bad_record=config.on_bad_record, source=name, system_prompt=config.system_prompt,
-        problem_prefix=config.problem_prefix)
+        problem_prefix=config.problem_prefix, box_frame=config.box_frame)
     ds = grain.MapDataset.source(source).map_with_index(_with_index)  # before the shuffle: the stored index
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)

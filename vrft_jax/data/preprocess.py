@@ -16,9 +16,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vrft_jax.data import image as image_lib
+from vrft_jax.data import prompts
 from vrft_jax.data import records as rec
 from vrft_jax.models.qwen2_vl import rope
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
+from vrft_jax.rewards.frames import frame_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +75,13 @@ class ExampleEncoder:
       source: names the data in error messages.
       system_prompt: None for Visual-RFT training (the chat template adds "You are a helpful assistant.").
       problem_prefix: put before every problem (Visual-RFT's evaluation uses "<image>\n").
+      box_frame: the frame a detection problem asks boxes in (`prompts.in_frame`); None = the model family's.
     """
 
     def __init__(self, tokenizer, model_config: Qwen2VLConfig, *, min_pixels: int, max_pixels: int, max_prompt_len: int,
                  patch_bucket: int, on_bad_record: str = "error", source: str = "data",
-                 system_prompt: str | None = None, problem_prefix: str = "", chat_template: str | None = None):
+                 system_prompt: str | None = None, problem_prefix: str = "", chat_template: str | None = None,
+                 box_frame: str | None = None):
         self.tokenizer = tokenizer
         self.geometry = image_lib.ImageGeometry.from_vision(model_config.vision, min_pixels=min_pixels,
                                                             max_pixels=max_pixels)
@@ -90,6 +94,7 @@ class ExampleEncoder:
         self.max_prompt_len, self.patch_bucket = int(max_prompt_len), int(patch_bucket)
         self.on_bad_record = rec.check_policy(on_bad_record)
         self.source, self.system_prompt, self.problem_prefix = source, system_prompt, problem_prefix
+        self.box_frame = frame_of(box_frame or model_config.family)
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or _default_chat_template()
 
     def __call__(self, item: tuple[int, Mapping[str, Any]] | rec.Padding) -> Example | rec.Rejected | rec.Padding:
@@ -129,7 +134,7 @@ class ExampleEncoder:
         error = rec.record_error(record)
         if error:
             raise _Bad(*error)
-        problem = self.problem_prefix + rec.text_field(record, "problem")
+        problem = self.problem_prefix + prompts.in_frame(rec.text_field(record, "problem"), self.box_frame)
         ids = self.prompt_ids(problem)
         slots = [k for k, t in enumerate(ids) if t == self.image_token_id]
         if len(slots) != 1:  # the problem text itself spelled out an <|image_pad|>

@@ -3,13 +3,17 @@
 The detection and aircraft prompts are byte-for-byte those of the published ViRFT datasets and
 evaluation scripts, typos included ("tags.The", "grouding", the stray ")" of the LISA template).
 Answers use Qwen2-VL's box frame: integers on a 0..1000 grid relative to the image
-(`x / W * 1000`, `y / H * 1000`).
+(`x / W * 1000`, `y / H * 1000`), which Qwen3-VL uses as well. Qwen2.5-VL writes absolute pixels of the
+image as it sees it (after `smart_resize`): `in_frame` asks for those instead (and
+`vrft_jax.rewards.frames.answer_in_frame` writes a stored answer's boxes in them).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+from vrft_jax.rewards.frames import Frame, frame_of
 
 REL_SCALE = 1000  # side of Qwen2-VL's relative box grid
 
@@ -18,10 +22,15 @@ _ANSWER_SUFFIX = (
     "The output answer format should be as follows:\n"
 )
 
+# What the detection prompt says of the boxes, per frame; the 0..1000 phrase is Visual-RFT's, byte for byte.
+_BOX_RANGE = {
+    Frame.REL1000: "(between 0 and 1000, integer)",
+    Frame.PIXELS: "(absolute pixel coordinates in the image, integer)",
+}
 # Not str.format templates: the answer format itself contains braces.
 _DETECTION_HEAD = (
     "Detect all objects belonging to the category '{category}' in the image, and provide the bounding boxes "
-    "(between 0 and 1000, integer) and confidence (between 0 and 1, with two decimal places).\n"
+    + _BOX_RANGE[Frame.REL1000] + " and confidence (between 0 and 1, with two decimal places).\n"
     "If no object belonging to the category '{category}' in the image, return 'No Objects'.\n"
 )
 _DETECTION_TAIL = (
@@ -110,6 +119,12 @@ def detection_solution(boxes_rel1000: Sequence[Sequence[int]]) -> str:
     items = ", ".join(f"{{'Position': [{', '.join(str(int(v)) for v in box)}], 'Confidence': 1}}"
                       for box in boxes_rel1000)
     return f"<answer>[{items}]</answer>"
+
+
+def in_frame(problem: str, frame: str | Frame) -> str:
+    """The problem asking for boxes in `frame`: a detection prompt's 0..1000 phrase becomes the frame's; any
+    other problem (classification, LISA's, which names no range) is returned as it is."""
+    return problem.replace(_BOX_RANGE[Frame.REL1000], _BOX_RANGE[frame_of(frame)])
 
 
 def classification_solution(class_name: str) -> str:

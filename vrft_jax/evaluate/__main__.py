@@ -30,7 +30,7 @@ from vrft_jax.data import storage
 from vrft_jax.evaluate import evaluators, report, score
 from vrft_jax.metrics import METRICS_FILE, read_metrics
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
-from vrft_jax.rewards.frames import Frame, frame_of
+from vrft_jax.rewards.frames import frame_of
 
 
 def evaluate_checkpoint(config, checkpoint: str, workdir: str) -> dict:
@@ -55,7 +55,7 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str) -> dict:
     evaluator = recipe.evaluator(config, settings, tokenizer=tokenizer, sampler_graphdef=graphdef, mesh=mesh)
     result = evaluator.run(params)
     distributed.on_primary(evaluators.save, result, os.path.join(workdir, "eval"), 0)
-    frame = "rel1000" if frame_of(config.rewards.frame) is Frame.REL1000 else "pixels"
+    frame = frame_of(recipe.box_frame(config)).value
     # a run's model/: its training curves go in the report too
     run_dir = checkpoint.rstrip("/").rsplit("/", 1)[0] if "/" in checkpoint.rstrip("/") else "."
     history = read_metrics(run_dir) if files.exists(files.join(run_dir, METRICS_FILE)) else ()

@@ -12,6 +12,8 @@ Conventions: a box is `(x1, y1, x2, y2)`; arrays of boxes are float64[..., 4]; a
 from __future__ import annotations
 
 import enum
+import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -102,3 +104,40 @@ def size_from_grid_thw(grid_thw: Sequence[int], patch_size: int = 14) -> tuple[i
     """
     _, grid_h, grid_w = (int(v) for v in grid_thw)
     return grid_h * patch_size, grid_w * patch_size
+
+
+# A stored answer's boxes: detection's `'Position': [x1, y1, x2, y2]` and LISA's `(x1,y1),(x2,y2)`.
+_POSITION = re.compile(r"('Position':\s*\[)([^\]]*)(\])")
+_CORNERS = re.compile(r"\(\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)\s*,\s*\(\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)")
+
+
+def answer_in_frame(answer: str, src: str | Frame, dst: str | Frame, image_hw: Sequence[float] | None) -> str:
+    """An answer text with every box written in frame `src` rewritten in frame `dst` for an image of size
+    `image_hw` = (height, width): integers rounded half up and kept within the frame. Detection's
+    `'Position': [...]` and LISA's `(x1,y1),(x2,y2)` are rewritten; other text is left as it is. This is how a
+    record's stored answer (`prepare` writes Visual-RFT's 0..1000 grid) becomes what a Qwen2.5-VL model writes.
+    """
+    src, dst = frame_of(src), frame_of(dst)
+    if src is dst:
+        return answer
+    if image_hw is None:
+        raise ValueError(f"rewriting an answer's boxes from {src.value} to {dst.value} needs image_hw")
+    height, width = image_hw_of(image_hw, 0)
+    extent_x, extent_y = frame_extent(dst, (height, width))
+
+    def converted(values: Sequence[str]) -> list[int]:
+        box = convert_boxes([float(v) for v in values], src, dst, (height, width))
+        return [min(int(limit), max(0, math.floor(v + 0.5)))
+                for v, limit in zip(box, (extent_x, extent_y, extent_x, extent_y))]
+
+    def position(match: re.Match) -> str:
+        values = [v for v in match.group(2).split(",") if v.strip()]
+        if len(values) != 4:
+            return match.group(0)
+        return match.group(1) + ", ".join(map(str, converted(values))) + match.group(3)
+
+    def corners(match: re.Match) -> str:
+        x1, y1, x2, y2 = converted(match.groups())
+        return f"({x1},{y1}),({x2},{y2})"
+
+    return _CORNERS.sub(corners, _POSITION.sub(position, answer))

@@ -37,7 +37,7 @@ import numpy as np
 
 from vrft_jax.rewards import parse
 from vrft_jax.rewards.boxes import pairwise_giou
-from vrft_jax.rewards.frames import Frame, convert_boxes, frame_extent, frame_of, image_hw_of
+from vrft_jax.rewards.frames import Frame, answer_in_frame, convert_boxes, frame_extent, frame_of, image_hw_of
 from vrft_jax.rewards.registry import Reward, register, strict_only
 
 DEFAULT_MAX_BOXES = 10
@@ -109,14 +109,21 @@ def grounding_giou(
     frame_value = frame_of(frame)
     solution_value = frame_value if solution_frame is None else frame_of(solution_frame)
     if mode == "paper":
-        if solution_value is not frame_value:
-            raise ValueError("grounding_giou: paper mode compares raw 0-1000 numbers; one frame only")
+        # The paper compares raw numbers: a stored answer in another frame is first written in the model's
+        # (`answer_in_frame`), so "the same answer" keeps its meaning (its exact-text bonus included).
+        convert = solution_value is not frame_value
 
         def score_paper(
             completions: list[str], solutions: list[str], columns: Mapping[str, Sequence[Any]]
         ) -> np.ndarray:
             out = np.zeros(len(completions))
+            image_hw = columns.get("image_hw")
+            if convert and image_hw is None:
+                raise ValueError(f"grounding_giou with frame {frame_value.value} and solution_frame "
+                                 f"{solution_value.value} needs the column image_hw: (height, width) per example")
             for i, (text, solution) in enumerate(zip(completions, solutions)):
+                if convert:
+                    solution = answer_in_frame(solution, solution_value, frame_value, image_hw_of(image_hw[i], i))
                 try:
                     truth, truth_pair = _paper_solution(solution)
                 except ValueError as error:
@@ -129,7 +136,7 @@ def grounding_giou(
                     out[i] = 2.0
             return out
 
-        return Reward("grounding_giou", mode, -np.inf, np.inf, (), score_paper)
+        return Reward("grounding_giou", mode, -np.inf, np.inf, ("image_hw",) if convert else (), score_paper)
 
     cap = DEFAULT_MAX_BOXES if max_boxes is None else int(max_boxes)
     if cap < 1:
