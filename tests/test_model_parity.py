@@ -9,7 +9,8 @@ import torch
 
 from hf_reference import TINY_CONFIGS, mixed_batch, random_hf_model
 from model_port.hf_to_flax import load_hf
-from vrft_jax.models.qwen2_vl import ModelInputs, forward_hf, get_rope_index
+from vrft_jax.models import forward_hf
+from vrft_jax.models.qwen2_vl import ModelInputs, get_rope_index
 from vrft_jax.sampling import greedy_generate
 
 pytestmark = pytest.mark.parity
