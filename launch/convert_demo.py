@@ -108,8 +108,8 @@ def demo(family: str, out: str, args) -> bool:
     processor = load_processor(min_pixels=56 * 56, max_pixels=224 * 224)
     image, box = scene()
     frame = frame_of(family)
-    messages = [{"role": "user", "content": [{"type": "image"},
-                                             {"type": "text", "text": in_frame(detection_problem("red square"), frame)}]}]
+    question = in_frame(detection_problem("red square"), frame)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     batch = processor(text=[text], images=[image], return_tensors="np")
     seen_hw = tuple(int(v) * 14 for v in batch["image_grid_thw"][0][1:])
