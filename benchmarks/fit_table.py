@@ -30,7 +30,8 @@ ROWS = {
     "7b-v5e-16-sharded": ("model=7b", "v5e-16", "sharded", "7B, v5e-16 (16 x 16 GiB)"),
     "7b-v5e-16-whole": ("model=7b", "v5e-16", "whole", "7B, v5e-16"),
     "7b-v5e-4": ("model=7b", "v5e-4", "whole", "7B, v5e-4 (4 x 16 GiB)"),
-    "qwen2_5_vl_3b-v5e-8": ("model=qwen2_5_vl_3b", "v5e-8", "whole", "Qwen2.5-VL 3B, v5e-8 (8 x 16 GiB), the default"),
+    "qwen2_5_vl_3b-v5e-8": ("model=qwen2_5_vl_3b", "v5e-8", "whole", "Qwen2.5-VL 3B, v5e-8 (8 x 16 GiB)"),
+    "qwen2_5_vl_3b-v5e-8-sharded": ("model=qwen2_5_vl_3b", "v5e-8", "sharded", "Qwen2.5-VL 3B, v5e-8"),
     "qwen2_5_vl_3b-v4-8": ("model=qwen2_5_vl_3b", "v4-8", "whole", "Qwen2.5-VL 3B, v4-8 (4 x 32 GiB)"),
     "qwen2_5_vl_7b-v5p-8": ("model=qwen2_5_vl_7b", "v5p-8", "whole", "Qwen2.5-VL 7B, v5p-8 (4 x 95 GiB), the default"),
     "qwen2_5_vl_7b-v4-16-sharded": ("model=qwen2_5_vl_7b", "v4-16", "sharded", "Qwen2.5-VL 7B, v4-16 (8 x 32 GiB)"),
@@ -44,7 +45,7 @@ def row(name: str) -> str:
     config.train.sampler_layout = layout
     result = aot.report(config, topology)
     mesh = ", ".join(f"{axis} {size}" for axis, size in result.mesh.items() if size > 1)
-    if "7b" in argument:  # the 7B rows name the sampler's layout, which decides whether they fit
+    if "7b" in argument or "3b" in argument:  # these rows name the sampler's layout, which decides whether they fit
         mesh += f", sampler {layout}"
     gib = aot.GIB
     failed = [p for p in result.programs.values() if p.error]

@@ -1,4 +1,4 @@
-"""Our Flax Qwen2-VL -> a Hugging Face directory that `Qwen2VLForConditionalGeneration.from_pretrained` loads.
+"""Our Flax model -> a Hugging Face directory that its family's `...ForConditionalGeneration.from_pretrained` loads.
 
     python -m model_port.flax_to_hf --ckpt DIR --out DIR [--max-shard-gb 2]
 
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from model_port.mapping import tensor_map
+from model_port.mapping import hub_name, tensor_map
 from model_port.safetensors_io import write_checkpoint
 from vrft_jax import cli, model_dir
 from vrft_jax.models.qwen2_vl.model import Qwen2VL
@@ -27,15 +27,17 @@ def save_hf(model: Qwen2VL, path: str, *, hf_config: dict | None = None,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Write `config.json` and the weights (in the parameter dtype) to `path`; returns the shard files."""
     entries = tensor_map(model.config)
+    family = model.config.family
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     dtype = model.config.param_dtype
-    plan = [(name, int(np.prod(e.hf_shape)) * dtype.itemsize) for e in entries for name in e.hf_names()]
+    plan = [(hub_name(name, family), int(np.prod(e.hf_shape)) * dtype.itemsize) for e in entries
+            for name in e.hf_names()]
 
     def tensors():
         for entry in entries:
             host = np.asarray(jax.device_get(flat[entry.path].get_raw_value()))
             for i, name in enumerate(entry.hf_names()):
-                yield name, entry.to_hf(host if entry.num_layers is None else host[i])
+                yield hub_name(name, family), entry.to_hf(host if entry.num_layers is None else host[i])
             del host
 
     os.makedirs(path, exist_ok=True)

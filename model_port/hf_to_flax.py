@@ -1,4 +1,5 @@
-"""Hugging Face Qwen2-VL checkpoint (safetensors, single or sharded) -> our Flax model.
+"""A Hugging Face Qwen-VL checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense; safetensors, single or sharded)
+-> our Flax model, the family read from its config.json.
 
     python -m model_port.hf_to_flax --hf DIR --out DIR [--dtype bfloat16]
 

@@ -63,33 +63,31 @@ def _linear(in_shape, out_shape, hf_shape=None):
 
 
 def tensor_map(config: Qwen2VLConfig) -> list[Entry]:
+    """Every tensor of `config`'s family, by its canonical name (`visual.*`, `model.*`; `hub_name` gives the one a
+    checkpoint of the family is written with)."""
     t, v = config.text, config.vision
     D, N, K, H, F = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size
     E = v.embed_dim
-    W = E * v.merge_tokens
     L = t.num_layers
     blk, lyr = "visual.blocks.{i}.", "model.layers.{i}."
     vb, tl = ("visual", "blocks"), ("text", "layers")
+    qwen3 = config.family == "qwen3_vl"
 
     entries = [
         Entry("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"),
               **_linear((v.patch_dim,), (E,), (E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size))),
+        *([Entry("visual.patch_embed.proj.bias", ("visual", "patch_embed", "bias"), **_identity((E,))),
+           Entry("visual.pos_embed.weight", ("visual", "pos_embed", "table"),
+                 **_identity((v.num_position_embeddings, E)))] if qwen3 else []),
         *_vision_block_entries(config, blk, vb),
-        Entry("visual.merger.ln_q.weight", ("visual", "merger", "ln_q", "weight"), **_identity((E,))),
-        *([Entry("visual.merger.ln_q.bias", ("visual", "merger", "ln_q", "bias"), **_identity((E,)))]
-          if config.family == "qwen2_vl" else []),
-        Entry("visual.merger.mlp.0.weight", ("visual", "merger", "fc1_kernel"), **_linear((W,), (W,))),
-        Entry("visual.merger.mlp.0.bias", ("visual", "merger", "fc1_bias"), **_identity((W,))),
-        Entry("visual.merger.mlp.2.weight", ("visual", "merger", "fc2_kernel"), **_linear((W,), (D,))),
-        Entry("visual.merger.mlp.2.bias", ("visual", "merger", "fc2_bias"), **_identity((D,))),
+        *_merger_entries(config, "visual.merger.", ("visual", "merger")),
+        *(_merger_entries(config, "visual.deepstack_merger_list.{i}.", ("visual", "deepstack"),
+                          len(v.deepstack_visual_indexes)) if v.deepstack_visual_indexes else []),
         Entry("model.embed_tokens.weight", ("text", "embed_tokens"), **_identity((t.vocab_size, D))),
         Entry(lyr + "input_layernorm.weight", tl + ("input_norm", "weight"), **_identity((D,)), num_layers=L),
         Entry(lyr + "self_attn.q_proj.weight", tl + ("attn", "q_kernel"), **_linear((D,), (N, H)), num_layers=L),
-        Entry(lyr + "self_attn.q_proj.bias", tl + ("attn", "q_bias"), **_reshape((N, H), (N * H,)), num_layers=L),
         Entry(lyr + "self_attn.k_proj.weight", tl + ("attn", "k_kernel"), **_linear((D,), (K, H)), num_layers=L),
-        Entry(lyr + "self_attn.k_proj.bias", tl + ("attn", "k_bias"), **_reshape((K, H), (K * H,)), num_layers=L),
         Entry(lyr + "self_attn.v_proj.weight", tl + ("attn", "v_kernel"), **_linear((D,), (K, H)), num_layers=L),
-        Entry(lyr + "self_attn.v_proj.bias", tl + ("attn", "v_bias"), **_reshape((K, H), (K * H,)), num_layers=L),
         Entry(lyr + "self_attn.o_proj.weight", tl + ("attn", "o_kernel"), **_linear((N, H), (D,)), num_layers=L),
         Entry(lyr + "post_attention_layernorm.weight", tl + ("post_attention_norm", "weight"), **_identity((D,)),
               num_layers=L),
@@ -98,15 +96,56 @@ def tensor_map(config: Qwen2VLConfig) -> list[Entry]:
         Entry(lyr + "mlp.down_proj.weight", tl + ("mlp", "down_kernel"), **_linear((F,), (D,)), num_layers=L),
         Entry("model.norm.weight", ("text", "norm", "weight"), **_identity((D,))),
     ]
+    if t.qkv_bias:
+        entries += [Entry(lyr + f"self_attn.{x}_proj.bias", tl + ("attn", f"{x}_bias"), **_reshape((n, H), (n * H,)),
+                          num_layers=L) for x, n in (("q", N), ("k", K), ("v", K))]
+    if t.qk_norm:
+        entries += [Entry(lyr + f"self_attn.{x}_norm.weight", tl + ("attn", f"{x}_norm", "weight"), **_identity((H,)),
+                          num_layers=L) for x in ("q", "k")]
     if not config.tie_word_embeddings:
         entries.append(Entry("lm_head.weight", ("text", "lm_head"), **_linear((D,), (t.vocab_size,))))
     return entries
 
 
+# Qwen3-VL's checkpoints keep transformers 5's in-memory names (`model.visual.*`, `model.language_model.*`); the
+# older families' the hub layout (`visual.*`, `model.*`).
+_IN_MEMORY_LAYOUT = frozenset({"qwen3_vl"})
+
+
+def hub_name(name: str, family: str) -> str:
+    """The name a checkpoint of `family` stores the canonical tensor `name` under."""
+    if family not in _IN_MEMORY_LAYOUT:
+        return name
+    if name.startswith("visual."):
+        return "model." + name
+    return "model.language_model." + name[len("model."):] if name.startswith("model.") else name
+
+
+def _merger_entries(config: Qwen2VLConfig, prefix: str, path: Path, count: int | None = None) -> list[Entry]:
+    """A patch merger (`count` None) or `count` stacked DeepStack mergers: the norm (Qwen2-VL's `ln_q` LayerNorm,
+    Qwen2.5-VL's RMSNorm, Qwen3-VL's `norm`, over 4E for DeepStack's) and the two-layer MLP (`mlp.0`/`mlp.2`,
+    Qwen3-VL's `linear_fc1`/`linear_fc2`)."""
+    v, D = config.vision, config.text.hidden_size
+    E = v.embed_dim
+    W = E * v.merge_tokens
+    qwen3 = config.family == "qwen3_vl"
+    norm, fc1, fc2 = ("norm", "linear_fc1", "linear_fc2") if qwen3 else ("ln_q", "mlp.0", "mlp.2")
+    width = W if count is not None else E
+    parts = ("weight",) if config.family == "qwen2_5_vl" else ("weight", "bias")
+    entries = [Entry(f"{prefix}{norm}.{part}", path + ("ln_q", part), **_identity((width,)), num_layers=count)
+               for part in parts]
+    return entries + [
+        Entry(f"{prefix}{fc1}.weight", path + ("fc1_kernel",), **_linear((W,), (W,)), num_layers=count),
+        Entry(f"{prefix}{fc1}.bias", path + ("fc1_bias",), **_identity((W,)), num_layers=count),
+        Entry(f"{prefix}{fc2}.weight", path + ("fc2_kernel",), **_linear((W,), (D,)), num_layers=count),
+        Entry(f"{prefix}{fc2}.bias", path + ("fc2_bias",), **_identity((D,)), num_layers=count),
+    ]
+
+
 def _vision_block_entries(config: Qwen2VLConfig, blk: str, vb: Path) -> list[Entry]:
-    """One ViT block's tensors: Qwen2-VL's LayerNorms and fc1/fc2 MLP, or Qwen2.5-VL's RMSNorms (weight only)
-    and gate/up/down SwiGLU with biases. These names repeat the language model's (`mlp.gate_proj` ...), so
-    every name here is anchored on `visual.blocks.`."""
+    """One ViT block's tensors: Qwen2-VL's LayerNorms and fc1/fc2 MLP (Qwen3-VL's: linear_fc1/linear_fc2), or
+    Qwen2.5-VL's RMSNorms (weight only) and gate/up/down SwiGLU with biases. These names repeat the language
+    model's (`mlp.gate_proj` ...), so every name here is anchored on `visual.blocks.`."""
     v = config.vision
     E, NV, HV, M, LV = v.embed_dim, v.num_heads, v.head_dim, v.mlp_dim, v.depth
     norms = ("weight",) if config.family == "qwen2_5_vl" else ("weight", "bias")
@@ -127,11 +166,12 @@ def _vision_block_entries(config: Qwen2VLConfig, blk: str, vb: Path) -> list[Ent
                 Entry(blk + f"mlp.{hf}.bias", vb + ("mlp", f"{ours}_bias"), **_identity((n_out,)), num_layers=LV),
             ]
         return entries
+    fc1, fc2 = ("linear_fc1", "linear_fc2") if config.family == "qwen3_vl" else ("fc1", "fc2")
     return entries + [
-        Entry(blk + "mlp.fc1.weight", vb + ("mlp", "fc1_kernel"), **_linear((E,), (M,)), num_layers=LV),
-        Entry(blk + "mlp.fc1.bias", vb + ("mlp", "fc1_bias"), **_identity((M,)), num_layers=LV),
-        Entry(blk + "mlp.fc2.weight", vb + ("mlp", "fc2_kernel"), **_linear((M,), (E,)), num_layers=LV),
-        Entry(blk + "mlp.fc2.bias", vb + ("mlp", "fc2_bias"), **_identity((E,)), num_layers=LV),
+        Entry(blk + f"mlp.{fc1}.weight", vb + ("mlp", "fc1_kernel"), **_linear((E,), (M,)), num_layers=LV),
+        Entry(blk + f"mlp.{fc1}.bias", vb + ("mlp", "fc1_bias"), **_identity((M,)), num_layers=LV),
+        Entry(blk + f"mlp.{fc2}.weight", vb + ("mlp", "fc2_kernel"), **_linear((M,), (E,)), num_layers=LV),
+        Entry(blk + f"mlp.{fc2}.bias", vb + ("mlp", "fc2_bias"), **_identity((E,)), num_layers=LV),
     ]
 
 

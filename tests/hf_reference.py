@@ -1,4 +1,4 @@
-"""Reference fixtures: tiny Qwen2-VL and Qwen2.5-VL configs with every parameter randomised, in PyTorch,
+"""Reference fixtures: tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL configs with every parameter randomised, in PyTorch,
 and the awkward batches that catch porting bugs (mixed image sizes, sides not multiples of 28, left and
 right padding, a text-only row, two images in one prompt)."""
 
@@ -21,6 +21,11 @@ class Tiny:
     @property
     def family(self) -> str:
         return self.hf.get("model_type", "qwen2_vl")
+
+    @property
+    def eos_token_id(self) -> int:
+        """2 in every tiny config (Qwen3-VL's text config has no field for it: its generation config does)."""
+        return self.hf["text_config"].get("eos_token_id", 2)
 
     @property
     def image_token_id(self) -> int:
@@ -50,6 +55,20 @@ def _window_config(name, *, window, fullatt, vdepth, vembed, vheads, vinter, **t
     return Tiny(name, {**tiny.hf, "model_type": "qwen2_5_vl", "vision_config": vision})
 
 
+def _deepstack_config(name, *, deepstack, vdepth, vembed, vheads, vinter, positions, head_dim, tie, **text):
+    """A tiny Qwen3-VL: no q/k/v bias, q/k norms, its own head_dim, interleaved M-RoPE, patch 16 with a biased
+    patch embedding, a learned position table, tanh-GELU vision MLP, DeepStack."""
+    tiny = _config(name, vdepth=vdepth, vembed=vembed, vheads=vheads, vmlp=2, tie=tie, eps=1e-6, **text)
+    text_config = {**tiny.hf["text_config"], "head_dim": head_dim, "attention_bias": False}
+    for key in ("bos_token_id", "eos_token_id"):
+        text_config.pop(key)
+    vision = dict(depth=vdepth, hidden_size=vembed, out_hidden_size=text["hidden"], intermediate_size=vinter,
+                  num_heads=vheads, hidden_act="gelu_pytorch_tanh", num_position_embeddings=positions,
+                  deepstack_visual_indexes=list(deepstack), patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  in_channels=3)
+    return Tiny(name, {**tiny.hf, "model_type": "qwen3_vl", "text_config": text_config, "vision_config": vision})
+
+
 TINY_CONFIGS = (
     # GQA 4:2, untied head, the environment's reference shape.
     _config("gqa", vocab=1024, hidden=64, inter=128, layers=2, heads=4, kv=2, section=(2, 3, 3), theta=1e6,
@@ -71,11 +90,21 @@ TINY_CONFIGS = (
     _window_config("window_small", window=56, fullatt=(0,), vdepth=2, vembed=48, vheads=3, vinter=80, vocab=512,
                    hidden=96, inter=160, layers=2, heads=6, kv=2, section=(2, 3, 3), theta=1e6, tie=True,
                    eps=1e-6, base_id=400),
+    # Qwen3-VL: head_dim 24 over a 64-wide residual of 4 heads (q is 96 wide), DeepStack at the first and the last
+    # vision block into decoder layers 0 and 1 of 3, a 6 x 6 position table that images both under- and over-fill.
+    _deepstack_config("deepstack", deepstack=(0, 2), vdepth=3, vembed=32, vheads=2, vinter=56, positions=36,
+                      head_dim=24, tie=False, vocab=1024, hidden=64, inter=128, layers=3, heads=4, kv=2,
+                      section=(4, 4, 4), theta=5e6, base_id=1000),
+    # One DeepStack block in the middle, tied embeddings, GQA 6:2 with head_dim 8 (16 = hidden / heads otherwise).
+    _deepstack_config("deepstack_tied", deepstack=(1,), vdepth=3, vembed=48, vheads=3, vinter=64, positions=64,
+                      head_dim=8, tie=True, vocab=512, hidden=96, inter=160, layers=2, heads=6, kv=2,
+                      section=(2, 1, 1), theta=5e6, base_id=400),
 )
 
 
 HF_CLASSES = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
-              "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}
+              "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+              "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration")}
 
 
 def random_hf_model(tiny: Tiny, seed: int = 0, dtype=torch.float32) -> transformers.PreTrainedModel:
@@ -100,7 +129,11 @@ def image(height: int, width: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def image_processor() -> Qwen2VLImageProcessorPil:
+def image_processor(family: str = "qwen2_vl") -> Qwen2VLImageProcessorPil:
+    """The family's image processor on small images: Qwen3-VL's patches are 16 pixels, normalised by 0.5 / 0.5."""
+    if family == "qwen3_vl":
+        return Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=160 * 160, patch_size=16,
+                                        image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=140 * 140)
 
 
@@ -134,7 +167,7 @@ def mixed_batch(tiny: Tiny, seed: int = 0, image_sizes=((56, 84), (100, 130), (7
     rng = np.random.default_rng(seed)
     vocab = tiny.hf["text_config"]["vocab_size"]
     img, vs, ve = tiny.image_token_id, tiny.image_token_id + 1, tiny.image_token_id + 2
-    processed = image_processor()(images=[image(h, w, seed + i) for i, (h, w) in enumerate(image_sizes)],
+    processed = image_processor(tiny.family)(images=[image(h, w, seed + i) for i, (h, w) in enumerate(image_sizes)],
                                   return_tensors="np")
     grids = processed["image_grid_thw"]
     tokens_of = [int(np.prod(g)) // 4 for g in grids]

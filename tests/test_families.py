@@ -29,7 +29,7 @@ def _config(family, data):
                        {"data.path": os.path.join(data, "train"), "eval.path": os.path.join(data, "heldout")})
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_the_data_asks_for_boxes_in_the_familys_frame(family, detection_data):
     config = _config(family, detection_data)
     settings = recipe.build(config, process_count=1)
@@ -37,10 +37,16 @@ def test_the_data_asks_for_boxes_in_the_familys_frame(family, detection_data):
     batch = next(iter(make_iterator(settings.data, settings.model)))
     assert all((PIXEL_PHRASE if family == "qwen2_5_vl" else GRID_PHRASE) in text for text in batch.meta["problem"])
     seen = np.asarray(batch.meta["image_hw"])
-    assert (seen % 28 == 0).all() and (seen[:, 0] * seen[:, 1] <= config.data.max_pixels).all()
+    side = 32 if family == "qwen3_vl" else 28  # patch x merge
+    assert (seen % side == 0).all() and (seen[:, 0] * seen[:, 1] <= config.data.max_pixels).all()
+    patches = np.asarray(batch.model_inputs.patches)
+    assert patches.shape[-1] == 3 * 2 * (side // 2) ** 2
+    if family == "qwen3_vl":  # normalised by 0.5 / 0.5: white and black are exactly +-1
+        assert patches.max() <= 1.0 and patches.min() >= -1.0 and np.isclose(np.abs(patches).max(), 1.0)
 
 
-@pytest.mark.parametrize("family,mode", [("qwen2_vl", "grpo"), ("qwen2_5_vl", "grpo"), ("qwen2_5_vl", "sft")])
+@pytest.mark.parametrize("family,mode", [("qwen2_vl", "grpo"), ("qwen2_5_vl", "grpo"), ("qwen2_5_vl", "sft"),
+                                         ("qwen3_vl", "grpo")])
 def test_a_step_of_each_family_runs_through_the_train_command(family, mode, detection_data, tmp_path):
     """GRPO with the IoU reward in the family's frame; SFT on the answers rewritten in it (`sft.targets`)."""
     workdir = tmp_path / "run"

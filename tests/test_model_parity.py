@@ -48,17 +48,32 @@ def test_logits_match_hf(pair):
     assert relative_error(logits[valid], ref[valid]) <= TOLERANCE
 
 
+def vision_outputs(visual, batch, dtype=torch.float32) -> list[np.ndarray]:
+    """HF's merged features, then (Qwen3-VL) each DeepStack block's, of the batch's images."""
+    with torch.no_grad():
+        out = visual(torch.from_numpy(batch.pixel_values).to(dtype), grid_thw=torch.from_numpy(batch.image_grid_thw))
+    return [out.pooler_output.numpy(), *(f.numpy() for f in getattr(out, "deepstack_features", None) or ())]
+
+
+def our_vision_outputs(model, batch) -> list[np.ndarray]:
+    """Ours, in the same order, at the merged tokens made of real patches."""
+    inputs = ModelInputs.from_hf(model.config, **batch.numpy())
+    features = model.image_features(inputs)
+    real = np.asarray(inputs.patch_segment_ids)[:, ::4] > 0
+    if not isinstance(features, tuple):
+        return [np.asarray(features)[real]]
+    main, deepstack = (np.asarray(f) for f in features)  # [B, M, D], [B, K, M, D]
+    return [main[real], *(deepstack[:, k][real] for k in range(deepstack.shape[1]))]
+
+
 def test_vision_features_match_hf(pair):
     tiny, hf, ours = pair
     batch = mixed_batch(tiny, seed=4)
-    with torch.no_grad():
-        ref = hf.model.visual(torch.from_numpy(batch.pixel_values),
-                              grid_thw=torch.from_numpy(batch.image_grid_thw)).pooler_output.numpy()
-    inputs = ModelInputs.from_hf(ours.config, **batch.numpy())
-    features = np.asarray(ours.image_features(inputs))  # [B, P/4, D]
-    real = np.asarray(inputs.patch_segment_ids)[:, ::4] > 0  # merged tokens made of real patches
-    assert real.sum() == ref.shape[0]
-    assert relative_error(features[real], ref) <= TOLERANCE
+    ref, got = vision_outputs(hf.model.visual, batch), our_vision_outputs(ours, batch)
+    assert len(got) == len(ref) == 1 + len(tiny.hf["vision_config"].get("deepstack_visual_indexes", ()))
+    for r, g in zip(ref, got):
+        assert g.shape == r.shape
+        assert relative_error(g, r) <= TOLERANCE
 
 
 def test_vision_features_are_as_close_to_float64_as_hfs(pair):
@@ -66,15 +81,10 @@ def test_vision_features_are_as_close_to_float64_as_hfs(pair):
     (x2 for the two programs' independent rounding): a porting error would stand out against rounding."""
     tiny, hf, ours = pair
     batch = mixed_batch(tiny, seed=4)
-    pixels, grid = torch.from_numpy(batch.pixel_values), torch.from_numpy(batch.image_grid_thw)
-    with torch.no_grad():
-        ref32 = hf.model.visual(pixels, grid_thw=grid).pooler_output.numpy()
-        visual64 = copy.deepcopy(hf.model.visual).double()
-        ref64 = visual64(pixels.double(), grid_thw=grid).pooler_output.numpy()
-    inputs = ModelInputs.from_hf(ours.config, **batch.numpy())
-    real = np.asarray(inputs.patch_segment_ids)[:, ::4] > 0
-    features = np.asarray(ours.image_features(inputs))[real]
-    assert relative_error(features, ref64) <= 2 * relative_error(ref32, ref64)
+    ref32 = vision_outputs(hf.model.visual, batch)
+    ref64 = vision_outputs(copy.deepcopy(hf.model.visual).double(), batch, torch.float64)
+    for got, r32, r64 in zip(our_vision_outputs(ours, batch), ref32, ref64):
+        assert relative_error(got, r64) <= 2 * relative_error(r32, r64)
 
 
 def test_rope_index_equals_hf_exactly(pair):
@@ -118,7 +128,7 @@ def test_window_partition_equals_hfs_window_index(window_size):
 def test_greedy_decoding_matches_hf_generate(pair):
     tiny, hf, ours = pair
     batch = mixed_batch(tiny, seed=6, padding="left")
-    eos = tiny.hf["text_config"]["eos_token_id"]
+    eos = tiny.eos_token_id
     with torch.no_grad():
         ref = hf.generate(**batch.torch(tiny.image_token_id), max_new_tokens=32, do_sample=False,
                           eos_token_id=eos, pad_token_id=0)[:, batch.input_ids.shape[1]:].numpy()

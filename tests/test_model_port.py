@@ -19,6 +19,7 @@ from vrft_jax.models.qwen2_vl import UnsupportedConfigError
 
 GQA, TIED = TINY_CONFIGS[0], TINY_CONFIGS[1]
 WINDOW = next(t for t in TINY_CONFIGS if t.family == "qwen2_5_vl")
+DEEPSTACK = next(t for t in TINY_CONFIGS if t.family == "qwen3_vl")
 
 
 def tensors(path) -> dict[str, np.ndarray]:
@@ -41,7 +42,7 @@ def hf_config(path) -> dict:
     return config
 
 
-@pytest.mark.parametrize("tiny", [GQA, TIED, WINDOW], ids=lambda t: t.name)
+@pytest.mark.parametrize("tiny", [GQA, TIED, WINDOW, DEEPSTACK], ids=lambda t: t.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_round_trip_is_bit_identical_and_reloads_in_transformers(tiny, dtype, tmp_path):
     source, exported = tmp_path / "hf", tmp_path / "back"

@@ -125,7 +125,9 @@ def test_reproduction_recipes_have_visual_rfts_hyperparameters(spec):
     length = 128 if spec.startswith("lisa") else 1024  # every reproduction now names its held-out set
     assert recipe.eval_sampling_config(config) == dataclasses.replace(
         s.sampling, greedy=True, group_size=1, repetition_penalty=1.05, max_new_tokens=length)
-    assert (s.data.max_pixels, s.data.min_pixels, s.data.max_prompt_len) == (401408, 3136, 1024)
+    side = _common.token_side(_model(spec))  # 512 and 4 tokens' worth of pixels (401408, 3136 for 28-pixel tokens)
+    assert (s.data.max_pixels, s.data.min_pixels, s.data.max_prompt_len) == (512 * side**2, 4 * side**2, 1024)
+    assert (config.eval.max_pixels, config.eval.min_pixels) == (16384 * side**2, 4 * side**2)
     assert s.data.system_prompt is None and s.data.problem_prefix == ""  # Visual-RFT's training prompts
 
 

@@ -20,7 +20,7 @@ from vrft_jax.sampling import SamplingConfig, rollout
 pytestmark = pytest.mark.parity
 
 TINY = TINY_CONFIGS[0]
-EOS = TINY.hf["text_config"]["eos_token_id"]
+EOS = TINY.eos_token_id
 VISION_IDS = tuple(TINY.image_token_id + i for i in range(4))
 
 
@@ -51,7 +51,7 @@ def test_greedy_equals_hf_generate_for_48_tokens(tiny, tmp_path):
     hf.save_pretrained(tmp_path)
     ours = load_hf(str(tmp_path))
     batch = mixed_batch(tiny, seed=13, padding="left")  # mixed image sizes, 0, 1 or 2 images per prompt
-    eos = tiny.hf["text_config"]["eos_token_id"]
+    eos = tiny.eos_token_id
     with torch.no_grad():
         ref = hf.generate(**batch.torch(tiny.image_token_id), max_new_tokens=48, do_sample=False,
                           eos_token_id=eos, pad_token_id=0)[:, batch.input_ids.shape[1]:].numpy()
@@ -305,7 +305,7 @@ def test_greedy_with_repetition_penalty_equals_hf_generate(tiny, tmp_path):
     hf.save_pretrained(tmp_path)
     ours = load_hf(str(tmp_path))
     batch = mixed_batch(tiny, seed=13, padding="left")
-    eos = tiny.hf["text_config"]["eos_token_id"]
+    eos = tiny.eos_token_id
     out = rollout(ours, ModelInputs.from_hf(ours.config, **batch.numpy()), jax.random.key(0),
                   SamplingConfig(max_new_tokens=32, greedy=True, eos_token_ids=(eos,), pad_token_id=0,
                                  suppressed_token_ids=(), repetition_penalty=1.05))

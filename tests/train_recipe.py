@@ -13,7 +13,9 @@ The data paths are relative, like the demo's: tests override `data.path` and `ev
 tmp_path, where `run.make_synthetic_data` writes the 16 training and 8 held-out images.
 
 Its argument `family=qwen2_5_vl` swaps in the same tiny model of that family (Qwen2.5-VL: the windowed
-RMSNorm/SwiGLU vision tower, 56-pixel windows over 112 x 112 images, so each image spans four), and
+RMSNorm/SwiGLU vision tower, 56-pixel windows over 112 x 112 images, so each image spans four; `qwen3_vl`:
+Qwen3's decoder with q/k norms and a head_dim of its own, 16-pixel patches with a position table, DeepStack
+from two vision blocks), and
 `task=detection` trains on synthetic detection records with Visual-RFT's IoU and format rewards, in the
 family's box frame.
 """
@@ -65,7 +67,7 @@ def shrink(c):
     return c
 
 
-ARGS = {"family": ("qwen2_vl", ("qwen2_vl", "qwen2_5_vl")), "task": ("classification", ("classification", "detection"))}
+ARGS = {"family": ("qwen2_vl", ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")), "task": ("classification", ("classification", "detection"))}
 
 
 def get_config(arg=None):
@@ -105,6 +107,14 @@ def get_config(arg=None):
         c.model.vision = dict(depth=2, embed_dim=32, num_heads=2, out_dim=32, intermediate_size=48, window_size=56,
                               fullatt_block_indexes=(1,))
         c.data.max_pixels = 112 * 112
+    if arg.family == "qwen3_vl":
+        c.model.family = "qwen3_vl"
+        c.model.text = dict(c.model.text.to_dict(), qkv_bias=False, qk_norm=True, mrope_interleaved=True,
+                            explicit_head_dim=24, mrope_section=(4, 4, 4), num_layers=2)
+        c.model.vision = dict(depth=2, embed_dim=32, num_heads=2, out_dim=32, intermediate_size=48, patch_size=16,
+                              num_position_embeddings=16, deepstack_visual_indexes=(0, 1))
+        c.data.min_pixels = 64 * 64
+        c.data.max_pixels = 64 * 64
     if arg.task == "detection":
         c.source.prepare = "synthetic --task detection --num-images 16 --seed 0"
         c.eval.prepare = "synthetic --task detection --num-images 8 --seed 1 --split test"

@@ -67,7 +67,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEFAULT_RECIPE = "demo"
 MODES = ("grpo", "sft")
 PRESETS = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_vl_72b", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_32b",
-           "qwen2_5_vl_72b", "custom")
+           "qwen2_5_vl_72b", "qwen3_vl_2b", "qwen3_vl_4b", "qwen3_vl_8b", "qwen3_vl_32b", "custom")
 
 # A recipe's top-level fields. The blocks that are a dataclass's (data, sampling, grpo, train) are checked by
 # its `from_dict`; the others by BLOCK_KEYS.
@@ -490,7 +490,8 @@ def model_config(config: ml_collections.ConfigDict) -> Qwen2VLConfig:
             raise ValueError(f"model.preset='custom' needs a model.{part} block ({cls.__name__}'s fields)")
         _reject_unknown(f"model.{part}", block[part].keys(), {f.name for f in dataclasses.fields(cls)})
     vision = block.vision.to_dict()
-    vision["fullatt_block_indexes"] = tuple(vision.get("fullatt_block_indexes", ()))
+    for key in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+        vision[key] = tuple(vision.get(key, ()))
     return Qwen2VLConfig(text=TextConfig(**block.text.to_dict()), vision=VisionConfig(**vision),
                          tie_word_embeddings=block.get("tie_word_embeddings", False),
                          family=block.get("family", "qwen2_vl"), **runtime)

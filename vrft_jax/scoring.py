@@ -129,7 +129,8 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
     # [layers, ...] cache would be saved at every layer (memory quadratic in depth; `TextDecoder`).
     features = model.image_features(inputs) if image_features is None else image_features
     prompt_x = model.embed(inputs.input_ids, features)
-    prompt_hidden, prefix = model.text(prompt_x, inputs.positions, inputs.attention_mask, keep_kv=True)
+    prompt_hidden, prefix = model.text(prompt_x, inputs.positions, inputs.attention_mask, keep_kv=True,
+                                       deepstack=model.deepstack(inputs.input_ids, features))
     # Completions, embedded as plain text: token k sits in slot T + k at M-RoPE position
     # (valid prompt tokens + k + rope delta) on all three axes, as HF's rope index puts it.
     start = jnp.sum(inputs.attention_mask, axis=1) + inputs.rope_deltas

@@ -11,7 +11,7 @@ from vrft_jax.models.qwen2_vl import ModelInputs
 from vrft_jax.train_step import TrainBatch
 
 TINY = TINY_CONFIGS[0]  # GQA 4:2, untied head, vocabulary 1024
-EOS = TINY.hf["text_config"]["eos_token_id"]
+EOS = TINY.eos_token_id
 PROMPT_LENGTH, PATCH_BUCKET = 60, 128
 IMAGE_SETS = (((56, 84), (100, 130), (70, 45), (84, 84)), ((84, 56), (60, 150), (45, 70), (112, 84)),
               ((28, 140), (90, 90), (56, 56), (130, 100)), ((140, 28), (75, 75), (100, 60), (56, 112)))

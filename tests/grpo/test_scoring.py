@@ -25,7 +25,9 @@ def score(model, inputs, tokens, mask, **kw):
 
 def hf_log_softmax(hf, tiny, batch, tokens, mask, dtype):
     """HF's own logprobs and entropies of each completion's real tokens at `dtype`, one unpadded row at
-    a time (prompt tokens + completion through its EOS, the prompt's images), log-softmax in float64.
+    a time (prompt tokens + completion through its EOS, the prompt's images), the log-softmax and the entropy
+    in `dtype` too: at float32 the whole float32 pipeline, ours' counterpart (our entropy sums in float32, with
+    TRL's formula, whose cancellation at large logits is part of the noise floor).
     Rows run alone because HF's eager attention turns float64 padding into NaN."""
     model = hf.to(dtype)
     grids = batch.image_grid_thw
@@ -42,22 +44,24 @@ def hf_log_softmax(hf, tiny, batch, tokens, mask, dtype):
             kwargs.update(pixel_values=torch.from_numpy(np.concatenate([per_image[i] for i in images])).to(dtype),
                           image_grid_thw=torch.from_numpy(grids[images]))
         with torch.no_grad():
-            logits = model(**kwargs).logits[0].double().numpy() / TEMPERATURE
-        logits = logits[prompt.sum() - 1:prompt.sum() - 1 + real.sum()]  # the positions predicting the completion
-        top = logits.max(-1, keepdims=True)
-        log_z = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
-        probs = np.exp(logits - log_z[:, None])
-        logprobs[row, real] = np.take_along_axis(logits, tokens[row, real, None], -1)[:, 0] - log_z
-        entropy[row, real] = log_z - (probs * logits).sum(-1)
+            logits = model(**kwargs).logits[0] / TEMPERATURE
+            logits = logits[prompt.sum() - 1:prompt.sum() - 1 + real.sum()]  # the positions predicting the completion
+            # In the model's dtype, as TRL computes them (`selective_log_softmax`, `entropy_from_logits`:
+            # logsumexp minus the probability-weighted logits, the formula ours uses too).
+            log_p = torch.log_softmax(logits, dim=-1)
+            logprobs[row, real] = log_p.gather(-1, torch.from_numpy(tokens[row, real, None]).long())[:, 0].double()
+            entropy[row, real] = (torch.logsumexp(logits, -1) - (log_p.exp() * logits).sum(-1)).double()
     hf.float()
     return logprobs, entropy
 
 
-@pytest.mark.parametrize("tiny", [*TINY_CONFIGS[:2], next(t for t in TINY_CONFIGS if t.family == "qwen2_5_vl")],
+@pytest.mark.parametrize("tiny", [*TINY_CONFIGS[:2], *(next(t for t in TINY_CONFIGS if t.family == family)
+                                                         for family in ("qwen2_5_vl", "qwen3_vl"))],
                          ids=lambda t: t.name)
 def test_logprobs_and_entropy_equal_the_log_softmax_of_a_full_forward(tiny, tmp_path):
-    """Untied and tied LM heads, Qwen2.5-VL's windowed vision tower; a chunk size (4) that does not divide
-    L (10). The truth is HF's full forward over prompt + completion in float64."""
+    """Untied and tied LM heads, Qwen2.5-VL's windowed vision tower, Qwen3-VL's DeepStack (which the prompt pass
+    must add); a chunk size (4) that does not divide L (10). The truth is HF's full forward over prompt + completion
+    in float64."""
     hf = random_hf_model(tiny, seed=31)
     hf.save_pretrained(tmp_path)
     model = load_hf(str(tmp_path))
@@ -70,10 +74,12 @@ def test_logprobs_and_entropy_equal_the_log_softmax_of_a_full_forward(tiny, tmp_
     truth = hf_log_softmax(hf, tiny, batch, tokens, mask, torch.float64)
     hf32 = hf_log_softmax(hf, tiny, batch, tokens, mask, torch.float32)
     for ours, exact, theirs in zip((out.logprobs, out.entropy), truth, hf32):
-        # The float32 noise floor of this quantity is HF's own float32 error on the same rows, measured
-        # here on this CPU (~1e-4 for the tied model, whose logits reach ~70; ~1e-5 for the untied one).
-        # Two float32 programs adding in different orders: ours was 0.34-1.15x that floor natively and
-        # under AVX2 and SSE4.2; 3x leaves a 2.6x margin, and a porting bug is off by far more.
+        # The float32 noise floor of this quantity is HF's own float32 error on the same rows (its log-softmax and
+        # TRL's entropy formula in float32 too), measured here on this CPU (~1e-4 for the tied model, whose
+        # logits reach ~70; ~1e-5 for the untied one). Two float32 programs adding in different orders: ours was
+        # 0.34-1.15x that floor natively and under AVX2 and SSE4.2 on the Qwen2-VL tinies, 0.37-2.56x over three
+        # seeds of the Qwen3-VL ones (the 2.56: one peaked position's entropy, 7.8e-6 against HF's 3.0e-6; the
+        # logprobs of the same rows 0.9x). A porting bug is off by far more: without DeepStack, 0.9 of the logits.
         floor = np.abs(theirs - exact)[real].max()
         error = np.abs(np.asarray(ours, np.float64) - exact)[real].max()
         assert 0 < floor < 1e-3 and error <= 3 * floor, (error, floor)

@@ -70,7 +70,7 @@ def test_an_answer_is_rewritten_box_by_box_in_the_models_frame():
     assert answer_in_frame("<answer>cat</answer>", "rel1000", "pixels", SEEN_HW) == "<answer>cat</answer>"
 
 
-@pytest.mark.parametrize("model,exact", [("2b", STORED), ("qwen2_5_vl_7b", IN_PIXELS)])
+@pytest.mark.parametrize("model,exact", [("2b", STORED), ("qwen2_5_vl_7b", IN_PIXELS), ("qwen3_vl_4b", STORED)])
 def test_an_exactly_right_box_gets_iou_reward_1_in_each_familys_frame(model, exact):
     """The recipe's rewards for `model` (its family's frame, the records' stored grid): the exactly right answer in
     the model's frame scores IoU 1; the same numbers in the other family's frame do not."""

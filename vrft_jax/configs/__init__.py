@@ -9,8 +9,8 @@
     lisa_grounding   LISA reasoning grounding                              model=2b|7b
     demo             a tiny Qwen2-VL with the real tokenizer on synthetic shapes, for 2 CPU cores
 
-model= is a Qwen2-VL size (2b, 7b) or another family's preset (qwen2_5_vl_3b, qwen2_5_vl_7b: boxes in pixels of
-the resized image, `_common.MODEL_SETTINGS`).
+model= is a Qwen2-VL size (2b, 7b) or another family's preset (`_common.MODEL_SETTINGS`): qwen2_5_vl_3b,
+qwen2_5_vl_7b (boxes in pixels of the resized image), qwen3_vl_2b, qwen3_vl_4b, qwen3_vl_8b.
 
 `vrft_jax.recipe` loads them (`--config=coco_fewshot:model=7b,shots=8`) and builds their settings;
 `_common.py` holds what they share. Recipes import nothing but ml_collections.

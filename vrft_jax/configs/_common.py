@@ -25,7 +25,7 @@ import types
 import ml_collections
 from ml_collections import config_dict
 
-MODELS = ("2b", "7b", "qwen2_5_vl_3b", "qwen2_5_vl_7b")
+MODELS = ("2b", "7b", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen3_vl_2b", "qwen3_vl_4b", "qwen3_vl_8b")
 SHOTS = (1, 2, 4, 8, 16)
 
 # Values that several blocks read, each set once at the top level: every path listed under a name is a
@@ -49,7 +49,17 @@ MODEL_SETTINGS = {
     # Qwen2.5-VL (boxes in pixels of the resized image): the group sizes of the Qwen2-VL size it replaces.
     "qwen2_5_vl_3b": dict(preset="qwen2_5_vl_3b", group_size=8, hub_id="Qwen/Qwen2.5-VL-3B-Instruct", slice="v5e-8"),
     "qwen2_5_vl_7b": dict(preset="qwen2_5_vl_7b", group_size=4, hub_id="Qwen/Qwen2.5-VL-7B-Instruct", slice="v5p-8"),
+    # Qwen3-VL dense (boxes on the 0..1000 grid again; 32-pixel merged tokens, so the pixel budgets scale by
+    # (32/28)^2 to keep the token counts): G 8 below 7B, 4 from 7B up, as for Qwen2-VL.
+    "qwen3_vl_2b": dict(preset="qwen3_vl_2b", group_size=8, hub_id="Qwen/Qwen3-VL-2B-Instruct", slice="v5e-8"),
+    "qwen3_vl_4b": dict(preset="qwen3_vl_4b", group_size=8, hub_id="Qwen/Qwen3-VL-4B-Instruct", slice="v5e-8"),
+    "qwen3_vl_8b": dict(preset="qwen3_vl_8b", group_size=4, hub_id="Qwen/Qwen3-VL-8B-Instruct", slice="v5p-8"),
 }
+
+
+def token_side(model: str) -> int:
+    """Pixels per side of one visual token of `model` (a MODEL_SETTINGS key): patch x merge, 28 or Qwen3-VL's 32."""
+    return 32 if MODEL_SETTINGS[model]["preset"].startswith("qwen3_vl") else 28
 
 
 def parse_arg(arg: str | None, **options: tuple) -> types.SimpleNamespace:
@@ -146,8 +156,8 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
         buckets="data",  # T and P measured from the split (`vrft_jax.data.buckets`); "fixed" uses the limits
         patch_dtype="float32",
         drop_remainder=True,
-        min_pixels=3136,
-        max_pixels=401408,  # 512 x 28 x 28: at most 512 visual tokens
+        min_pixels=4 * token_side(model) ** 2,  # 3136 for 28-pixel tokens
+        max_pixels=512 * token_side(model) ** 2,  # 401408 for 28-pixel tokens: at most 512 visual tokens
         shuffle=True,
         num_epochs=config_dict.placeholder(int),  # None: repeat; total_steps ends the run
         num_workers=2,
@@ -266,8 +276,10 @@ def link_shared(c: ml_collections.ConfigDict) -> None:
 # §10.4: min 4 x 28 x 28, max 16384 x 28 x 28 = 12,845,056 pixels; `evaluate.score` has the same), not
 # training's 401,408. The text bucket's limit holds the largest such image (16384 tokens) and Visual-RFT's whole
 # max_prompt_length (1024) of text; buckets="data" sizes the bucket from the held-out set within it.
-EVAL_MIN_PIXELS, EVAL_MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28
-EVAL_MAX_PROMPT_LEN = EVAL_MAX_PIXELS // (28 * 28) + 1024
+# For a model of other tokens (Qwen3-VL's 32 pixels) the same token counts: 4 and 16384 tokens' worth of pixels.
+EVAL_MIN_TOKENS, EVAL_MAX_TOKENS = 4, 16384
+EVAL_MIN_PIXELS, EVAL_MAX_PIXELS = EVAL_MIN_TOKENS * 28 * 28, EVAL_MAX_TOKENS * 28 * 28
+EVAL_MAX_PROMPT_LEN = EVAL_MAX_TOKENS + 1024
 # COCO, LVIS and classification evaluation send '<image>\n' + question after the image (§4.4); LISA's does not.
 IMAGE_PREFIX = "<image>\n"
 
@@ -278,8 +290,9 @@ def visual_rft_eval(c: ml_collections.ConfigDict, *, problem_prefix: str, system
     the text before each question and the system prompt by name ("template": none, the chat template's "You
     are a helpful assistant."; "r1": LISA's). `batch_size` (global; None: prompts_per_step) bounds the
     high-resolution prefill of sets with large images."""
-    c.eval.min_pixels = EVAL_MIN_PIXELS
-    c.eval.max_pixels = EVAL_MAX_PIXELS
+    side = int(round((c.data.min_pixels / 4) ** 0.5))  # the recipe's model's token side (`token_side`)
+    c.eval.min_pixels = EVAL_MIN_TOKENS * side * side
+    c.eval.max_pixels = EVAL_MAX_TOKENS * side * side
     c.eval.max_prompt_len = EVAL_MAX_PROMPT_LEN
     c.eval.problem_prefix = problem_prefix
     c.eval.system_prompt = system_prompt

@@ -30,7 +30,7 @@ import grain.multiprocessing
 import numpy as np
 
 from vrft_jax.data import records as rec
-from vrft_jax.data.image import write_patches
+from vrft_jax.data.image import CLIP_MEAN, CLIP_STD, write_patches
 from vrft_jax.data.preprocess import Example
 from vrft_jax.models.qwen2_vl import rope
 
@@ -56,6 +56,7 @@ class BatchLayout:
     pad_id: int
     temporal_patch_size: int = 2
     patch_dtype: Any = np.float32
+    image_stats: tuple = (CLIP_MEAN, CLIP_STD)  # the family's normalisation (`Qwen2VLConfig.image_stats`)
 
     def assemble(self, examples: Sequence[Example], rejected: Sequence[rec.Rejected] = (),
                  allocate=np.zeros) -> dict[str, Any]:
@@ -88,7 +89,7 @@ class BatchLayout:
             attention_mask[row, t - length:] = 1
             positions[row, t - length:] = example.positions
             rope_deltas[row] = example.rope_delta
-            write_patches(example.pixels, patches[row, :n], self.temporal_patch_size)
+            write_patches(example.pixels, patches[row, :n], self.temporal_patch_size, self.image_stats)
             segment_ids[row, :n] = 1
             patch_positions[row, :n] = rope.vision_patch_positions(example.grid_thw, self.merge_size)
             for name in TEXT_COLUMNS:

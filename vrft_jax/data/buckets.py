@@ -34,7 +34,7 @@ MULTIPLE = 64  # bucket sizes are multiples of this (TPU tiles; fewer distinct s
 
 def resolve_patch_bucket(config: DataConfig, model_config: Qwen2VLConfig) -> int:
     """The patch bucket P: DataConfig.patch_bucket, or max_pixels / patch^2 in whole merged tokens."""
-    geometry = ImageGeometry.from_vision(model_config.vision, min_pixels=config.min_pixels,
+    geometry = ImageGeometry.from_model(model_config, min_pixels=config.min_pixels,
                                         max_pixels=config.max_pixels)
     bucket = geometry.max_patches if config.patch_bucket is None else config.patch_bucket
     if bucket % geometry.merge_tokens:

@@ -23,10 +23,11 @@ import numpy as np
 from PIL import Image
 
 from vrft_jax.cli import UserError
+from vrft_jax.models.qwen2_vl.config import CLIP_STATS
 
-# CLIP's statistics, as Qwen2-VL's preprocessor_config.json gives them (transformers' OPENAI_CLIP_MEAN/STD).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# CLIP's statistics, as Qwen2-VL's preprocessor_config.json gives them (transformers' OPENAI_CLIP_MEAN/STD): the
+# default; a model family's own are `Qwen2VLConfig.image_stats`.
+CLIP_MEAN, CLIP_STD = CLIP_STATS
 MAX_ASPECT_RATIO = 200  # smart_resize refuses longer/shorter side ratios above this
 
 
@@ -36,7 +37,8 @@ class ImageError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ImageGeometry:
-    """How Qwen2-VL cuts an image: `patch_size` pixels per patch side, `merge_size`^2 patches per token."""
+    """How a Qwen-VL processor cuts an image: `patch_size` pixels per patch side, `merge_size`^2 patches per token,
+    each channel normalised by (`image_mean`, `image_std`)."""
 
     min_pixels: int
     max_pixels: int
@@ -44,6 +46,8 @@ class ImageGeometry:
     merge_size: int = 2
     temporal_patch_size: int = 2
     in_channels: int = 3
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
 
     def __post_init__(self):
         if self.in_channels != 3:
@@ -52,11 +56,13 @@ class ImageGeometry:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels} and {self.max_pixels}")
 
     @classmethod
-    def from_vision(cls, vision, *, min_pixels: int, max_pixels: int) -> ImageGeometry:
-        """From a model's `VisionConfig` (patch, merge and temporal sizes)."""
+    def from_model(cls, model_config, *, min_pixels: int, max_pixels: int) -> ImageGeometry:
+        """From a model's config: its vision tower's patch, merge and temporal sizes, its family's normalisation."""
+        vision = model_config.vision
+        mean, std = model_config.image_stats
         return cls(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=vision.patch_size,
                    merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size,
-                   in_channels=vision.in_channels)
+                   in_channels=vision.in_channels, image_mean=tuple(mean), image_std=tuple(std))
 
     @property
     def factor(self) -> int:
@@ -125,18 +131,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 @functools.lru_cache(maxsize=None)
-def normalization_table(dtype: np.dtype) -> np.ndarray:
+def normalization_table(dtype: np.dtype, mean: tuple[float, ...] = CLIP_MEAN,
+                        std: tuple[float, ...] = CLIP_STD) -> np.ndarray:
     """dtype[3, 256]: the normalised value of each uint8 level per channel, computed as HF does
     (`float32(float64(v) * (1/255))`, then `(x - mean) / std` in float32), then cast to `dtype`."""
     values = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-    mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     table = ((values[None, :] - mean[:, None]) / std[:, None]).astype(dtype)
     table.flags.writeable = False
     return table
 
 
-def write_patches(blocks: np.ndarray, out: np.ndarray, temporal_patch_size: int) -> None:
-    """Normalise uint8 pixel blocks into `out`, a dtype[N, C*T*p*p] view (e.g. rows of a batch).
+def write_patches(blocks: np.ndarray, out: np.ndarray, temporal_patch_size: int,
+                  stats: tuple[tuple[float, ...], tuple[float, ...]] = (CLIP_MEAN, CLIP_STD)) -> None:
+    """Normalise uint8 pixel blocks into `out`, a dtype[N, C*T*p*p] view (e.g. rows of a batch), by `stats`
+    = (mean, std) per channel.
 
     blocks: uint8[N, C, p*p] from `PatchEncoder.pixel_blocks`. Each row of `out` is laid out
     (channel, time, row, column), the single frame repeated `temporal_patch_size` times, as HF does.
@@ -144,7 +153,7 @@ def write_patches(blocks: np.ndarray, out: np.ndarray, temporal_patch_size: int)
     n, channels, area = blocks.shape
     if not out.flags.c_contiguous:  # reshape below must be a view, or the writes would be lost
         raise ValueError("write_patches needs a C-contiguous output (e.g. a batch's `patches[row, :n]`)")
-    table = normalization_table(out.dtype).reshape(-1)  # channel c's level v at c * 256 + v
+    table = normalization_table(out.dtype, *(tuple(s) for s in stats)).reshape(-1)  # channel c's level v at c * 256 + v
     offsets = (np.arange(channels, dtype=np.uint16) * 256)[None, :, None]
     values = np.take(table, blocks + offsets, mode="clip")  # one gather; indices are always in range
     # One broadcast write in the output's memory order: ~2x faster than strided per-channel writes.
@@ -179,8 +188,9 @@ class PatchEncoder:
     def __call__(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int]]:
         """(patches `dtype[t*h*w, C*T*p*p]`, grid (t, h, w)) of a decoded RGB image: HF's `pixel_values`."""
         blocks, grid = self.pixel_blocks(image)
+        g = self.geometry
         out = np.empty((len(blocks), self.geometry.patch_dim), self.dtype)
-        write_patches(blocks, out, self.geometry.temporal_patch_size)
+        write_patches(blocks, out, self.geometry.temporal_patch_size, (g.image_mean, g.image_std))
         return out, grid
 
 

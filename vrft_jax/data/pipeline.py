@@ -87,7 +87,7 @@ def batch_layout(config: DataConfig, model_config: Qwen2VLConfig, pad_id: int) -
     return BatchLayout(batch_size=config.batch_size, text_len=config.max_prompt_len,
                        patch_bucket=resolve_patch_bucket(config, model_config), patch_dim=v.patch_dim,
                        merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size, pad_id=pad_id,
-                       patch_dtype=_dtype(config.patch_dtype))
+                       patch_dtype=_dtype(config.patch_dtype), image_stats=model_config.image_stats)
 
 
 def open_source(config: DataConfig, source=None) -> tuple[Any, str]:

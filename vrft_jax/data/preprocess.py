@@ -83,7 +83,7 @@ class ExampleEncoder:
                  system_prompt: str | None = None, problem_prefix: str = "", chat_template: str | None = None,
                  box_frame: str | None = None):
         self.tokenizer = tokenizer
-        self.geometry = image_lib.ImageGeometry.from_vision(model_config.vision, min_pixels=min_pixels,
+        self.geometry = image_lib.ImageGeometry.from_model(model_config, min_pixels=min_pixels,
                                                             max_pixels=max_pixels)
         self.patches = image_lib.PatchEncoder(self.geometry)
         self.image_token_id = int(model_config.image_token_id)

@@ -1,6 +1,6 @@
 """Coordinate frames of boxes, and conversion between them.
 
-Qwen2-VL writes a box as integers on a 0-1000 grid relative to the image (`x / W * 1000`);
+Qwen2-VL (and Qwen3-VL) writes a box as integers on a 0-1000 grid relative to the image (`x / W * 1000`);
 Qwen2.5-VL writes absolute pixels of the image as the model saw it, i.e. after the processor's
 `smart_resize` (the Visual-RFT author in Liuziyu77/Visual-RFT#143, #152). A recipe names the frame
 its model writes (`frame="qwen2_vl"`), and the rewards compare boxes in that frame, converting
@@ -35,6 +35,9 @@ FRAME_NAMES: dict[str, Frame] = {
     "qwen2_vl": Frame.REL1000,
     "pixels": Frame.PIXELS,
     "qwen2_5_vl": Frame.PIXELS,
+    # Qwen3-VL went back to the relative grid (QwenLM/Qwen3-VL#1741). Its upper bound is stated as 1000 there and
+    # as 999 in Alibaba Cloud's documentation; we keep Visual-RFT's x / W * 1000, whose largest value is 1000.
+    "qwen3_vl": Frame.REL1000,
 }
 
 

@@ -1,8 +1,8 @@
-"""The configuration of a Qwen-VL family model (Qwen2-VL, Qwen2.5-VL): the architecture (read from /
+"""The configuration of a Qwen-VL family model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense): the architecture (read from /
 written to a Hugging Face `config.json`) plus the runtime choices that are ours alone (parameter and
 compute dtypes, remat, matmul precision).
 
-Hugging Face's own config class of the family (`transformers.Qwen2VLConfig`, `Qwen2_5_VLConfig`) parses
+Hugging Face's own config class of the family (`transformers.Qwen2VLConfig`, `Qwen2_5_VLConfig`, `Qwen3VLConfig`) parses
 the file, so the nested transformers-5 form, the hub's legacy flat form (`rope_scaling={"type": "mrope",
 ...}`, `in_chans`) and every default for a missing key are exactly what the PyTorch model would use. The
 class defaults of those configs are not the released models' (Qwen2.5-VL's `tokens_per_second` is 4 in
@@ -25,7 +25,15 @@ from vrft_jax.cli import UserError
 FAMILIES = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLConfig"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig"),
 }
+# The processor's per-channel normalisation (preprocessor_config.json's image_mean, image_std): CLIP's for Qwen2-VL
+# and Qwen2.5-VL (transformers' OPENAI_CLIP_MEAN/STD), 0.5 / 0.5 for Qwen3-VL.
+CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+IMAGE_STATS = {"qwen2_vl": CLIP_STATS, "qwen2_5_vl": CLIP_STATS, "qwen3_vl": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+# HF's M-RoPE sections when a config names none (each family's modeling file).
+DEFAULT_MROPE_SECTION = {"qwen2_vl": (16, 24, 24), "qwen2_5_vl": (16, 24, 24), "qwen3_vl": (24, 20, 20)}
+VISION_ACT = {"qwen2_vl": "quick_gelu", "qwen2_5_vl": "silu", "qwen3_vl": "gelu_pytorch_tanh"}
 REMAT_POLICIES = ("none", "block", "save_dots")
 
 
@@ -51,6 +59,8 @@ class VisionConfig:
     window_size: int | None = None  # Qwen2.5-VL: a window's side in input pixels
     fullatt_block_indexes: tuple[int, ...] = ()  # Qwen2.5-VL: blocks attending over the whole image
     tokens_per_second: int | None = None  # Qwen2.5-VL video's time scale; kept for export, images never use it
+    num_position_embeddings: int | None = None  # Qwen3-VL: the learned square position table's size
+    deepstack_visual_indexes: tuple[int, ...] = ()  # Qwen3-VL: blocks whose merged output feeds LM layer k
     in_channels: int = 3
     patch_size: int = 14
     temporal_patch_size: int = 2
@@ -86,7 +96,9 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TextConfig:
-    """The Qwen2 decoder: RMSNorm, GQA with q/k/v bias, SwiGLU, M-RoPE."""
+    """The decoder: RMSNorm, GQA, SwiGLU, M-RoPE. Qwen2's (Qwen2-VL, Qwen2.5-VL) has q/k/v biases and M-RoPE's
+    frequencies in chunks of `mrope_section`; Qwen3's (Qwen3-VL) none, an RMSNorm of each head's q and k before
+    the rotation, a head width of its own (`head_dim`, not hidden/heads) and the sections interleaved."""
 
     vocab_size: int
     hidden_size: int
@@ -98,10 +110,14 @@ class TextConfig:
     rope_theta: float = 1_000_000.0
     mrope_section: tuple[int, int, int] = (16, 24, 24)
     max_position_embeddings: int = 32768
+    qkv_bias: bool = True  # Qwen2
+    qk_norm: bool = False  # Qwen3
+    mrope_interleaved: bool = False  # Qwen3: frequency j on axis (T, H, W)[j % 3] within 3 x the H/W sections
+    explicit_head_dim: int | None = None  # Qwen3's `head_dim`; None: hidden_size / num_heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -133,11 +149,17 @@ class Qwen2VLConfig:
         object.__setattr__(self, "text", dataclasses.replace(
             self.text, mrope_section=tuple(int(s) for s in self.text.mrope_section)))
         object.__setattr__(self, "vision", dataclasses.replace(
-            self.vision, fullatt_block_indexes=tuple(int(i) for i in self.vision.fullatt_block_indexes)))
+            self.vision, fullatt_block_indexes=tuple(int(i) for i in self.vision.fullatt_block_indexes),
+            deepstack_visual_indexes=tuple(int(i) for i in self.vision.deepstack_visual_indexes)))
         _validate(self)
 
     def replace(self, **changes) -> Qwen2VLConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def image_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per RGB channel the family's processor normalises pixels with."""
+        return IMAGE_STATS[self.family]
 
     # ------------------------------------------------------------------ Hugging Face form
 
@@ -154,11 +176,19 @@ class Qwen2VLConfig:
         t, v = hf.text_config, hf.vision_config
         _check_supported(hf)
         rope = dict(t.rope_parameters or {})
-        eos = t.eos_token_id
+        # Qwen3-VL's text config holds no bos/eos (its generation_config.json does): the Qwen tokenizer's, the defaults.
+        special = {} if family == "qwen3_vl" else dict(bos_token_id=t.bos_token_id, eos_token_ids=_ids(t.eos_token_id))
+        text = {}
         if family == "qwen2_5_vl":
             vision = dict(embed_dim=v.hidden_size, out_dim=v.out_hidden_size, intermediate_size=v.intermediate_size,
                           window_size=v.window_size, fullatt_block_indexes=tuple(v.fullatt_block_indexes),
                           tokens_per_second=v.tokens_per_second)
+        elif family == "qwen3_vl":
+            vision = dict(embed_dim=v.hidden_size, out_dim=v.out_hidden_size, intermediate_size=v.intermediate_size,
+                          num_position_embeddings=v.num_position_embeddings,
+                          deepstack_visual_indexes=tuple(v.deepstack_visual_indexes))
+            # HF interleaves Qwen3-VL's sections whatever `mrope_interleaved` says (field-2026-12b.md 1.2).
+            text = dict(qkv_bias=False, qk_norm=True, mrope_interleaved=True, explicit_head_dim=t.head_dim)
         else:
             vision = dict(embed_dim=v.embed_dim, out_dim=v.hidden_size, mlp_ratio=v.mlp_ratio)
         return cls(
@@ -172,9 +202,9 @@ class Qwen2VLConfig:
                 num_kv_heads=t.num_key_value_heads,
                 rms_norm_eps=t.rms_norm_eps,
                 rope_theta=rope["rope_theta"],
-                # HF's own fallback when a config names no section (modeling_qwen2_vl.py).
-                mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+                mrope_section=tuple(rope.get("mrope_section", DEFAULT_MROPE_SECTION[family])),
                 max_position_embeddings=t.max_position_embeddings,
+                **text,
             ),
             vision=VisionConfig(
                 depth=v.depth,
@@ -191,9 +221,8 @@ class Qwen2VLConfig:
             video_token_id=hf.video_token_id,
             vision_start_token_id=hf.vision_start_token_id,
             vision_end_token_id=hf.vision_end_token_id,
-            bos_token_id=t.bos_token_id,
-            eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
             pad_token_id=t.pad_token_id,
+            **special,
             **runtime,
         )
 
@@ -223,10 +252,16 @@ class Qwen2VLConfig:
             "temporal_patch_size": v.temporal_patch_size,
             "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
         }
+        text = {"bos_token_id": self.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}
         if self.family == "qwen2_5_vl":
             vision = {"hidden_size": v.embed_dim, "out_hidden_size": v.out_dim, "hidden_act": "silu",
                       "intermediate_size": v.mlp_dim, "window_size": v.window_size,
                       "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": v.tokens_per_second}
+        elif self.family == "qwen3_vl":
+            vision = {"hidden_size": v.embed_dim, "out_hidden_size": v.out_dim, "hidden_act": "gelu_pytorch_tanh",
+                      "intermediate_size": v.mlp_dim, "num_position_embeddings": v.num_position_embeddings,
+                      "deepstack_visual_indexes": list(v.deepstack_visual_indexes)}
+            text = {"head_dim": t.head_dim, "attention_bias": False}  # no bos/eos: the class has no such fields
         else:
             vision = {"embed_dim": v.embed_dim, "hidden_size": v.out_dim, "hidden_act": "quick_gelu",
                       "mlp_ratio": v.mlp_ratio}
@@ -253,12 +288,11 @@ class Qwen2VLConfig:
                 "rope_parameters": {
                     "rope_type": "default",
                     "mrope_section": list(t.mrope_section),
-                    "rope_theta": t.rope_theta,
+                    "rope_theta": t.rope_theta,  # Qwen3-VL's `mrope_interleaved` flag: HF ignores it
                 },
-                "use_sliding_window": False,
-                "bos_token_id": self.bos_token_id,
-                "eos_token_id": eos[0] if len(eos) == 1 else eos,
+                **({} if self.family == "qwen3_vl" else {"use_sliding_window": False}),
                 "pad_token_id": self.pad_token_id,
+                **text,
             },
             "vision_config": {"model_type": f"{self.family}_vision", **common_vision, **vision},
         }
@@ -351,6 +385,52 @@ class Qwen2VLConfig:
         )
 
 
+    @classmethod
+    def qwen3_vl_2b(cls, **runtime) -> Qwen2VLConfig:
+        """Qwen/Qwen3-VL-2B-Instruct."""
+        return cls(family="qwen3_vl", text=_qwen3_text(2048, 6144, 28, 16), vision=_deepstack_vit(2048, small=True),
+                   tie_word_embeddings=True, **runtime)
+
+    @classmethod
+    def qwen3_vl_4b(cls, **runtime) -> Qwen2VLConfig:
+        """Qwen/Qwen3-VL-4B-Instruct: 32 heads of 128, so q is 4096 wide over a 2560 residual."""
+        return cls(family="qwen3_vl", text=_qwen3_text(2560, 9728, 36, 32), vision=_deepstack_vit(2560, small=True),
+                   tie_word_embeddings=True, **runtime)
+
+    @classmethod
+    def qwen3_vl_8b(cls, **runtime) -> Qwen2VLConfig:
+        """Qwen/Qwen3-VL-8B-Instruct."""
+        return cls(family="qwen3_vl", text=_qwen3_text(4096, 12288, 36, 32), vision=_deepstack_vit(4096, small=False),
+                   tie_word_embeddings=False, **runtime)
+
+    @classmethod
+    def qwen3_vl_32b(cls, **runtime) -> Qwen2VLConfig:
+        """Qwen/Qwen3-VL-32B-Instruct: the LM is Qwen3-32B's (untied); field-2026-12b.md marks this row unverified
+        against the hub's config, and a run compares the checkpoint's config.json with the preset."""
+        return cls(family="qwen3_vl", text=_qwen3_text(5120, 25600, 64, 64), vision=_deepstack_vit(5120, small=False),
+                   tie_word_embeddings=False, **runtime)
+
+
+def _qwen3_text(hidden: int, ffn: int, layers: int, heads: int) -> TextConfig:
+    # Every dense Qwen3-VL: 8 KV heads of 128, the 151936 vocabulary, interleaved M-RoPE 24/20/20 at theta 5e6.
+    return TextConfig(vocab_size=151936, hidden_size=hidden, intermediate_size=ffn, num_layers=layers, num_heads=heads,
+                      num_kv_heads=8, rms_norm_eps=1e-6, rope_theta=5_000_000.0, mrope_section=(24, 20, 20),
+                      max_position_embeddings=262144, qkv_bias=False, qk_norm=True, mrope_interleaved=True,
+                      explicit_head_dim=128)
+
+
+def _deepstack_vit(out_dim: int, *, small: bool) -> VisionConfig:
+    # SigLIP2-Large-like (2B, 4B) or SO400M-like (8B, 32B); patch 16, a 48 x 48 position table, DeepStack at
+    # three blocks.
+    width, depth, mlp, deepstack = (1024, 24, 4096, (5, 11, 17)) if small else (1152, 27, 4304, (8, 16, 24))
+    return VisionConfig(depth=depth, embed_dim=width, num_heads=16, intermediate_size=mlp, out_dim=out_dim,
+                        patch_size=16, num_position_embeddings=2304, deepstack_visual_indexes=deepstack)
+
+
+def _ids(value) -> tuple[int, ...]:
+    return () if value is None else tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
 def _deep_update(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
@@ -392,7 +472,7 @@ def _parse_hf_dict(d: dict):
 
 def _check_supported(hf) -> None:
     t, v = hf.text_config, hf.vision_config
-    vision_act = {"qwen2_vl": "quick_gelu", "qwen2_5_vl": "silu"}[hf.model_type]
+    vision_act = VISION_ACT[hf.model_type]
     problems = []
     if getattr(t, "use_sliding_window", False):
         problems.append("text_config.use_sliding_window=True (sliding-window attention is not implemented)")
@@ -403,8 +483,11 @@ def _check_supported(hf) -> None:
     rope_type = (t.rope_parameters or {}).get("rope_type", "default")
     if rope_type not in ("default", "mrope"):
         problems.append(f"text_config.rope_parameters.rope_type={rope_type!r} (only M-RoPE without scaling)")
-    if getattr(t, "head_dim", None) not in (None, t.hidden_size // t.num_attention_heads):
+    derived_head_dim = t.hidden_size // t.num_attention_heads
+    if hf.model_type != "qwen3_vl" and getattr(t, "head_dim", None) not in (None, derived_head_dim):
         problems.append(f"text_config.head_dim={t.head_dim} differs from hidden_size/num_attention_heads")
+    if hf.model_type == "qwen3_vl" and getattr(t, "attention_bias", False):
+        problems.append("text_config.attention_bias=True (Qwen3-VL's released models have none)")
     if problems:
         raise UnsupportedConfigError(f"unsupported {hf.model_type} variant: " + "; ".join(problems))
 
@@ -412,7 +495,7 @@ def _check_supported(hf) -> None:
 def _validate(c: Qwen2VLConfig) -> None:
     t, v = c.text, c.vision
     errors = []
-    if t.hidden_size % t.num_heads:
+    if t.explicit_head_dim is None and t.hidden_size % t.num_heads:
         errors.append(f"text.hidden_size={t.hidden_size} is not divisible by text.num_heads={t.num_heads}")
     if t.num_heads % t.num_kv_heads:
         errors.append(f"text.num_heads={t.num_heads} is not divisible by text.num_kv_heads={t.num_kv_heads}")
@@ -428,8 +511,21 @@ def _validate(c: Qwen2VLConfig) -> None:
     if windowed and not (v.intermediate_size and v.window_size and v.window_patches):
         errors.append(f"a qwen2_5_vl vision tower needs intermediate_size and a window_size of at least "
                       f"{v.spatial_merge_size * v.patch_size} pixels (got {v.intermediate_size}, {v.window_size})")
-    if not windowed and (v.intermediate_size or v.window_size or v.fullatt_block_indexes):
-        errors.append(f"intermediate_size, window_size and fullatt_block_indexes are qwen2_5_vl's, not {c.family}'s")
+    if c.family == "qwen2_vl" and v.intermediate_size:
+        errors.append("intermediate_size is not qwen2_vl's (its MLP is embed_dim * mlp_ratio wide)")
+    if not windowed and (v.window_size or v.fullatt_block_indexes):
+        errors.append(f"window_size and fullatt_block_indexes are qwen2_5_vl's, not {c.family}'s")
+    deep = c.family == "qwen3_vl"
+    if deep != bool(v.num_position_embeddings and v.intermediate_size) or (not deep and v.deepstack_visual_indexes):
+        errors.append("num_position_embeddings and deepstack_visual_indexes are qwen3_vl's (which needs "
+                      f"num_position_embeddings and intermediate_size), not {c.family}'s")
+    if v.num_position_embeddings and int(v.num_position_embeddings ** 0.5) ** 2 != v.num_position_embeddings:
+        errors.append(f"vision.num_position_embeddings={v.num_position_embeddings} is not a square")
+    if list(v.deepstack_visual_indexes) != sorted(set(v.deepstack_visual_indexes)) or any(
+            not 0 <= i < v.depth for i in v.deepstack_visual_indexes):
+        errors.append(f"vision.deepstack_visual_indexes={v.deepstack_visual_indexes} must increase within [0, depth)")
+    if len(v.deepstack_visual_indexes) > t.num_layers:
+        errors.append(f"{len(v.deepstack_visual_indexes)} DeepStack features but only {t.num_layers} decoder layers")
     if any(not 0 <= i < v.depth for i in v.fullatt_block_indexes):
         errors.append(f"vision.fullatt_block_indexes={v.fullatt_block_indexes} must lie in [0, depth={v.depth})")
     if c.remat not in REMAT_POLICIES:

@@ -1,4 +1,10 @@
-"""Qwen2-VL: the vision tower's features replace the `<|image_pad|>` embeddings, then the decoder runs."""
+"""A Qwen-VL model: the vision tower's features replace the `<|image_pad|>` embeddings, then the decoder runs.
+
+Qwen3-VL's DeepStack also adds the merged features of K early vision blocks to the hidden states at the image
+tokens after decoder layers 0..K-1, in every pass over a prompt (prefill, scoring, training); its image features
+are then a pair (features [B, M, D], DeepStack features [B, K, M, D]). Generated tokens are never image tokens,
+so decoding needs none.
+"""
 
 from __future__ import annotations
 
@@ -24,20 +30,35 @@ class Qwen2VL(nnx.Module):
         """[B, P / merge^2, D]: one feature per merged token of each row's patch bucket."""
         return self.visual(inputs.patches, inputs.patch_segment_ids, inputs.patch_positions)
 
-    def embed(self, input_ids_bt, image_features_bmd):
+    def embed(self, input_ids_bt, image_features):
         """Token embeddings with the k-th `<|image_pad|>` of each row replaced by its k-th image feature."""
+        features_bmd = image_features[0] if isinstance(image_features, tuple) else image_features
         x = self.text.embed(input_ids_bt)
-        is_image = input_ids_bt == self.config.image_token_id
-        index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features_bmd.shape[1] - 1)
-        features = jnp.take_along_axis(image_features_bmd, index[..., None], axis=1)
+        is_image, index = self._image_slots(input_ids_bt, features_bmd.shape[1])
+        features = jnp.take_along_axis(features_bmd, index[..., None], axis=1)
         return jnp.where(is_image[..., None], features.astype(x.dtype), x)
+
+    def deepstack(self, input_ids_bt, image_features):
+        """float[B, K, T, D]: the DeepStack features at each row's image tokens, zero elsewhere (what decoder layer
+        k < K adds); None for a model without DeepStack."""
+        if not isinstance(image_features, tuple):
+            return None
+        deepstack_bkmd = image_features[1]
+        is_image, index = self._image_slots(input_ids_bt, deepstack_bkmd.shape[2])
+        placed = jnp.take_along_axis(deepstack_bkmd, index[:, None, :, None], axis=2)
+        return jnp.where(is_image[:, None, :, None], placed, 0).astype(self.config.dtype)
+
+    def _image_slots(self, input_ids_bt, num_features: int):
+        is_image = input_ids_bt == self.config.image_token_id
+        return is_image, jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, num_features - 1)
 
     def hidden_states(self, inputs: ModelInputs, cache: KVCache | None = None, image_features=None):
         """(float[B, T, D] final-norm hidden states, updated cache or None); `image_features` given
         (`image_features(inputs)` computed before) skip the vision tower."""
         features = self.image_features(inputs) if image_features is None else image_features
         x = self.embed(inputs.input_ids, features)
-        return self.text(x, inputs.positions, inputs.attention_mask, cache)
+        return self.text(x, inputs.positions, inputs.attention_mask, cache,
+                         deepstack=self.deepstack(inputs.input_ids, features))
 
     def __call__(self, inputs: ModelInputs):
         """float[B, T, V] logits, as `Qwen2VLForConditionalGeneration(...).logits`."""

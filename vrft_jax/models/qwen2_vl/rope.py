@@ -136,14 +136,31 @@ def _inverse_frequencies(dim: int, theta: float) -> jnp.ndarray:
     return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
 
 
-def mrope_cos_sin(positions_bt3, head_dim: int, theta: float, section) -> tuple[jnp.ndarray, jnp.ndarray]:
+def mrope_axes(section, interleaved: bool = False) -> np.ndarray:
+    """int[head_dim/2]: which position id (0 time, 1 row, 2 column) each frequency of the half head reads.
+
+    Chunked (Qwen2-VL, Qwen2.5-VL): the first section[0] frequencies read time, the next section[1] rows, the
+    rest columns. Interleaved (Qwen3-VL, HF's `recomposition_frequencies`): frequency j < 3 * section[d] with
+    j % 3 == d reads axis d (d = 1, 2); every other frequency reads time.
+    """
+    half = int(sum(section))
+    if not interleaved:
+        return np.repeat(np.arange(3), section)
+    axes = np.zeros(half, np.int64)
+    for axis in (1, 2):
+        axes[axis:3 * int(section[axis]):3] = axis
+    return axes
+
+
+def mrope_cos_sin(positions_bt3, head_dim: int, theta: float, section,
+                  interleaved: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
     """float32[B, T, head_dim] cos and sin of M-RoPE.
 
-    Frequency j of the half head uses the time, row or column id according to which chunk of
-    `section` (e.g. 16/24/24) it falls in; the half is then repeated, as in HF's rotate-half layout.
+    Frequency j of the half head uses the time, row or column id that `mrope_axes` assigns it; the half is then
+    repeated, as in HF's rotate-half layout.
     """
     inv = _inverse_frequencies(head_dim, theta)
-    axis_of_freq = np.repeat(np.arange(3), section)  # static, length head_dim/2
+    axis_of_freq = mrope_axes(section, interleaved)  # static, length head_dim/2
     pos = jnp.take(positions_bt3.astype(jnp.float32), jnp.asarray(axis_of_freq), axis=-1)  # [B, T, H/2]
     freqs = pos * inv
     freqs = jnp.concatenate([freqs, freqs], axis=-1)

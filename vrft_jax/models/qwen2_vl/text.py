@@ -62,13 +62,17 @@ class Attention(nnx.Module):
         t = config.text
         self.config = config
         self.q_kernel = param(rngs, (t.hidden_size, t.num_heads, t.head_dim), ("embed", "heads", "head_dim"), config)
-        self.q_bias = param(rngs, (t.num_heads, t.head_dim), ("heads", "head_dim"), config)
         self.k_kernel = param(rngs, (t.hidden_size, t.num_kv_heads, t.head_dim), ("embed", "kv_heads", "head_dim"),
                               config)
-        self.k_bias = param(rngs, (t.num_kv_heads, t.head_dim), ("kv_heads", "head_dim"), config)
         self.v_kernel = param(rngs, (t.hidden_size, t.num_kv_heads, t.head_dim), ("embed", "kv_heads", "head_dim"),
                               config)
-        self.v_bias = param(rngs, (t.num_kv_heads, t.head_dim), ("kv_heads", "head_dim"), config)
+        if t.qkv_bias:
+            self.q_bias = param(rngs, (t.num_heads, t.head_dim), ("heads", "head_dim"), config)
+            self.k_bias = param(rngs, (t.num_kv_heads, t.head_dim), ("kv_heads", "head_dim"), config)
+            self.v_bias = param(rngs, (t.num_kv_heads, t.head_dim), ("kv_heads", "head_dim"), config)
+        if t.qk_norm:  # Qwen3: each head's q and k normalised over head_dim, before the rotation
+            self.q_norm = RMSNorm(t.head_dim, t.rms_norm_eps, config, rngs=rngs, axis="head_dim")
+            self.k_norm = RMSNorm(t.head_dim, t.rms_norm_eps, config, rngs=rngs, axis="head_dim")
         self.o_kernel = param(rngs, (t.num_heads, t.head_dim, t.hidden_size), ("heads", "head_dim", "embed"), config)
 
     def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, cache=None, prefix=None):
@@ -77,10 +81,14 @@ class Attention(nnx.Module):
         over this layer's whole cache; without one, over this sequence's own keys. In both cases also
         over `prefix = (k_pskh, v_pskh, valid_ps)` (this layer's shared prompt keys) when given.
         Returns (out_btd, (k_all, v_all) with a cache, else this sequence's (k_btkh, v_btkh))."""
-        dtype = self.config.dtype
-        q = einsum("BTD,DNH->BTNH", x_btd, self.q_kernel, self.config) + self.q_bias[...].astype(dtype)
-        k = einsum("BTD,DKH->BTKH", x_btd, self.k_kernel, self.config) + self.k_bias[...].astype(dtype)
-        v = einsum("BTD,DKH->BTKH", x_btd, self.v_kernel, self.config) + self.v_bias[...].astype(dtype)
+        dtype, t = self.config.dtype, self.config.text
+        q = einsum("BTD,DNH->BTNH", x_btd, self.q_kernel, self.config)
+        k = einsum("BTD,DKH->BTKH", x_btd, self.k_kernel, self.config)
+        v = einsum("BTD,DKH->BTKH", x_btd, self.v_kernel, self.config)
+        if t.qkv_bias:
+            q, k, v = (y + b[...].astype(dtype) for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
+        if t.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = rope.apply_rope(q, cos_bth, sin_bth)
         k = rope.apply_rope(k, cos_bth, sin_bth)
         if cache is not None:
@@ -145,7 +153,7 @@ class TextDecoder(nnx.Module):
         return jnp.take(self.embed_tokens[...], input_ids_bt, axis=0).astype(self.config.dtype)
 
     def __call__(self, x_btd, positions_bt3, attention_mask_bt, cache: KVCache | None = None,
-                 prefix: SharedPrefix | None = None, keep_kv: bool = False):
+                 prefix: SharedPrefix | None = None, keep_kv: bool = False, deepstack=None):
         """Decoder stack and final norm.
 
         Without a cache the mask is causal over this sequence's valid tokens. With a cache the tokens
@@ -159,9 +167,12 @@ class TextDecoder(nnx.Module):
         cache each layer emits its keys and values as a scan output instead: what a differentiated
         pass needs, since under the gradient a scan saves its carry at every layer, and a carried
         [L, ...] cache would be saved L times (memory quadratic in depth); outputs are saved once.
+
+        `deepstack` (Qwen3-VL, `Qwen2VL.deepstack`): float[B, K, T, D] added to the hidden states after layer
+        k < K; read by the scan, not carried, so it is held once.
         """
         t = self.config.text
-        cos, sin = rope.mrope_cos_sin(positions_bt3, t.head_dim, t.rope_theta, t.mrope_section)
+        cos, sin = rope.mrope_cos_sin(positions_bt3, t.head_dim, t.rope_theta, t.mrope_section, t.mrope_interleaved)
         cos, sin = cos.astype(self.config.dtype), sin.astype(self.config.dtype)
         length = x_btd.shape[1]
         valid = attention_mask_bt.astype(bool)
@@ -174,13 +185,23 @@ class TextDecoder(nnx.Module):
             keys_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1)
         mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & keys_valid[:, None, :]
 
+        layers = jnp.arange(t.num_layers)
+
+        def add_deepstack(x, i):
+            if deepstack is None:
+                return x
+            k = deepstack.shape[1]
+            injected = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(i, k - 1), axis=1, keepdims=False)
+            return x + jnp.where(i < k, injected, jnp.zeros_like(injected)).astype(x.dtype)
+
         if cache is None:
             def body(layer, x, xs):
-                layer_prefix = None if prefix is None else (*xs, prefix.valid)
+                i, k_pre, v_pre = xs
+                layer_prefix = None if prefix is None else (k_pre, v_pre, prefix.valid)
                 x, kv = layer(x, cos, sin, mask, None, layer_prefix)
-                return x, kv if keep_kv else None
+                return add_deepstack(x, i), kv if keep_kv else None
 
-            xs = None if prefix is None else (prefix.k, prefix.v)
+            xs = (layers, None, None) if prefix is None else (layers, prefix.k, prefix.v)
             x_btd, kv = scan_layers(self.layers, x_btd, xs, body, self.config)
             if keep_kv:
                 cache = SharedPrefix(k=kv[0], v=kv[1], valid=valid)
@@ -192,9 +213,8 @@ class TextDecoder(nnx.Module):
                 i, k_pre, v_pre = xs
                 layer_prefix = None if prefix is None else (k_pre, v_pre, prefix.valid)
                 x, (k_all, v_all) = layer(x, cos, sin, mask, (k_all, v_all, i, cache.index), layer_prefix)
-                return (x, k_all, v_all), None
+                return (add_deepstack(x, i), k_all, v_all), None
 
-            layers = jnp.arange(self.config.text.num_layers)
             xs = (layers, None, None) if prefix is None else (layers, prefix.k, prefix.v)
             (x_btd, k, v), _ = scan_layers(self.layers, (x_btd, cache.k, cache.v), xs, body, self.config)
             cache = KVCache(k=k, v=v, valid=keys_valid, index=cache.index + length)
