@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from vrft_jax import recipe
+from vrft_jax.configs import _common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALLOWED_STDERR = re.compile(r"^(platform: |error: |\(add --verbose to see where it was raised\)$)")
@@ -142,7 +143,8 @@ def test_help_exits_0(workdir, command, lists_recipes):
     if lists_recipes:
         for name in recipe.available_recipes():
             assert re.search(rf"^  {name} ", done.stdout, re.M), (name, done.stdout[:3000])
-        assert "cls_fewshot     model=2b|7b|qwen2_5_vl_3b|qwen2_5_vl_7b|qwen3_vl_2b|qwen3_vl_4b|qwen3_vl_8b  dataset=flowers|" in done.stdout
+        models = "|".join(_common.MODELS)
+        assert f"cls_fewshot     model={models}  dataset=flowers|" in done.stdout
         assert "--config.KEY=VALUE" in done.stdout and "--verbose" in done.stdout
         assert "visual-rft.md" not in done.stdout  # the project's notes are not in a clone
     if command in (EVALUATE, AOT):  # absl's required flags say so in their help
