@@ -67,7 +67,8 @@ def shrink(c):
     return c
 
 
-ARGS = {"family": ("qwen2_vl", ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")), "task": ("classification", ("classification", "detection"))}
+ARGS = {"family": ("qwen2_vl", ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")),
+        "task": ("classification", ("classification", "detection"))}
 
 
 def get_config(arg=None):
