@@ -35,6 +35,11 @@ ROWS = {
     "qwen2_5_vl_3b-v4-8": ("model=qwen2_5_vl_3b", "v4-8", "whole", "Qwen2.5-VL 3B, v4-8 (4 x 32 GiB)"),
     "qwen2_5_vl_7b-v5p-8": ("model=qwen2_5_vl_7b", "v5p-8", "whole", "Qwen2.5-VL 7B, v5p-8 (4 x 95 GiB), the default"),
     "qwen2_5_vl_7b-v4-16-sharded": ("model=qwen2_5_vl_7b", "v4-16", "sharded", "Qwen2.5-VL 7B, v4-16 (8 x 32 GiB)"),
+    "qwen3_vl_2b-v5e-8": ("model=qwen3_vl_2b", "v5e-8", "whole", "Qwen3-VL 2B, v5e-8 (8 x 16 GiB)"),
+    "qwen3_vl_4b-v5e-8": ("model=qwen3_vl_4b", "v5e-8", "whole", "Qwen3-VL 4B, v5e-8 (8 x 16 GiB)"),
+    "qwen3_vl_4b-v5e-8-sharded": ("model=qwen3_vl_4b", "v5e-8", "sharded", "Qwen3-VL 4B, v5e-8"),
+    "qwen3_vl_4b-v4-8": ("model=qwen3_vl_4b", "v4-8", "whole", "Qwen3-VL 4B, v4-8 (4 x 32 GiB)"),
+    "qwen3_vl_8b-v5p-8": ("model=qwen3_vl_8b", "v5p-8", "whole", "Qwen3-VL 8B, v5p-8 (4 x 95 GiB)"),
 }
 PHASES = ("cast", "rollout", "reference", "update")
 
@@ -45,7 +50,7 @@ def row(name: str) -> str:
     config.train.sampler_layout = layout
     result = aot.report(config, topology)
     mesh = ", ".join(f"{axis} {size}" for axis, size in result.mesh.items() if size > 1)
-    if "7b" in argument or "3b" in argument:  # these rows name the sampler's layout, which decides whether they fit
+    if argument and argument != "model=qwen3_vl_2b":  # the sampler's layout decides whether these fit
         mesh += f", sampler {layout}"
     gib = aot.GIB
     failed = [p for p in result.programs.values() if p.error]

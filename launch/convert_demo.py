@@ -1,7 +1,7 @@
 """`make convert-demo`: the conversion path end to end on a tiny random model of each family (Qwen2-VL,
-Qwen2.5-VL) with the real tokenizer.
+Qwen2.5-VL, Qwen3-VL) with the real tokenizer.
 
-    python launch/convert_demo.py [--out demo_out] [--new-tokens 32] [--family qwen2_vl,qwen2_5_vl]
+    python launch/convert_demo.py [--out demo_out] [--new-tokens 32] [--family qwen2_vl,qwen2_5_vl,qwen3_vl]
 
 For each family:
 1. write a random Hugging Face checkpoint (PyTorch, the hub layout),
@@ -35,12 +35,19 @@ FAMILIES = {
     "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration",
                    dict(depth=2, hidden_size=64, num_heads=4, out_hidden_size=128, intermediate_size=96,
                         window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)),
+    # 16-pixel patches, an 8 x 8 position table, DeepStack from both blocks
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration",
+                 dict(depth=2, hidden_size=64, num_heads=4, out_hidden_size=128, intermediate_size=96, patch_size=16,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0, 1])),
 }
+# Qwen3's decoder: a head_dim of its own (48, not 128 / 4), no q/k/v bias, interleaved M-RoPE
+QWEN3_TEXT = dict(head_dim=48, attention_bias=False,
+                  rope_parameters={"rope_type": "default", "mrope_section": [8, 8, 8], "rope_theta": 5e6})
 
 
 def tiny_hf_config(family: str) -> dict:
     """A 2-layer model of `family` with the real vocabulary and special-token ids."""
-    return dict(
+    config = dict(
         model_type=family,
         text_config=dict(vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -48,6 +55,9 @@ def tiny_hf_config(family: str) -> dict:
                          bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
         vision_config=FAMILIES[family][2],
         tie_word_embeddings=True)
+    if family == "qwen3_vl":
+        config["text_config"] = {**config["text_config"], **QWEN3_TEXT}
+    return config
 
 
 def scene(seed: int = 0) -> tuple[Image.Image, list[int]]:
@@ -105,14 +115,14 @@ def demo(family: str, out: str, args) -> bool:
     model = model_dir.load_model(flax_dir)
     print(f"[2] loaded the Flax checkpoint back from orbax: family {model.config.family}")
 
-    processor = load_processor(min_pixels=56 * 56, max_pixels=224 * 224)
+    processor = load_processor(min_pixels=56 * 56, max_pixels=224 * 224, family=family)
     image, box = scene()
     frame = frame_of(family)
     question = in_frame(detection_problem("red square"), frame)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     batch = processor(text=[text], images=[image], return_tensors="np")
-    seen_hw = tuple(int(v) * 14 for v in batch["image_grid_thw"][0][1:])
+    seen_hw = tuple(int(v) * model.config.vision.patch_size for v in batch["image_grid_thw"][0][1:])
     if frame is Frame.PIXELS:
         box = [round(v) for v in convert_boxes(box, Frame.REL1000, frame, seen_hw)]
     inputs = ModelInputs.from_hf(model.config, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],

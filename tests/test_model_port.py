@@ -205,7 +205,7 @@ def test_make_convert_demo_converts_and_decodes_every_family(tmp_path):
                            "--new-tokens", "8"], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
-    for family in ("qwen2_vl", "qwen2_5_vl"):
+    for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         assert f"== {family}" in done.stdout
-    assert done.stdout.count("HF generate gives the same tokens: True") == 2
-    assert done.stdout.count("bit-identical: True") == 2
+    assert done.stdout.count("HF generate gives the same tokens: True") == 3
+    assert done.stdout.count("bit-identical: True") == 3

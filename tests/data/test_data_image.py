@@ -73,3 +73,18 @@ def test_corrupt_and_truncated_images_raise_image_error():
         ImageGeometry(min_pixels=3136, max_pixels=401408).resized_hw(1, 500)
     with pytest.raises(FileNotFoundError):
         load_encoded("/nonexistent/image.png")
+
+
+@pytest.mark.parametrize("height,width", [(30, 47), (99, 131), (203, 317)])
+def test_qwen3_vl_patches_are_bit_identical_to_its_processor(height, width):
+    """Qwen3-VL's geometry from its config (16-pixel patches, 32-pixel tokens, 0.5 / 0.5) equals its processor's."""
+    from vrft_jax.models.qwen2_vl import Qwen2VLConfig
+    from vrft_jax.models.qwen2_vl.processor import load_image_processor
+
+    geometry = ImageGeometry.from_model(Qwen2VLConfig.qwen3_vl_2b(), min_pixels=64 * 64, max_pixels=256 * 256)
+    data = png_bytes(height, width, seed=height + width)
+    ours, grid = PatchEncoder(geometry)(to_rgb(open_image(data)))
+    ref = load_image_processor(64 * 64, 256 * 256, family="qwen3_vl")(images=[Image.open(io.BytesIO(data))],
+                                                                      return_tensors="np")
+    assert grid == tuple(ref["image_grid_thw"][0]) and ours.shape[1] == 3 * 2 * 16 * 16
+    np.testing.assert_array_equal(ours, ref["pixel_values"])
