@@ -69,6 +69,20 @@ def test_the_rollout_is_compiled_as_the_run_traces_it(lvis_2b_v4_8):
     assert all(got is None or got == made for got, made in pairs)
 
 
+@pytest.mark.parametrize("model", ["qwen2_5_vl_3b", "qwen3_vl_2b"])
+def test_each_familys_smallest_preset_fits_its_default_slice(model):
+    """One row per family beside Qwen2-VL's: the windowed vision tower (Qwen2.5-VL) and DeepStack with Qwen3's
+    decoder (Qwen3-VL) compile for the recipe's default slice, within HBM with the 10% headroom the README's
+    table shows."""
+    from vrft_jax.configs import _common
+
+    config = recipe.load(f"lvis_fewshot:model={model}")
+    r = aot.report(config, _common.MODEL_SETTINGS[model]["slice"])
+    assert not any(p.error for p in r.programs.values()) and set(r.programs) >= {"update", "prefill", "decode"}
+    assert r.fits and r.headroom >= 0.10, r.text()
+    assert f"{config.data.max_pixels // (_common.token_side(model) ** 2 // 4)} patches" in r.text()
+
+
 def test_an_impossible_layout_is_reported_as_not_fitting(capfd):
     """7B full fine-tuning on a v5e-4: fp32 weights and moments alone are 23 GiB of each chip's 16."""
     r = aot.report(recipe.load("lvis_fewshot:model=7b"), "v5e-4")

@@ -46,14 +46,16 @@ def test_the_data_asks_for_boxes_in_the_familys_frame(family, detection_data):
 
 
 @pytest.mark.parametrize("family,mode", [("qwen2_vl", "grpo"), ("qwen2_5_vl", "grpo"), ("qwen2_5_vl", "sft"),
-                                         ("qwen3_vl", "grpo")])
+                                         ("qwen3_vl", "grpo"), ("qwen3_vl", "frozen")])
 def test_a_step_of_each_family_runs_through_the_train_command(family, mode, detection_data, tmp_path):
-    """GRPO with the IoU reward in the family's frame; SFT on the answers rewritten in it (`sft.targets`)."""
+    """GRPO with the IoU reward in the family's frame; SFT on the answers rewritten in it (`sft.targets`); GRPO with
+    a frozen vision tower, whose rollout features (Qwen3-VL: with DeepStack's) the scoring and the update reuse."""
     workdir = tmp_path / "run"
     command = [sys.executable, "-m", "vrft_jax.train", f"--config={RECIPE}:family={family},task=detection",
                f"--workdir={workdir}", f"--config.data.path={os.path.join(detection_data, 'train')}",
                f"--config.eval.path={os.path.join(detection_data, 'heldout')}", "--config.total_steps=1",
-               "--config.eval_every=0", f"--config.mode={mode}", "--config.sft.max_target_len=256"]
+               "--config.eval_every=0", f"--config.mode={'grpo' if mode == 'frozen' else mode}",
+               "--config.sft.max_target_len=256", f"--config.train.freeze_vision={mode == 'frozen'}"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -206,6 +206,14 @@ class Report:
         return "\n".join(lines)
 
 
+def _image_features_spec(model_config, batch: int, patches: int, dtype, batch_layout):
+    """What `Qwen2VL.image_features` returns for a batch: [B, M, D], with DeepStack (Qwen3-VL) also [B, K, M, D]."""
+    merged, width = patches // model_config.vision.merge_tokens, model_config.text.hidden_size
+    features = _spec((batch, merged, width), dtype, batch_layout(3))
+    layers = len(model_config.vision.deepstack_visual_indexes)
+    return (features, _spec((batch, layers, merged, width), dtype, batch_layout(4))) if layers else features
+
+
 def _spec(shape, dtype, layout=None):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=layout)
 
@@ -263,9 +271,8 @@ def report(config, topology: str) -> Report:
                                      else None),
                        old_logprobs=(_spec((rows, length), jnp.float32, batch_layout(2))
                                      if train.num_iterations > 1 else None),
-                       image_features=(_spec((b, p // model_config.vision.merge_tokens, model_config.text.hidden_size),
-                                             settings.sampler_dtype, batch_layout(3))
-                                       if train.freeze_vision else None))
+                       image_features=_image_features_spec(model_config, b, p, settings.sampler_dtype, batch_layout)
+                       if train.freeze_vision else None)
 
     programs = result.programs
     step = make_train_step(graphdef, state, train, mesh=mesh)

@@ -47,7 +47,8 @@ MODEL_SETTINGS = {
     # --config.train.sampler_layout=sharded, the v5e-16 under 10% headroom: the README's fit table.
     "7b": dict(preset="qwen2_vl_7b", group_size=4, hub_id="Qwen/Qwen2-VL-7B-Instruct", slice="v5p-8"),
     # Qwen2.5-VL (boxes in pixels of the resized image): the group sizes of the Qwen2-VL size it replaces.
-    "qwen2_5_vl_3b": dict(preset="qwen2_5_vl_3b", group_size=8, hub_id="Qwen/Qwen2.5-VL-3B-Instruct", slice="v5e-8"),
+    # 3B is 1.7x the 2B: on a v5e-8 it fits only with a sharded sampler, at 10% headroom; a v4-8 holds it whole.
+    "qwen2_5_vl_3b": dict(preset="qwen2_5_vl_3b", group_size=8, hub_id="Qwen/Qwen2.5-VL-3B-Instruct", slice="v4-8"),
     "qwen2_5_vl_7b": dict(preset="qwen2_5_vl_7b", group_size=4, hub_id="Qwen/Qwen2.5-VL-7B-Instruct", slice="v5p-8"),
     # Qwen3-VL dense (boxes on the 0..1000 grid again; 32-pixel merged tokens, so the pixel budgets scale by
     # (32/28)^2 to keep the token counts): G 8 below 7B, 4 from 7B up, as for Qwen2-VL.
