@@ -1,4 +1,6 @@
-"""Qwen2-VL in Flax NNX, numerically equal to Hugging Face's `Qwen2VLForConditionalGeneration`."""
+"""The Qwen-VL families in Flax NNX (the package keeps the name of the first): Qwen2-VL, Qwen2.5-VL and Qwen3-VL
+dense, numerically equal to Hugging Face's `Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`
+and `Qwen3VLForConditionalGeneration`; `Qwen2VLConfig.family` says which."""
 
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig, TextConfig, UnsupportedConfigError, VisionConfig
 from vrft_jax.models.qwen2_vl.inputs import InputError, ModelInputs, pack_example

@@ -1,4 +1,5 @@
-"""The Qwen2 text decoder: RMSNorm, GQA with q/k/v bias, SwiGLU, M-RoPE, scanned layers, KV cache."""
+"""The text decoder (Qwen2's with q/k/v bias, or Qwen3's with q/k norms): RMSNorm, GQA, SwiGLU, M-RoPE, scanned layers,
+KV cache, and Qwen3-VL's DeepStack additions."""
 
 from __future__ import annotations
 

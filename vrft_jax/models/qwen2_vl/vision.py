@@ -1,4 +1,4 @@
-"""The Qwen2-VL and Qwen2.5-VL vision towers on static-shape patch buckets.
+"""The Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers on static-shape patch buckets.
 
 Each batch row holds the patches of its own images, padded to a fixed bucket `P` (a multiple of
 `spatial_merge_size**2`), with per-patch segment ids (k for the k-th image of the row, 0 for
@@ -11,6 +11,10 @@ the partition HF's `get_vision_window_index` makes (windows start at the image's
 last ones of a side are cut short). HF reorders the patches so that each window is contiguous for its
 variable-length kernels, and restores the order after the merger; a mask needs no reordering, and
 attention over a set of keys does not depend on their order, so the features are HF's in HF's order.
+
+Qwen3-VL adds a learned position table resampled to each image (each image's size read from its own patches'
+positions, so nothing new is passed in) and DeepStack: the blocks run in scans that end at each DeepStack block,
+whose output a merger of its own folds into the features the decoder adds after its first layers.
 """
 
 from __future__ import annotations
