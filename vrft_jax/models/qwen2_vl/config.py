@@ -339,51 +339,26 @@ class Qwen2VLConfig:
     @classmethod
     def qwen2_5_vl_3b(cls, **runtime) -> Qwen2VLConfig:
         """Qwen/Qwen2.5-VL-3B-Instruct."""
-        return cls(
-            family="qwen2_5_vl",
-            text=TextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
-                            num_heads=16, num_kv_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128000),
-            vision=_window_vit(out_dim=2048),
-            tie_word_embeddings=True,
-            **runtime,
-        )
+        return cls(family="qwen2_5_vl", text=_qwen2_5_text(151936, 2048, 11008, 36, 16, 2),
+                   vision=_window_vit(out_dim=2048), tie_word_embeddings=True, **runtime)
 
     @classmethod
     def qwen2_5_vl_7b(cls, **runtime) -> Qwen2VLConfig:
         """Qwen/Qwen2.5-VL-7B-Instruct."""
-        return cls(
-            family="qwen2_5_vl",
-            text=TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
-                            num_heads=28, num_kv_heads=4, rms_norm_eps=1e-6, max_position_embeddings=128000),
-            vision=_window_vit(out_dim=3584),
-            tie_word_embeddings=False,
-            **runtime,
-        )
+        return cls(family="qwen2_5_vl", text=_qwen2_5_text(152064, 3584, 18944, 28, 28, 4),
+                   vision=_window_vit(out_dim=3584), tie_word_embeddings=False, **runtime)
 
     @classmethod
     def qwen2_5_vl_32b(cls, **runtime) -> Qwen2VLConfig:
         """Qwen/Qwen2.5-VL-32B-Instruct."""
-        return cls(
-            family="qwen2_5_vl",
-            text=TextConfig(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64,
-                            num_heads=40, num_kv_heads=8, rms_norm_eps=1e-6, max_position_embeddings=128000),
-            vision=_window_vit(out_dim=5120),
-            tie_word_embeddings=False,
-            **runtime,
-        )
+        return cls(family="qwen2_5_vl", text=_qwen2_5_text(152064, 5120, 27648, 64, 40, 8),
+                   vision=_window_vit(out_dim=5120), tie_word_embeddings=False, **runtime)
 
     @classmethod
     def qwen2_5_vl_72b(cls, **runtime) -> Qwen2VLConfig:
         """Qwen/Qwen2.5-VL-72B-Instruct."""
-        return cls(
-            family="qwen2_5_vl",
-            text=TextConfig(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_layers=80,
-                            num_heads=64, num_kv_heads=8, rms_norm_eps=1e-6, max_position_embeddings=128000),
-            vision=_window_vit(out_dim=8192),
-            tie_word_embeddings=False,
-            **runtime,
-        )
-
+        return cls(family="qwen2_5_vl", text=_qwen2_5_text(152064, 8192, 29568, 80, 64, 8),
+                   vision=_window_vit(out_dim=8192), tie_word_embeddings=False, **runtime)
 
     @classmethod
     def qwen3_vl_2b(cls, **runtime) -> Qwen2VLConfig:
@@ -409,6 +384,12 @@ class Qwen2VLConfig:
         against the hub's config, and a run compares the checkpoint's config.json with the preset."""
         return cls(family="qwen3_vl", text=_qwen3_text(5120, 25600, 64, 64), vision=_deepstack_vit(5120, small=False),
                    tie_word_embeddings=False, **runtime)
+
+
+def _qwen2_5_text(vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int) -> TextConfig:
+    # Qwen2's decoder as every Qwen2.5-VL checkpoint configures it (the class defaults' rms_norm_eps is 1e-5).
+    return TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_layers=layers, num_heads=heads,
+                      num_kv_heads=kv_heads, rms_norm_eps=1e-6, max_position_embeddings=128000)
 
 
 def _qwen3_text(hidden: int, ffn: int, layers: int, heads: int) -> TextConfig:
