@@ -39,6 +39,9 @@ ROWS = {
     "qwen3_vl_4b-v5e-8": ("model=qwen3_vl_4b", "v5e-8", "whole", "Qwen3-VL 4B, v5e-8 (8 x 16 GiB)"),
     "qwen3_vl_4b-v5e-8-sharded": ("model=qwen3_vl_4b", "v5e-8", "sharded", "Qwen3-VL 4B, v5e-8"),
     "qwen3_vl_4b-v4-8": ("model=qwen3_vl_4b", "v4-8", "whole", "Qwen3-VL 4B, v4-8 (4 x 32 GiB)"),
+    "qwen3_vl_4b-v5e-16": ("model=qwen3_vl_4b", "v5e-16", "whole", "Qwen3-VL 4B, v5e-16 (16 x 16 GiB)"),
+    "qwen3_vl_4b-v5e-16-sharded": ("model=qwen3_vl_4b", "v5e-16", "sharded", "Qwen3-VL 4B, v5e-16"),
+    "qwen3_vl_4b-v5p-8": ("model=qwen3_vl_4b", "v5p-8", "whole", "Qwen3-VL 4B, v5p-8 (4 x 95 GiB)"),
     "qwen3_vl_8b-v5p-8": ("model=qwen3_vl_8b", "v5p-8", "whole", "Qwen3-VL 8B, v5p-8 (4 x 95 GiB)"),
 }
 PHASES = ("cast", "rollout", "reference", "update")

@@ -53,7 +53,8 @@ MODEL_SETTINGS = {
     # Qwen3-VL dense (boxes on the 0..1000 grid again; 32-pixel merged tokens, so the pixel budgets scale by
     # (32/28)^2 to keep the token counts): G 8 below 7B, 4 from 7B up, as for Qwen2-VL.
     "qwen3_vl_2b": dict(preset="qwen3_vl_2b", group_size=8, hub_id="Qwen/Qwen3-VL-2B-Instruct", slice="v5e-8"),
-    "qwen3_vl_4b": dict(preset="qwen3_vl_4b", group_size=8, hub_id="Qwen/Qwen3-VL-4B-Instruct", slice="v5e-8"),
+    # 4B (4.4B parameters) fits neither a v5e-8 nor a v4-8 (the fit table)
+    "qwen3_vl_4b": dict(preset="qwen3_vl_4b", group_size=8, hub_id="Qwen/Qwen3-VL-4B-Instruct", slice="v5p-8"),
     "qwen3_vl_8b": dict(preset="qwen3_vl_8b", group_size=4, hub_id="Qwen/Qwen3-VL-8B-Instruct", slice="v5p-8"),
 }
 
