@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-avx2 lint demo convert-demo install clean
+.PHONY: test test-avx2 test-fit lint demo convert-demo install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -19,7 +19,12 @@ install: $(STAMP)
 # Two pytest workers, one per core of CI's machine: most tests are single-threaded XLA compiles. A file's tests stay on
 # one worker (--dist loadfile), so its module fixtures (a compiled program, a dataset, a run) are made once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not fit" tests
+
+# Each further model family's step compiled for its default TPU slice (tests/test_aot.py, marked `fit`): a few
+# minutes per family, kept out of `make test` to hold it under 25 minutes on 2 cores; .ci/run runs both.
+test-fit: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m fit tests
 
 # The parity tests (marked `parity`) again on AVX2 kernels: the instruction set of most CPUs without AVX-512.
 test-avx2: $(STAMP)

@@ -72,7 +72,8 @@ def straight_two_process_run(tmp_path_factory):
 LONGEST_FIRST = ("tests/test_aot.py", "tests/test_launchers.py", "tests/test_lost_peer.py", "tests/test_pod_resume.py",
                  "tests/test_train.py", "tests/grpo/test_train_step.py", "tests/test_agreed_errors.py",
                  "tests/test_multihost.py", "tests/test_sft_baseline.py", "tests/test_grpo_iteration.py",
-                 "tests/test_sampling.py", "tests/evaluate/test_evaluators.py")
+                 "tests/test_sampling.py", "tests/evaluate/test_evaluators.py", "tests/test_families.py",
+                 "tests/test_model_parity.py", "tests/test_model_port.py")
 
 
 def pytest_collection_modifyitems(config, items):

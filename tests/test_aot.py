@@ -69,6 +69,7 @@ def test_the_rollout_is_compiled_as_the_run_traces_it(lvis_2b_v4_8):
     assert all(got is None or got == made for got, made in pairs)
 
 
+@pytest.mark.fit
 @pytest.mark.parametrize("model", ["qwen2_5_vl_3b", "qwen3_vl_2b"])
 def test_each_familys_smallest_preset_fits_its_default_slice(model):
     """One row per family beside Qwen2-VL's: the windowed vision tower (Qwen2.5-VL) and DeepStack with Qwen3's

@@ -1,10 +1,12 @@
 """Every model family end to end: a GRPO step of its tiny model through the train command, in its box frame."""
 
+import functools
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -24,9 +26,10 @@ def detection_data(tmp_path_factory):
     return directory
 
 
-def _config(family, data):
+def _config(family, data, overrides=None):
     return recipe.load(f"{RECIPE}:family={family},task=detection",
-                       {"data.path": os.path.join(data, "train"), "eval.path": os.path.join(data, "heldout")})
+                       {"data.path": os.path.join(data, "train"), "eval.path": os.path.join(data, "heldout"),
+                        **(overrides or {})})
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -45,21 +48,41 @@ def test_the_data_asks_for_boxes_in_the_familys_frame(family, detection_data):
         assert patches.max() <= 1.0 and patches.min() >= -1.0 and np.isclose(np.abs(patches).max(), 1.0)
 
 
-@pytest.mark.parametrize("family,mode", [("qwen2_vl", "grpo"), ("qwen2_5_vl", "grpo"), ("qwen2_5_vl", "sft"),
-                                         ("qwen3_vl", "grpo"), ("qwen3_vl", "frozen")])
-def test_a_step_of_each_family_runs_through_the_train_command(family, mode, detection_data, tmp_path):
-    """GRPO with the IoU reward in the family's frame; SFT on the answers rewritten in it (`sft.targets`); GRPO with
-    a frozen vision tower, whose rollout features (Qwen3-VL: with DeepStack's) the scoring and the update reuse."""
+@pytest.fixture
+def one_device(monkeypatch):
+    """`run.train` meshes over the first device only, as the command in a one-device process does."""
+    monkeypatch.setattr(recipe, "make_mesh", functools.partial(recipe.make_mesh, devices=jax.devices()[:1]))
+
+
+def _check_run(workdir, family, mode):
+    [row] = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert row["step"] == 1 and np.isfinite(row["loss"]) and (mode == "sft") != ("reward/detection_iou" in row)
+    saved = json.loads(open(os.path.join(workdir, "config.json")).read())
+    assert saved["model"].get("family", "qwen2_vl") == family and saved["rewards"]["frame"] is None
+
+
+def test_a_qwen2_5_vl_grpo_step_runs_through_the_train_command(detection_data, tmp_path):
+    """The command itself, with the family and the task as recipe arguments (the other runs call `run.train`, which
+    the command calls after parsing its flags, in this process)."""
     workdir = tmp_path / "run"
-    command = [sys.executable, "-m", "vrft_jax.train", f"--config={RECIPE}:family={family},task=detection",
+    command = [sys.executable, "-m", "vrft_jax.train", f"--config={RECIPE}:family=qwen2_5_vl,task=detection",
                f"--workdir={workdir}", f"--config.data.path={os.path.join(detection_data, 'train')}",
                f"--config.eval.path={os.path.join(detection_data, 'heldout')}", "--config.total_steps=1",
-               "--config.eval_every=0", f"--config.mode={'grpo' if mode == 'frozen' else mode}",
-               "--config.sft.max_target_len=256", f"--config.train.freeze_vision={mode == 'frozen'}"]
+               "--config.eval_every=0"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    [row] = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-    assert row["step"] == 1 and np.isfinite(row["loss"]) and (mode == "sft") != ("reward/detection_iou" in row)
-    saved = json.loads((workdir / "config.json").read_text())
-    assert saved["model"].get("family", "qwen2_vl") == family and saved["rewards"]["frame"] is None
+    _check_run(workdir, "qwen2_5_vl", "grpo")
+
+
+@pytest.mark.parametrize("family,mode", [("qwen2_vl", "grpo"), ("qwen2_5_vl", "sft"), ("qwen3_vl", "grpo"),
+                                         ("qwen3_vl", "frozen")])
+def test_a_step_of_each_family_trains_in_its_frame(family, mode, detection_data, tmp_path, one_device):
+    """GRPO with the IoU reward in the family's frame; SFT on the answers rewritten in it (`sft.targets`); GRPO with
+    a frozen vision tower, whose rollout features (Qwen3-VL: with DeepStack's) the scoring and the update reuse."""
+    config = _config(family, detection_data, {"total_steps": 1, "eval_every": 0, "sft.max_target_len": 256,
+                                              "mode": "grpo" if mode == "frozen" else mode,
+                                              "train.freeze_vision": mode == "frozen"})
+    workdir = str(tmp_path / "run")
+    run.train(config, workdir)
+    _check_run(workdir, family, mode)
