@@ -72,9 +72,10 @@ on() {  # on() HOST SCRIPT: the command that runs SCRIPT on HOST ("" for this ho
   if [ -z "$1" ]; then printf '%s\n' bash -c "$2"; else printf '%s\n' ssh "$1" "$2"; fi
 }
 background() {  # background OUT HOST SCRIPT: in its own session (a Ctrl-C reaches only this script), output to
-  # OUT ("-": this terminal); or print it with --dry-run
+  # OUT ("-": this terminal); or print it with --dry-run. No command or process substitution here: this runs
+  # after the stop trap is set, and bash 5.2 can fail parsing one when a signal arrives in the middle of it.
   local out="$1" argv
-  mapfile -t argv < <(on "$2" "$3")
+  if [ -z "$2" ]; then argv=(bash -c "$3"); else argv=(ssh "$2" "$3"); fi
   if [ "$dry_run" = 1 ]; then
     echo "$(printf '%q ' setsid "${argv[@]}")$([ "$out" = - ] || echo ">> $out 2>&1 ")&"
   elif [ "$out" = - ]; then setsid "${argv[@]}" &
@@ -152,17 +153,24 @@ stop_requested=0
 # unexpected EOF while looking for matching `)'", exit 2); a function body is parsed once, here.
 # shellcheck disable=SC2329  # invoked by the trap below
 count_stop_request() { stop_requested=$((stop_requested + 1)); }
+# Every command the loops below run is made here, before the trap: after it, no command substitution is parsed
+# (the same bash failure when the signal arrives while one is parsed, seen in test_launchers under load).
+start_cmds=() follow_cmds=() logs=() stop_term=() stop_kill=()
+for (( rank = 0; rank < count; rank++ )); do
+  start_cmds+=("$(start_command "$rank")") follow_cmds+=("$(follow_command "$rank")") logs+=("$(log_of "$rank")")
+  stop_term+=("$(stop_command "$rank" TERM)") stop_kill+=("$(stop_command "$rank" KILL)")
+done
 trap count_stop_request INT TERM
 starters=() followers=() started=1
 for (( rank = 0; rank < count; rank++ )); do
-  background "$side_log" "${host_list[$rank]}" "$(start_command "$rank")"
+  background "$side_log" "${host_list[$rank]}" "${start_cmds[$rank]}"
   starters+=($!)
 done
 for pid in "${starters[@]}"; do wait_job "$pid" || started=0; done
 [ "$started" = 1 ] || echo "the command did not start on every host (see $side_log)" >&2
 if [ "$started" = 1 ]; then
   for (( rank = 0; rank < count; rank++ )); do
-    background "$(log_of "$rank")" "${host_list[$rank]}" "$(follow_command "$rank")"
+    background "${logs[$rank]}" "${host_list[$rank]}" "${follow_cmds[$rank]}"
     followers+=($!)
   done
   while [ "$stop_requested" = 0 ]; do  # until the command has ended on every host, or a stop is asked for
@@ -178,7 +186,8 @@ if [ "$stop_requested" -gt 0 ] || [ "$started" = 0 ]; then
   while :; do
     stoppers=()
     for (( rank = 0; rank < count; rank++ )); do
-      background "$side_log" "${host_list[$rank]}" "$(stop_command "$rank" "$signal")"
+      if [ "$signal" = TERM ]; then stop="${stop_term[$rank]}"; else stop="${stop_kill[$rank]}"; fi
+      background "$side_log" "${host_list[$rank]}" "$stop"
       stoppers+=($!)
     done
     asked=$stop_requested

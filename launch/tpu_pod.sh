@@ -182,6 +182,9 @@ stop_requested=0
 # unexpected EOF while looking for matching `)'", exit 2); a function body is parsed once, here.
 # shellcheck disable=SC2329  # invoked by the trap below
 count_stop_request() { stop_requested=$((stop_requested + 1)); }
+# The stop commands are made here, before the trap: after it, no command substitution is parsed (the same bash
+# failure when the signal arrives while one is parsed).
+stop_term="$(stop_command TERM)" stop_kill="$(stop_command KILL)"
 trap count_stop_request INT TERM
 started=1
 background "$logdir/launcher.log" "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$start"
@@ -201,12 +204,12 @@ if [ "$started" = 1 ]; then
 fi
 if [ "$stop_requested" -gt 0 ] || [ "$started" = 0 ]; then
   echo "stopping: SIGTERM to the training process on every worker, then waiting until each has saved and exited" >&2
-  background "$logdir/launcher.log" "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$(stop_command TERM)"
+  background "$logdir/launcher.log" "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$stop_term"
   stopper=$! killed=0
   while kill -0 "$stopper" 2>/dev/null; do
     if [ "$stop_requested" -gt 1 ] && [ "$killed" = 0 ]; then
       echo "asked again: SIGKILL to the training process on every worker" >&2
-      "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$(stop_command KILL)" >>"$logdir/launcher.log" 2>&1 || true
+      "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$stop_kill" >>"$logdir/launcher.log" 2>&1 || true
       killed=1
     fi
     sleep 1 & wait $! || true
