@@ -114,8 +114,11 @@ _IN_MEMORY_LAYOUT = frozenset({"qwen3_vl"})
 
 def hub_name(name: str, family: str) -> str:
     """The name a checkpoint of `family` stores the canonical tensor `name` under."""
-    if family not in _IN_MEMORY_LAYOUT:
-        return name
+    return in_memory_name(name) if family in _IN_MEMORY_LAYOUT else name
+
+
+def in_memory_name(name: str) -> str:
+    """transformers 5's name in memory (its module tree: what PEFT adapters are keyed by) of a canonical name."""
     if name.startswith("visual."):
         return "model." + name
     return "model.language_model." + name[len("model."):] if name.startswith("model.") else name

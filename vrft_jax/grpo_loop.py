@@ -39,7 +39,7 @@ from vrft_jax.placement import shard_batch
 from vrft_jax.progress import Timer
 from vrft_jax.rewards.weighted import RewardBreakdown
 from vrft_jax.sampling import Rollout, SamplingConfig, detokenize, local_completions, rollout
-from vrft_jax.train_step import TrainBatch, TrainConfig, TrainState
+from vrft_jax.train_step import TrainBatch, TrainConfig, TrainState, base_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,9 @@ class RunContext:
     reward_fn:       `rewards.combine(...)`: texts, solutions, **columns -> RewardBreakdown
     tokenizer:       decodes completions
     step, score:     `train_step.make_train_step` and `scoring.make_score_fn` of this run
-    reference:       the reference parameters (None when beta = 0)
+    reference:       the reference parameters (None when beta = 0, or with LoRA)
+    base_score:      with LoRA (and beta > 0), the scorer of the base structure (`base_graphdef`): the reference
+                     is the policy with its adapters disabled, read from the train state's own frozen base
     sampler_graphdef, sampler_cast: the rollout's model structure and the jitted copy of the train
                      state's parameters into it (`sampling.sampler_graphdef`, `sampling.make_sampler_cast`)
     mesh:            None on one device
@@ -72,6 +74,7 @@ class RunContext:
     sampler_graphdef: Any
     sampler_cast: Callable[[nnx.State], nnx.State]
     mesh: Any = None
+    base_score: Callable | None = None
     reward_columns: tuple[str, ...] = ("image_hw",)
     box_frame: str = "rel1000"
     solution_frame: str = "rel1000"
@@ -157,10 +160,15 @@ def place(context: RunContext, batch: TrainBatch) -> TrainBatch:
     return batch if context.mesh is None else shard_batch(batch, context.mesh)
 
 
-def reference_logprobs(context: RunContext, batch: TrainBatch) -> TrainBatch:
-    """The reference model's logprobs for the KL term; skipped when beta = 0."""
+def reference_logprobs(context: RunContext, state: TrainState, batch: TrainBatch) -> TrainBatch:
+    """The reference model's logprobs for the KL term; skipped when beta = 0. With LoRA the reference is the
+    base model: the state's frozen parameters under the base structure (adapters disabled, nothing copied)."""
     if context.train.grpo.beta == 0:
         return batch
+    if context.train.lora:
+        if context.base_score is None:
+            raise ValueError("a LoRA run with beta > 0 needs RunContext.base_score (the base structure's scorer)")
+        return batch.replace(ref_logprobs=context.base_score(base_params(state.params), batch.scored()))
     if context.reference is None:
         raise ValueError(f"GRPOConfig.beta={context.train.grpo.beta} needs reference parameters")
     return batch.replace(ref_logprobs=context.score(context.reference, batch.scored()))
@@ -221,7 +229,7 @@ def iteration(context: RunContext, state: TrainState, batch, key, timer: Timer, 
         all_advantages = group_advantages(context, everyone.total)
         advantages = all_advantages[start:start + len(valid)]
     with timer.timed("reference"):
-        train = reference_logprobs(context, train_batch(context, inputs, out, advantages, valid))
+        train = reference_logprobs(context, state, train_batch(context, inputs, out, advantages, valid))
         train = jax.block_until_ready(old_logprobs(context, state, train))
     with timer.timed("update"):
         state, device_metrics = update(context, state, train, log=log)

@@ -4,6 +4,8 @@ disk or in a bucket (`gs://...`; every file goes through `vrft_jax.storage`).
     config.json   the HF form of the architecture, so the export back to HF is exact
     params.json   {"params": "params-<n>"}: which parameter checkpoint is the model's, written last
     params-<n>/   an orbax checkpoint of the parameters
+    lora.json     only in an adapter directory (`save_adapters`): the adapters' shape (`LoRAConfig`); its
+                  parameters are then the adapters alone, to load onto their base model (`load_adapters`)
     hf_assets/    tokenizer, processor, chat template and generation files carried over from the source HF
                   checkpoint (`HF_ASSETS`, whichever it has); what it lacks of the tokenizer and the generation
                   config, a run adds from what it trained with (`add_missing_assets`)
@@ -39,6 +41,7 @@ from flax import nnx
 
 from vrft_jax import cli, distributed, sharding, storage
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
+from vrft_jax.models.qwen2_vl.lora import LoRAConfig
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
 
 # What a Qwen2-VL hub directory holds beside its config and weights: the files transformers 4.x wrote (the hub's
@@ -48,7 +51,7 @@ HF_ASSETS = ("generation_config.json", "tokenizer.json", "tokenizer_config.json"
              "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json", "processor_config.json",
              "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja")
 GENERATION_CONFIG = "generation_config.json"
-CONFIG_FILE, POINTER_FILE, ASSETS_DIR = "config.json", "params.json", "hf_assets"
+CONFIG_FILE, POINTER_FILE, ASSETS_DIR, LORA_FILE = "config.json", "params.json", "hf_assets", "lora.json"
 PARAMS_PREFIX = "params-"
 LEGACY_PARAMS_DIR = "params"  # the layout before the pointer: loaded, replaced by the next save
 _VERSION = re.compile(r"^params-(\d+)(\..*)?$")  # a checkpoint, or orbax's unfinished `params-<n>.orbax-...-tmp-*`
@@ -56,17 +59,38 @@ _LEGACY_LEFTOVERS = ("params.pending", "params.old")
 
 
 def save_model(model: Qwen2VL, directory: str, *, hf_source: str | None = None) -> None:
-    """Write `model` to `directory`, replacing a model saved there before only once it is fully written.
+    """Write `model` (without adapters: save a LoRA model's `merge_lora`, or its adapters with `save_adapters`)
+    to `directory`, replacing a model saved there before only once it is fully written.
 
     `hf_source` (an HF checkpoint directory) supplies the config fields we do not model and the
     tokenizer/processor assets. Every process must call it (the parameters are saved collectively).
     """
+    if model.config.lora is not None:
+        raise ValueError("save_model saves a model without adapters: merge them (merge_lora) or save_adapters")
+    _save(nnx.state(model, nnx.Param), model.config, directory, hf_source)
+
+
+def save_adapters(model: Qwen2VL, directory: str) -> None:
+    """Write a LoRA model's adapters alone (with its architecture's config.json and `lora.json`) to `directory`:
+    an adapter directory, which `load_adapters` puts back onto the base and `model_port.peft` converts to and
+    from PEFT's format. Replaces an earlier save as `save_model` does; every process must call it."""
+    if model.config.lora is None:
+        raise ValueError("the model has no adapters (Qwen2VLConfig.lora is None)")
+    save_adapter_state(nnx.state(model, nnx.LoRAParam), model.config, directory)
+
+
+def save_adapter_state(adapters: nnx.State, config: Qwen2VLConfig, directory: str) -> None:
+    """`save_adapters` of the adapters' state (`nnx.LoRAParam`s) of a model of `config` (with `config.lora`)."""
+    _save(adapters, config, directory, None)
+
+
+def _save(state: nnx.State, config: Qwen2VLConfig, directory: str, hf_source: str | None) -> None:
     directory = storage.absolute(directory)
     name = distributed.from_primary(_prepare, directory)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(storage.join(directory, name), nnx.state(model, nnx.Param))
+        checkpointer.save(storage.join(directory, name), state)
         checkpointer.wait_until_finished()
-    distributed.on_primary(_publish, directory, name, model.config, hf_source)
+    distributed.on_primary(_publish, directory, name, config, hf_source)
 
 
 def load_model(directory: str, *, dtype=None, compute_dtype=None, mesh: jax.sharding.Mesh | None = None,
@@ -79,19 +103,71 @@ def load_model(directory: str, *, dtype=None, compute_dtype=None, mesh: jax.shar
     Returns the model, or (model, HF config dict).
     """
     directory = storage.absolute(directory)
+    if is_adapter_dir(directory):
+        raise ValueError(f"{directory} is an adapter directory (it holds {LORA_FILE}): load its base model, then "
+                         "load_adapters onto it")
     hf_config = json.loads(storage.read_text(storage.join(directory, CONFIG_FILE)))
     saved_dtype = jnp.dtype(hf_config.get("dtype") or "float32")
     config = Qwen2VLConfig.from_hf(hf_config, param_dtype=saved_dtype, dtype=compute_dtype or dtype or saved_dtype,
                                    **runtime)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0))))
-    placements = sharding.state_shardings(state, sharding.make_mesh() if mesh is None else mesh, rules)
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, placements)
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(params_path(directory), target)
-    model = nnx.merge(graphdef, restored)
+    model = nnx.merge(graphdef, _restore(directory, state, mesh, rules))
     if dtype is not None and jnp.dtype(dtype) != saved_dtype:
         model = with_config(model, param_dtype=dtype)
     return (model, hf_config) if with_hf_config else model
+
+
+def load_adapters(directory: str, model: Qwen2VL, *, mesh: jax.sharding.Mesh | None = None,
+                  rules=sharding.DEFAULT_RULES) -> Qwen2VL:
+    """`model` (without adapters) with the adapters saved in `directory` by `save_adapters`; the base parameters are
+    `model`'s own buffers. The adapters are laid out by `rules` over `mesh` (default: the mesh the model's
+    parameters are on, or their one device). An adapter directory of another architecture is a ValueError naming
+    the differences."""
+    directory = storage.absolute(directory)
+    if not is_adapter_dir(directory):
+        raise FileNotFoundError(f"{directory} is not an adapter directory: it has no {LORA_FILE}")
+    if model.config.lora is not None:
+        raise ValueError("the model has adapters already (Qwen2VLConfig.lora is set)")
+    if mesh is None:
+        placed = jax.tree.leaves(nnx.state(model))[0].sharding
+        mesh = placed.mesh if isinstance(placed, jax.sharding.NamedSharding) else placed
+    saved, adapters = read_adapters(directory, mesh=mesh, rules=rules)
+    differ = [f"{k}: {getattr(saved.text, k)} (adapters) vs {getattr(model.config.text, k)} (model)"
+              for k in saved.text.__dataclass_fields__ if getattr(saved.text, k) != getattr(model.config.text, k)]
+    if saved.family != model.config.family or differ:
+        raise ValueError(f"the adapters in {directory} were made for another model: family {saved.family} vs "
+                         f"{model.config.family}; " + "; ".join(differ))
+    config = model.config.replace(lora=saved.lora)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.merge_state(nnx.state(model), adapters))
+
+
+def read_adapters(directory: str, *, mesh: jax.sharding.Mesh | None = None, rules=sharding.DEFAULT_RULES
+                  ) -> tuple[Qwen2VLConfig, nnx.State]:
+    """(the model config with its `lora`, the adapters' state) saved in the adapter directory, without a base."""
+    directory = storage.absolute(directory)
+    hf_config = json.loads(storage.read_text(storage.join(directory, CONFIG_FILE)))
+    lora = LoRAConfig.from_dict(json.loads(storage.read_text(storage.join(directory, LORA_FILE))))
+    config = Qwen2VLConfig.from_hf(hf_config, param_dtype=hf_config.get("dtype") or "float32", lora=lora)
+    abstract = nnx.state(nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0))), nnx.LoRAParam)
+    return config, _restore(directory, abstract, mesh, rules)
+
+
+def _restore(directory: str, abstract: nnx.State, mesh, rules) -> nnx.State:
+    """The checkpoint in force in `directory`, laid out by `rules` over `mesh` (default: FSDP over every device),
+    or on one device when `mesh` is a single-device sharding."""
+    if isinstance(mesh, jax.sharding.SingleDeviceSharding):
+        placements = jax.tree.map(lambda _: mesh, abstract)
+    else:
+        placements = sharding.state_shardings(abstract, sharding.make_mesh() if mesh is None else mesh, rules)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, placements)
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(params_path(directory), target)
+
+
+def is_adapter_dir(directory: str) -> bool:
+    """Whether `directory` holds adapters saved by `save_adapters`."""
+    return storage.isfile(storage.join(directory, LORA_FILE)) and is_model_dir(directory)
 
 
 def params_path(directory: str) -> str:
@@ -186,6 +262,8 @@ def _publish(directory: str, name: str, config: Qwen2VLConfig, hf_source: str | 
         copy_hf_assets(hf_source, storage.join(directory, ASSETS_DIR))
     storage.write_text_atomic(storage.join(directory, CONFIG_FILE),
                               json.dumps(config.to_hf_dict(base), indent=2, sort_keys=True))
+    if config.lora is not None:
+        storage.write_text_atomic(storage.join(directory, LORA_FILE), json.dumps(config.lora.to_dict(), indent=2))
     previous = _current_params(directory)
     _write_pointer(directory, name)
     for stale in ({previous} - {None, name}) | set(_LEGACY_LEFTOVERS):
@@ -231,6 +309,45 @@ def export_hf(directory: str, out: str) -> None:
         with tempfile.TemporaryDirectory(prefix="vrft-hf-export-") as local:
             _run_model_port("flax_to_hf", "--ckpt", storage.absolute(directory), "--out", local)
             storage.copy_tree(local, out, last=(CONFIG_FILE,))
+
+    distributed.agreed(export)
+
+
+def import_peft(source: str, converted: str, config: Qwen2VLConfig) -> str:
+    """The adapter directory of `source`: itself when it is one, else `converted`, into which the PEFT adapter
+    directory is converted once (`model_port.peft`) for the architecture `config`. A collective, as `import_hf`."""
+    if is_adapter_dir(source):
+        return source
+
+    def convert():
+        if jax.process_index() != 0 or is_adapter_dir(converted):
+            return
+        with tempfile.TemporaryDirectory(prefix="vrft-peft-") as staging:
+            peft_dir = storage.local_copy(source, os.path.join(staging, "peft"))
+            base = os.path.join(staging, "base")
+            os.makedirs(base)
+            with open(os.path.join(base, CONFIG_FILE), "w", encoding="utf-8") as f:
+                json.dump(config.replace(lora=None).to_hf_dict(), f)
+            _run_model_port("peft", "import", "--peft", peft_dir, "--model", base, "--out",
+                            storage.absolute(converted))
+
+    distributed.agreed(convert)
+    return converted
+
+
+def export_peft(adapters: str, out: str, base: str | None = None) -> None:
+    """The adapter directory as a PEFT adapter directory in `out` (local or `gs://`), `base` its
+    `base_model_name_or_path`. A collective, as `export_hf`."""
+
+    def export():
+        if jax.process_index() != 0:
+            return
+        with tempfile.TemporaryDirectory(prefix="vrft-peft-export-") as local:
+            target = out if not storage.is_url(out) else local
+            _run_model_port("peft", "export", "--adapters", storage.absolute(adapters), "--out", target,
+                            *(("--base", base) if base else ()))
+            if storage.is_url(out):
+                storage.copy_tree(local, out, last=("adapter_config.json",))
 
     distributed.agreed(export)
 

@@ -56,6 +56,7 @@ from vrft_jax.fields import known_fields
 from vrft_jax.grpo import GRPOConfig
 from vrft_jax.metrics import METRIC_NAMES
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig, TextConfig, VisionConfig
+from vrft_jax.models.qwen2_vl.lora import TARGETS, LoRAConfig
 from vrft_jax.optimizer import OptimizerConfig
 from vrft_jax.rewards import RewardSpec, WeightedReward, combine, reward_options
 from vrft_jax.rewards.frames import frame_of
@@ -74,7 +75,7 @@ PRESETS = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_vl_72b", "qwen2_5_vl_3b", "qwen2
 TOP_LEVEL_KEYS = frozenset({
     "name", "slice", "mode", "seed", "total_steps", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
     "eval_every", "export_hf", "metric_names", "shared_mount", "prompts_per_step", "categories", "model", "source",
-    "data", "eval", "sampling", "grpo", "train", "rewards", "mesh", "warm_start", "sft", *SHARED})
+    "data", "eval", "sampling", "grpo", "train", "rewards", "mesh", "warm_start", "sft", "lora", *SHARED})
 OPTIONAL_KEYS = frozenset({"categories"})
 BLOCK_KEYS = {
     "model": frozenset({"preset", "checkpoint", "hub_id", "precision", "param_dtype", "dtype", "remat", "text",
@@ -87,7 +88,8 @@ BLOCK_KEYS = {
     "mesh": frozenset({"data", "fsdp", "tensor"}),
     "warm_start": frozenset({"sft_steps", "learning_rate"}),
     "sft": frozenset({"learning_rate", "warmup_steps", "weight_decay", "samples_per_step", "micro_batches",
-                      "max_target_len"}),
+                      "max_target_len", "lora_rank", "lora_alpha"}),
+    "lora": frozenset({"rank", "alpha", "targets", "rslora", "base_dtype", "init_from"}),
 }
 
 
@@ -480,7 +482,8 @@ def model_config(config: ml_collections.ConfigDict) -> Qwen2VLConfig:
     """The recipe's architecture (a preset, or "custom" from its `text` and `vision` blocks) with the
     shared dtypes and remat."""
     block = config.model
-    runtime = dict(param_dtype=block.param_dtype, dtype=block.dtype, remat=block.remat, precision=block.precision)
+    runtime = dict(param_dtype=block.param_dtype, dtype=block.dtype, remat=block.remat, precision=block.precision,
+                   lora=lora_config(config))
     if block.preset not in PRESETS:
         raise ValueError(f"model.preset={block.preset!r} is not one of {list(PRESETS)}")
     if block.preset != "custom":
@@ -495,6 +498,20 @@ def model_config(config: ml_collections.ConfigDict) -> Qwen2VLConfig:
     return Qwen2VLConfig(text=TextConfig(**block.text.to_dict()), vision=VisionConfig(**vision),
                          tie_word_embeddings=block.get("tie_word_embeddings", False),
                          family=block.get("family", "qwen2_vl"), **runtime)
+
+
+def lora_config(config: ml_collections.ConfigDict) -> LoRAConfig | None:
+    """The `lora` block's adapters, or None for full fine-tuning (rank 0)."""
+    block = config.lora
+    if block.rank < 0:
+        raise ValueError(f"lora.rank={block.rank} must be >= 0 (0: full fine-tuning)")
+    if not block.rank:
+        return None
+    names = TARGETS if block.targets == "all" else tuple(t.strip() for t in block.targets.split(",") if t.strip())
+    try:
+        return LoRAConfig(rank=block.rank, alpha=block.alpha, targets=names, rslora=block.rslora)
+    except ValueError as error:
+        raise ValueError(f"the lora block: {error} (lora.targets: 'all' or a comma-separated subset)") from None
 
 
 # The recipe's flat `train` block, split into the leaf configs TrainConfig composes: {recipe key: (leaf, field)}.
@@ -521,6 +538,8 @@ def train_config(config: ml_collections.ConfigDict) -> TrainConfig:
     """The update's settings from the `train` and `grpo` blocks (an unknown key is an error naming it)."""
     parts = _split_train_block(config)
     values = known_fields(TrainConfig, parts["train"])
+    if config.lora.rank:
+        values.update(lora=True, frozen_dtype=config.lora.base_dtype or config.compute_dtype)
     return TrainConfig(**values, grpo=GRPOConfig.from_dict(config.grpo.to_dict()),
                        optimizer=OptimizerConfig.from_dict(parts["optimizer"]),
                        scoring=ScoringConfig(**parts["scoring"]))
@@ -664,7 +683,12 @@ def how_to_make(config: ml_collections.ConfigDict, which: str = "train") -> str:
 
 def check_inputs_exist(config: ml_collections.ConfigDict) -> None:
     """MissingPathError naming the command that makes the first missing input: the training dataset,
-    the held-out one, or the initial checkpoint (a Hugging Face directory)."""
+    the held-out one, the initial checkpoint (a Hugging Face directory), or the adapters to start from."""
+    adapters = config.lora.init_from
+    if config.lora.rank and adapters and not (files.isfile(files.join(adapters, "adapter_config.json"))
+                                              or files.isfile(files.join(adapters, "lora.json"))):
+        raise MissingPathError(f"lora.init_from={adapters} is not an adapter directory: it holds neither a PEFT "
+                               "adapter_config.json nor our lora.json")
     for which, path in (("train", config.data.path), ("eval", config.eval.path)):
         if which == "eval" and not (path and config.eval_every):  # `evaluate` checks its own set
             continue

@@ -9,11 +9,13 @@ batch; the target bucket sized from the data before the first step). Both evalua
     metrics.jsonl        one row per logged step; TensorBoard events beside it; samples.jsonl
     checkpoints/         orbax steps: train state, data position, config (resumed automatically)
     eval/, report/       the held-out evaluations and the visual report
-    model/               the final model directory (`vrft_jax.model_dir`); hf/ with `export_hf=True`. Both carry
+    model/               the final model directory (`vrft_jax.model_dir`; a LoRA run's merged); hf/ with
+                         `export_hf=True`. Both carry
                          the initial checkpoint's tokenizer, processor, chat template and generation config;
                          from random weights, the packaged tokenizer and template and the rollout's stop ids
+    adapters/            a LoRA run's adapters (`model_dir.save_adapters`); peft/, their PEFT form, with `export_hf`
     warm_start/          an SFT warm start before GRPO (`warm_start.sft_steps`), a run of its own
-    initial/             the recipe's Hugging Face checkpoint, converted once
+    initial/             the recipe's Hugging Face checkpoint, converted once; initial_adapters/, `lora.init_from`'s
     heldout_before.json  the held-out reward of the initial weights, reported again on resume
 
 SIGTERM (a TPU VM's preemption notice) is heard from the first line: a run saves the step it is at (or,
@@ -44,12 +46,20 @@ from vrft_jax.data import make_iterator
 from vrft_jax.data.pipeline import open_source
 from vrft_jax.evaluate import evaluators, report
 from vrft_jax.metrics import MetricWriter, every, named, read_metrics
-from vrft_jax.models.qwen2_vl.model import Qwen2VL, random_init, with_config
+from vrft_jax.models.qwen2_vl.model import Qwen2VL, base_graphdef, merge_lora, random_init, with_config, with_lora
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer, resolve_tokenizer_path
 from vrft_jax.progress import Reporter, Timer
 from vrft_jax.rewards.frames import frame_of
 from vrft_jax.scoring import make_score_fn
-from vrft_jax.train_step import check_nonfinite, init_state, make_train_step, reference_weights
+from vrft_jax.train_step import (
+    base_params,
+    check_nonfinite,
+    checkpointed,
+    init_state,
+    make_train_step,
+    reference_weights,
+    restored,
+)
 
 SAMPLES_PER_LOG = 4  # completions written to samples.jsonl at each sample_every step
 
@@ -85,8 +95,9 @@ class ConfigChangedError(UserError, ValueError):
 def initial_model(config: ml_collections.ConfigDict, settings: recipe.Settings, workdir: str,
                   guard: checkpoints.PreemptionGuard) -> tuple[Qwen2VL | None, str | None]:
     """(model, its directory): the SFT warm start's result when the recipe asks for one, else the
-    recipe's checkpoint (an HF directory is converted once), else random weights from the seed.
-    (None, None) when the warm start was preempted."""
+    recipe's checkpoint (an HF directory is converted once), else random weights from the seed; with LoRA,
+    given its adapters (`initial_adapters`). (None, None) when the warm start was preempted."""
+    m = settings.model
     if config.mode == "grpo" and config.warm_start.sft_steps > 0:
         result = train(warm_start_config(config), storage.join(workdir, "warm_start"), guard=guard)
         if result.preempted:
@@ -95,10 +106,28 @@ def initial_model(config: ml_collections.ConfigDict, settings: recipe.Settings, 
     elif config.model.checkpoint:
         directory = model_dir.import_hf(config.model.checkpoint, storage.join(workdir, "initial"))
     else:
-        return random_init(settings.model, config.seed), None
-    model = model_dir.load_model(directory, dtype=settings.model.param_dtype)
-    m = settings.model
-    return with_config(model, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat), directory
+        return initial_adapters(config, random_init(m.replace(lora=None), config.seed), workdir), None
+    model = model_dir.load_model(directory, dtype=m.param_dtype)
+    model = with_config(model, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    return initial_adapters(config, model, workdir), directory
+
+
+def initial_adapters(config: ml_collections.ConfigDict, model: Qwen2VL, workdir: str) -> Qwen2VL:
+    """`model` with the recipe's adapters: `lora.init_from`'s (a PEFT directory is converted once, into
+    `initial_adapters/`), or fresh ones from the seed (B = 0: the base model's outputs); as it is without LoRA."""
+    lora = recipe.lora_config(config)
+    if lora is None:
+        return model
+    source = config.lora.init_from
+    if not source:
+        return with_lora(model, lora, config.seed)
+    adapters = model_dir.import_peft(source, storage.join(workdir, "initial_adapters"), model.config)
+    model = model_dir.load_adapters(adapters, model)
+    if model.config.lora != lora:
+        raise recipe.RecipeError(f"lora.init_from={source} holds adapters of rank {model.config.lora.rank}, alpha "
+                                 f"{model.config.lora.alpha}, targets {','.join(model.config.lora.targets)}, "
+                                 f"rslora {model.config.lora.rslora}: set the lora block to the same")
+    return model
 
 
 def warm_start_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -116,6 +145,7 @@ def warm_start_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
     sft_run.sft.samples_per_step = config.prompts_per_step
     sft_run.sft.micro_batches = config.train.micro_batches
     sft_run.sft.max_target_len = config.sampling.max_new_tokens
+    sft_run.sft.lora_rank, sft_run.sft.lora_alpha = config.lora.rank, config.lora.alpha  # trains as GRPO will
     sft_run.export_hf = False
     sft_run.eval_every = 0
     return sft.run_config(sft_run)
@@ -303,16 +333,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     train_config = settings.train.replace(grpo=sft.sft_config()) if sft_mode else settings.train
     graphdef, state = init_state(model, train_config, mesh=mesh)
     del model
-    reference = None
-    if not sft_mode and train_config.grpo.beta > 0:  # the initial weights, a copy the donated step never sees
+    reference = base_score = None
+    if not sft_mode and train_config.grpo.beta > 0 and train_config.lora:  # the base, adapters disabled: no copy
+        base_score = make_score_fn(base_graphdef(settings.model), base_params(state.params), train_config.scoring,
+                                   micro_batches=train_config.micro_batches, mesh=mesh)
+    elif not sft_mode and train_config.grpo.beta > 0:  # the initial weights, a copy the donated step never sees
         reference = reference_weights(state.params, train_config, mesh=mesh)
     context = grpo_loop.RunContext(
         graphdef=graphdef, train=train_config, sampling=settings.sampling, reward_fn=settings.reward_fn,
         tokenizer=tokenizer, step=make_train_step(graphdef, state, train_config, mesh=mesh),
         score=make_score_fn(graphdef, state.params, train_config.scoring, micro_batches=train_config.micro_batches,
                             mesh=mesh),
-        reference=reference, sampler_graphdef=sampling.sampler_graphdef(settings.model, settings.sampler_dtype),
-        sampler_cast=sampling.make_sampler_cast(state.params, settings.sampler_dtype, mesh, settings.sampling.layout),
+        reference=reference, base_score=base_score,
+        sampler_graphdef=sampling.sampler_graphdef(settings.model, settings.sampler_dtype),
+        sampler_cast=sampling.make_sampler_cast(state.params, settings.sampler_dtype, mesh, settings.sampling.layout,
+                                                lora=settings.model.lora),
         mesh=mesh, box_frame=recipe.box_frame(config), solution_frame=config.rewards.solution_frame)
 
     target_len = distributed.agreed(sft_target_bucket, config, settings, tokenizer) if sft_mode else None
@@ -323,10 +358,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     saved_config = checkpoints.restore_config(manager)
     if saved_config is not None:
         check_resume_config(saved_config, resolved)
-    restored = checkpoints.restore_latest(manager, checkpoints.abstract_state(state), data)
+    latest = checkpoints.restore_latest(manager, checkpoints.abstract_state(checkpointed(state, train_config)), data)
     start = 0
-    if restored is not None:
-        start, state = restored
+    if latest is not None:
+        start, state = latest[0], restored(state, latest[1], train_config)
         logging.info("resumed %s at step %d", workdir, start)
     _write_config(resolved, workdir, start)
     total = config.total_steps
@@ -356,7 +391,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
             if heldout is not None and every(step, config.eval_every, total) and not preempted:
                 heldout(step, state.params, writer)
             reporter.update(step, scalars)
-            checkpoints.save(manager, step, state, data, config=resolved, force=preempted or step == total)
+            checkpoints.save(manager, step, checkpointed(state, train_config), data, config=resolved,
+                             force=preempted or step == total)
             if preempted:
                 break
     except BaseException as error:
@@ -373,7 +409,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     if heldout is not None and heldout.last is None:  # resumed at the end: evaluate
         heldout(total, state.params, None)
     final_dir = storage.join(workdir, "model")
-    model_dir.save_model(nnx.merge(graphdef, state.params), final_dir, hf_source=source_dir)
+    final = nnx.merge(graphdef, state.params)
+    if train_config.lora:
+        model_dir.save_adapters(final, storage.join(workdir, "adapters"))
+        final = merge_lora(final, dtype=train_config.param_dtype)
+    model_dir.save_model(final, final_dir, hf_source=source_dir)
+    del final
     distributed.on_primary(model_dir.add_missing_assets, final_dir, tokenizer, settings.sampling.eos_token_ids,
                            settings.sampling.pad_token_id)
     after = None
@@ -383,6 +424,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     report_path = distributed.on_primary(write_report, config, workdir, heldout)
     if config.export_hf:  # from the saved directory: no process holds the model whole
         model_dir.export_hf(final_dir, storage.join(workdir, "hf"))
+        if train_config.lora:
+            model_dir.export_peft(storage.join(workdir, "adapters"), storage.join(workdir, "peft"),
+                                  config.model.hub_id or config.model.checkpoint or None)
     return Result(step=total, preempted=False, model_dir=final_dir, heldout_before=before, heldout_after=after,
                   report=report_path)
 

@@ -28,7 +28,8 @@ from vrft_jax import distributed, sharding
 from vrft_jax.fields import known_fields
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
-from vrft_jax.models.qwen2_vl.model import Qwen2VL
+from vrft_jax.models.qwen2_vl.lora import LoRAConfig
+from vrft_jax.models.qwen2_vl.model import Qwen2VL, merged_params
 from vrft_jax.models.qwen2_vl.text import KVCache, SharedPrefix
 from vrft_jax.padding import check_left_padded
 
@@ -155,16 +156,23 @@ def traced_on(mesh: jax.sharding.AbstractMesh | None, layout: str):
         yield
 
 
-def make_sampler_cast(params: nnx.State, dtype, mesh=None, layout: str = "whole") -> Callable[[nnx.State], nnx.State]:
+def make_sampler_cast(params: nnx.State, dtype, mesh=None, layout: str = "whole", lora: LoRAConfig | None = None
+                      ) -> Callable[[nnx.State], nnx.State]:
     """A jitted `params -> the rollout's weights`: a fresh copy in `dtype`, on a mesh in the sampling `layout`
     (`SamplingConfig.layout`). The copy is explicit, so even when nothing changes (float32 on one device) its
-    outputs are new buffers: a donated train step can never invalidate them, nor they it."""
+    outputs are new buffers: a donated train step can never invalidate them, nor they it. With `lora` (the
+    parameters' adapters) the copy is the merged model, each targeted kernel W + scale * A B summed in float32:
+    the rollout runs the base structure (`sampler_graphdef` of the config without adapters) at no cost per token."""
     dtype = jnp.dtype(dtype)
-    shardings = None if mesh is None else sharding.state_shardings(params, mesh, layout_rules(layout))
 
     def cast(params):
+        if lora is not None:
+            return merged_params(params, lora, dtype)  # new buffers: every leaf is computed or cast
         return jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params)
 
+    shardings = None
+    if mesh is not None:
+        shardings = sharding.state_shardings(jax.eval_shape(cast, params), mesh, layout_rules(layout))
     return jax.jit(cast, out_shardings=shardings)
 
 
@@ -174,8 +182,9 @@ def layout_rules(layout: str):
 
 
 def sampler_graphdef(config: Qwen2VLConfig, dtype):
-    """The model structure that computes in `dtype` over `dtype` parameters: the rollout's."""
-    config = config.replace(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+    """The model structure that computes in `dtype` over `dtype` parameters: the rollout's (a LoRA model's
+    merged, without adapters: `make_sampler_cast`)."""
+    config = config.replace(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype), lora=None)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0))))
     return graphdef
 

@@ -56,6 +56,8 @@ def run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     view.train.decay_steps = max(view.total_steps - block.warmup_steps, 1)  # 1: a run that ends in its warmup
     view.train.weight_decay = block.weight_decay
     view.train.micro_batches = block.micro_batches
+    view.lora.rank = block.lora_rank
+    view.lora.alpha = block.lora_alpha
     return view
 
 

@@ -38,6 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("vit_mlp", "tensor"),
     ("vit_merge", "fsdp"),
     ("vit_merge_out", "tensor"),
+    ("lora_rank", None),  # an adapter's inner dimension; its other dimension is laid out as its kernel's
     # activations: batch split over data x fsdp (weights are gathered, FSDP-style), features whole
     # except where tensor parallelism splits heads or the vocabulary.
     ("batch", ("data", "fsdp")),

@@ -90,9 +90,15 @@ class TrainConfig:
                       gives float32 master weights with bf16 compute)
     remat:            the model's rematerialisation policy per layer: "none", "block", "save_dots"
     freeze_vision:    train the language model only; the vision tower gets no gradient and no
-                      optimizer state, and runs once per rollout (its features travel in the batch)
+                      optimizer state, and runs once per rollout (its features travel in the batch);
+                      implied by `lora` (set to True with it: the vision tower has no adapters)
     max_consecutive_nonfinite: this many updates skipped in a row stop the run: the step only
                       counts them (`TrainState.nonfinite_streak`), `check_nonfinite` raises
+    lora:             train the model's low-rank adapters (`Qwen2VLConfig.lora`) only: the gradient, the optimizer
+                      state and the run's checkpoints hold them alone; the base is frozen, stored in
+                      `frozen_dtype`, and is the reference (the model with its adapters disabled: no copy)
+    frozen_dtype:     with `lora`, the frozen base's storage dtype; None means param_dtype (the adapters keep
+                      their own, `LoRAConfig.param_dtype`)
     reference_dtype:  the KL term's frozen reference copy stores its matrices (embeddings, kernels) in this
                       dtype, its vectors (norm scales, biases) as the parameters (`reference_weights`).
                       None: the compute dtype, which every matmul casts its weights to anyway, so the
@@ -110,6 +116,8 @@ class TrainConfig:
     remat: str = "none"
     freeze_vision: bool = False
     max_consecutive_nonfinite: int = 10
+    lora: bool = False
+    frozen_dtype: Any = None
     reference_dtype: Any = None
 
     def __post_init__(self):
@@ -117,6 +125,8 @@ class TrainConfig:
         for name in ("micro_batches", "num_iterations", "max_consecutive_nonfinite"):
             if getattr(self, name) < 1:
                 errors.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.frozen_dtype is not None and not self.lora:
+            errors.append("frozen_dtype is the frozen base's dtype under LoRA: set lora=True or leave it None")
         if self.remat not in REMAT_POLICIES:
             errors.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         if self.grpo.loss == "paper" and self.num_iterations != 1:
@@ -125,10 +135,11 @@ class TrainConfig:
         if errors:
             raise ValueError("invalid TrainConfig: " + "; ".join(errors))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
-        if self.compute_dtype is not None:
-            object.__setattr__(self, "compute_dtype", jnp.dtype(self.compute_dtype))
-        if self.reference_dtype is not None:
-            object.__setattr__(self, "reference_dtype", jnp.dtype(self.reference_dtype))
+        if self.lora:
+            object.__setattr__(self, "freeze_vision", True)
+        for name in ("compute_dtype", "frozen_dtype", "reference_dtype"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -199,6 +210,8 @@ def check_nonfinite(state: TrainState, config: TrainConfig) -> None:
 
 def trainable_filter(config: TrainConfig):
     """The nnx filter of the parameters that get gradients and optimizer state."""
+    if config.lora:
+        return nnx.LoRAParam
     if config.freeze_vision:
         return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("visual")))
     return nnx.Param
@@ -210,9 +223,33 @@ def split_params(params: nnx.State, config: TrainConfig) -> tuple[nnx.State, nnx
 
 
 def prepare_model(model: Qwen2VL, config: TrainConfig) -> Qwen2VL:
-    """The model under the training dtypes and remat policy (parameters cast to param_dtype)."""
-    return with_config(model, param_dtype=config.param_dtype, dtype=config.compute_dtype or config.param_dtype,
+    """The model under the training dtypes and remat policy (parameters cast to param_dtype; with LoRA the base
+    to `frozen_dtype`, the adapters kept in theirs)."""
+    if config.lora != (model.config.lora is not None):
+        raise ValueError(f"TrainConfig.lora={config.lora} but the model has {'' if model.config.lora else 'no '}"
+                         "adapters (Qwen2VLConfig.lora; `with_lora` adds them)")
+    param_dtype = (config.frozen_dtype or config.param_dtype) if config.lora else config.param_dtype
+    return with_config(model, param_dtype=param_dtype, dtype=config.compute_dtype or config.param_dtype,
                        remat=config.remat)
+
+
+def checkpointed(state: TrainState, config: TrainConfig) -> TrainState:
+    """What a run checkpoint holds of `state`: all of it, or with LoRA all but the frozen base (which the run
+    rebuilds from its source: the checkpoint holds the adapters and their optimizer state)."""
+    return state.replace(params=split_params(state.params, config)[0]) if config.lora else state
+
+
+def restored(state: TrainState, saved: TrainState, config: TrainConfig) -> TrainState:
+    """`state` (a fresh one, whose frozen base is the run's) with the restored `checkpointed` part."""
+    if not config.lora:
+        return saved
+    return saved.replace(params=nnx.merge_state(split_params(state.params, config)[1], saved.params))
+
+
+def base_params(params: nnx.State) -> nnx.State:
+    """A LoRA model's base parameters (the adapters left out): with `models.qwen2_vl.model.base_graphdef` the
+    model with its adapters disabled, i.e. the reference, held once with the policy."""
+    return nnx.filter_state(params, nnx.Not(nnx.LoRAParam))
 
 
 # ---------------------------------------------------------------------------------------------- objective

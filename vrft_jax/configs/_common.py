@@ -245,13 +245,26 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.warm_start = dict(sft_steps=0, learning_rate=1e-5)  # SFT before GRPO (the demo's); 0 = none
 
+    # LoRA (`vrft_jax.models.qwen2_vl.lora`): rank 0 is full fine-tuning. With rank > 0 only adapters on the language
+    # model's projections train (`targets`: "all" = q/k/v/o/gate/up/down, or a comma-separated subset), the frozen
+    # base is stored in `base_dtype` (None: the compute dtype, which the matmuls read anyway) and is the KL's
+    # reference (adapters disabled: no copy), the sampler runs the merged model. EasyR1, verl and VLM-R1 use rank
+    # 64 and a learning rate about 10x full fine-tuning's (1e-5 against 1e-6): set train.learning_rate with it.
+    # `init_from`: a PEFT adapter directory (or one of ours) to start from instead of fresh adapters.
+    c.lora = dict(rank=0, alpha=64.0, targets="all", rslora=False, base_dtype=config_dict.placeholder(str),
+                  init_from="")
+
     # `mode="sft"`: the paper's SFT baseline, LLaMA-Factory's run of issue #34 (visual-rft.md §6): 200 steps (the
-    # recipe's total_steps), `--warmup_steps 100 --weight_decay 0.1`, per-device batch 1 x grad-acc 8 x 8 GPUs.
-    # It was LoRA (`--finetuning_type lora`); this is full fine-tuning until the LoRA issue lands.
+    # recipe's total_steps), `--warmup_steps 100 --weight_decay 0.1`, per-device batch 1 x grad-acc 8 x 8 GPUs,
+    # `--finetuning_type lora` with LLaMA-Factory's LoRA defaults (rank 8, alpha 2 x rank, every linear layer of
+    # the language model, the vision tower frozen): the sft block's lora_rank and lora_alpha, which replace the
+    # lora block's rank and alpha in an SFT run (lora_rank=0: full fine-tuning; lower the learning rate with it).
     c.sft = dict(
+        lora_rank=8,
+        lora_alpha=16.0,
         # A guess: visual-rft.md gives no SFT learning rate (issue #34 does not show it). LLaMA-Factory's LoRA
-        # examples use 1e-4, its full fine-tuning examples about 1e-5: full fine-tuning here, so 1e-5.
-        learning_rate=1e-5,
+        # examples use 1e-4 (its full fine-tuning examples about 1e-5).
+        learning_rate=1e-4,
         warmup_steps=100,  # issue #34; then linear decay to 0 (HF's default schedule: a guess, #34 names none)
         weight_decay=0.1,  # issue #34 (not on biases and norms, as HF's Trainer)
         samples_per_step=64,  # issue #34: 8 GPUs x 1 sample x 8 accumulation steps

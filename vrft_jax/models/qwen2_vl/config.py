@@ -1,6 +1,6 @@
 """The configuration of a Qwen-VL family model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense): the architecture (read from /
 written to a Hugging Face `config.json`) plus the runtime choices that are ours alone (parameter and
-compute dtypes, remat, matmul precision).
+compute dtypes, remat, matmul precision, LoRA adapters).
 
 Hugging Face's own config class of the family (`transformers.Qwen2VLConfig`, `Qwen2_5_VLConfig`, `Qwen3VLConfig`) parses
 the file, so the nested transformers-5 form, the hub's legacy flat form (`rope_scaling={"type": "mrope",
@@ -20,6 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from vrft_jax.cli import UserError
+from vrft_jax.models.qwen2_vl.lora import LoRAConfig
 
 # model_type -> (the HF architecture, the HF config class): the families this port implements.
 FAMILIES = {
@@ -141,6 +142,7 @@ class Qwen2VLConfig:
     dtype: Any = jnp.float32  # compute dtype
     remat: str = "none"  # "none" | "block" (recompute each layer) | "save_dots" (keep matmul outputs)
     precision: str | None = None  # jax.lax.Precision name for matmuls; None = backend default
+    lora: LoRAConfig | None = None  # low-rank adapters on the language model's projections (`lora.py`)
 
     def __post_init__(self):
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))

@@ -41,9 +41,17 @@ def precision(config: Qwen2VLConfig):
     return None if config.precision is None else jax.lax.Precision[config.precision.upper()]
 
 
-def einsum(spec: str, x, w: nnx.Param, config: Qwen2VLConfig):
-    """`jnp.einsum` of an activation with a parameter cast to the compute dtype."""
-    return jnp.einsum(spec, x, w[...].astype(config.dtype), precision=precision(config))
+def einsum(spec: str, x, w: nnx.Param, config: Qwen2VLConfig, adapter=None):
+    """`jnp.einsum` of an activation with a parameter cast to the compute dtype, plus `adapter`'s low-rank
+    update (`lora.Adapter`) when the projection has one."""
+    y = jnp.einsum(spec, x, w[...].astype(config.dtype), precision=precision(config))
+    if adapter is None:
+        return y
+    # The barrier keeps XLA from fusing the base product with the adapter's work (its output into the sum, its
+    # input x into a merged wider product), which would round it differently: the base path computes what the
+    # base model does, and adapters with B = 0 give its outputs bit for bit.
+    y, x = jax.lax.optimization_barrier((y, x))
+    return y + adapter(spec, x, config.dtype, precision(config))
 
 
 class RMSNorm(nnx.Module):

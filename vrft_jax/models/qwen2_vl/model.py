@@ -16,6 +16,7 @@ from flax import nnx
 
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
+from vrft_jax.models.qwen2_vl.lora import LoRAConfig
 from vrft_jax.models.qwen2_vl.text import KVCache, SharedPrefix, TextDecoder
 from vrft_jax.models.qwen2_vl.vision import VisionTower
 
@@ -82,13 +83,84 @@ class Qwen2VL(nnx.Module):
 
 
 def with_config(model: Qwen2VL, **changes) -> Qwen2VL:
-    """The same weights under a changed runtime config (e.g. `param_dtype`, `dtype`, `remat`);
-    parameters are cast when `param_dtype` changes. Otherwise the new model shares the original's
-    buffers, so donating one model's state to a jitted function invalidates the other."""
+    """The same weights under a changed runtime config (e.g. `param_dtype`, `dtype`, `remat`); parameters are
+    cast to the new structure's dtypes (the base's `param_dtype`, the adapters' own). Otherwise the new model
+    shares the original's buffers, so donating one model's state to a jitted function invalidates the other.
+    Adding or removing adapters changes the parameters: `with_lora`, `without_lora`, `merge_lora`."""
     config = model.config.replace(**changes)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0))))
-    state = jax.tree.map(lambda x: x.astype(config.param_dtype), nnx.state(model))
+    if (config.lora is None) != (model.config.lora is None) or (
+            config.lora is not None and config.lora.replace(param_dtype=model.config.lora.param_dtype)
+            != model.config.lora):
+        raise ValueError("with_config cannot change the adapters: use with_lora, without_lora or merge_lora")
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0))))
+    state = jax.tree.map(lambda x, a: x.astype(a.dtype), nnx.state(model), abstract)
     return nnx.merge(graphdef, state)
+
+
+def with_lora(model: Qwen2VL, lora: LoRAConfig, seed: int) -> Qwen2VL:
+    """`model` (without adapters) with fresh adapters of shape `lora` on its language model: A drawn from `seed`,
+    B zero, so its logits are the base model's bit for bit. The base parameters are `model`'s own buffers."""
+    if model.config.lora is not None:
+        raise ValueError("the model has adapters already (Qwen2VLConfig.lora is set)")
+    config = model.config.replace(lora=lora)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.merge_state(nnx.state(model), _adapter_state(config, seed)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _adapter_state(config: Qwen2VLConfig, seed: int) -> nnx.State:
+    # The whole model is built, but only its adapters are returned: XLA drops the rest of the program.
+    return nnx.state(Qwen2VL(config, rngs=nnx.Rngs(seed)), nnx.LoRAParam)
+
+
+def base_graphdef(config: Qwen2VLConfig):
+    """The structure of `config`'s model without adapters: over a LoRA model's non-adapter parameters
+    (`nnx.state(model, nnx.Not(nnx.LoRAParam))`) it is the base model, with the adapters disabled."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen2VL(config.replace(lora=None), rngs=nnx.Rngs(0))))
+    return graphdef
+
+
+def without_lora(model: Qwen2VL) -> Qwen2VL:
+    """The base model under `model`'s adapters, sharing its buffers (the adapters disabled, not merged)."""
+    return nnx.merge(base_graphdef(model.config), nnx.state(model, nnx.Not(nnx.LoRAParam)))
+
+
+def merge_lora(model: Qwen2VL, dtype=None) -> Qwen2VL:
+    """The model without adapters whose kernels are W + scale * A B, computed in float32 and stored in `dtype`
+    (default: the base's `param_dtype`); new buffers. A model without adapters is returned as it is."""
+    if model.config.lora is None:
+        return model
+    config = model.config.replace(lora=None)
+    if dtype is not None:
+        config = config.replace(param_dtype=dtype)
+    merged = jax.jit(merged_params, static_argnums=(1, 2))(nnx.state(model), model.config.lora, config.param_dtype)
+    return nnx.merge(base_graphdef(config), merged)
+
+
+def merged_params(params: nnx.State, lora: LoRAConfig, dtype) -> nnx.State:
+    """A LoRA model's parameters as the base structure's: each targeted kernel W + scale * A B (summed in
+    float32), every leaf a new buffer in `dtype`. Jit it: the float32 sums are then transient, one kernel at a
+    time."""
+    flat = dict(nnx.to_flat_state(params))
+    merged = []
+    for path, variable in flat.items():
+        if isinstance(variable, nnx.LoRAParam):
+            continue
+        value = variable[...]
+        owner = path[:-1] + (path[-1].replace("_kernel", "_lora"),)
+        if owner + ("a",) in flat:
+            value = value.astype(jnp.float32) + lora_delta(flat[owner + ("a",)][...], flat[owner + ("b",)][...],
+                                                           lora.scale)
+        merged.append((path, variable.replace(jnp.array(value, dtype=dtype, copy=True))))
+    return nnx.from_flat_state(merged)
+
+
+def lora_delta(a, b, scale: float):
+    """float32 scale * A B of stacked adapters: A [L, *in, r], B [L, r, *out] -> [L, *in, *out]."""
+    layers, rank = a.shape[0], a.shape[-1]
+    product = jnp.matmul(a.astype(jnp.float32).reshape(layers, -1, rank),
+                         b.astype(jnp.float32).reshape(layers, rank, -1), precision=jax.lax.Precision.HIGHEST)
+    return scale * product.reshape(a.shape[:-1] + b.shape[2:])
 
 
 def random_init(config: Qwen2VLConfig, seed: int) -> Qwen2VL:

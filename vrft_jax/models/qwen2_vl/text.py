@@ -11,6 +11,7 @@ from flax import nnx
 from vrft_jax.models.qwen2_vl import rope
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.layers import RMSNorm, attention, einsum, param, prefix_attention, scan_layers, stacked
+from vrft_jax.models.qwen2_vl.lora import adapter
 from vrft_jax.sharding import constrain
 
 
@@ -75,6 +76,13 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(t.head_dim, t.rms_norm_eps, config, rngs=rngs, axis="head_dim")
             self.k_norm = RMSNorm(t.head_dim, t.rms_norm_eps, config, rngs=rngs, axis="head_dim")
         self.o_kernel = param(rngs, (t.num_heads, t.head_dim, t.hidden_size), ("heads", "head_dim", "embed"), config)
+        embed = ((t.hidden_size,), ("embed",))
+        self.q_lora = adapter("q_proj", *embed, (t.num_heads, t.head_dim), ("heads", "head_dim"), config, rngs=rngs)
+        self.k_lora = adapter("k_proj", *embed, (t.num_kv_heads, t.head_dim), ("kv_heads", "head_dim"), config,
+                              rngs=rngs)
+        self.v_lora = adapter("v_proj", *embed, (t.num_kv_heads, t.head_dim), ("kv_heads", "head_dim"), config,
+                              rngs=rngs)
+        self.o_lora = adapter("o_proj", (t.num_heads, t.head_dim), ("heads", "head_dim"), *embed, config, rngs=rngs)
 
     def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, cache=None, prefix=None):
         """Self-attention. With `cache = (k_all, v_all, layer, index)` (the stacked caches of every
@@ -83,9 +91,9 @@ class Attention(nnx.Module):
         over `prefix = (k_pskh, v_pskh, valid_ps)` (this layer's shared prompt keys) when given.
         Returns (out_btd, (k_all, v_all) with a cache, else this sequence's (k_btkh, v_btkh))."""
         dtype, t = self.config.dtype, self.config.text
-        q = einsum("BTD,DNH->BTNH", x_btd, self.q_kernel, self.config)
-        k = einsum("BTD,DKH->BTKH", x_btd, self.k_kernel, self.config)
-        v = einsum("BTD,DKH->BTKH", x_btd, self.v_kernel, self.config)
+        q = einsum("BTD,DNH->BTNH", x_btd, self.q_kernel, self.config, self.q_lora)
+        k = einsum("BTD,DKH->BTKH", x_btd, self.k_kernel, self.config, self.k_lora)
+        v = einsum("BTD,DKH->BTKH", x_btd, self.v_kernel, self.config, self.v_lora)
         if t.qkv_bias:
             q, k, v = (y + b[...].astype(dtype) for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
         if t.qk_norm:
@@ -108,7 +116,7 @@ class Attention(nnx.Module):
             k_pre, v_pre, valid_pre = prefix
             out = prefix_attention(q, k.astype(dtype), v.astype(dtype), mask_bts, k_pre.astype(dtype),
                                    v_pre.astype(dtype), valid_pre, self.config)
-        return einsum("BTNH,NHD->BTD", out, self.o_kernel, self.config), cache
+        return einsum("BTNH,NHD->BTD", out, self.o_kernel, self.config, self.o_lora), cache
 
 
 class MLP(nnx.Module):
@@ -118,11 +126,15 @@ class MLP(nnx.Module):
         self.gate_kernel = param(rngs, (t.hidden_size, t.intermediate_size), ("embed", "mlp"), config)
         self.up_kernel = param(rngs, (t.hidden_size, t.intermediate_size), ("embed", "mlp"), config)
         self.down_kernel = param(rngs, (t.intermediate_size, t.hidden_size), ("mlp", "embed"), config)
+        embed, mlp = ((t.hidden_size,), ("embed",)), ((t.intermediate_size,), ("mlp",))
+        self.gate_lora = adapter("gate_proj", *embed, *mlp, config, rngs=rngs)
+        self.up_lora = adapter("up_proj", *embed, *mlp, config, rngs=rngs)
+        self.down_lora = adapter("down_proj", *mlp, *embed, config, rngs=rngs)
 
     def __call__(self, x_btd):
-        gate = einsum("BTD,DF->BTF", x_btd, self.gate_kernel, self.config)
-        up = einsum("BTD,DF->BTF", x_btd, self.up_kernel, self.config)
-        return einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_kernel, self.config)
+        gate = einsum("BTD,DF->BTF", x_btd, self.gate_kernel, self.config, self.gate_lora)
+        up = einsum("BTD,DF->BTF", x_btd, self.up_kernel, self.config, self.up_lora)
+        return einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_kernel, self.config, self.down_lora)
 
 
 class DecoderLayer(nnx.Module):
