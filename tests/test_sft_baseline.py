@@ -25,11 +25,12 @@ from vrft_jax.data.storage import read_records, write_dataset
 from vrft_jax.metrics import read_metrics
 from vrft_jax.models.qwen2_vl.tokenizer import load_tokenizer
 
-# The values `configs/_common.py` documents for the `sft` block: issue #34's warmup, weight decay and
-# 8 GPUs x 1 x 8 accumulation samples per step; the learning rate, micro-batches and target limit are its
-# marked guesses.
-DOCUMENTED = dict(learning_rate=1e-5, warmup_steps=100, weight_decay=0.1, samples_per_step=64, micro_batches=1,
-                  max_target_len=1024)
+# The values `configs/_common.py` documents for the `sft` block: issue #34's LoRA (LLaMA-Factory's rank 8 and
+# alpha 16), warmup, weight decay and 8 GPUs x 1 x 8 accumulation samples per step; the learning rate,
+# micro-batches and target limit are its marked guesses.
+DOCUMENTED = dict(lora_rank=8, lora_alpha=16.0, learning_rate=1e-4, warmup_steps=100, weight_decay=0.1,
+                  samples_per_step=64, micro_batches=1, max_target_len=1024)
+RATE = DOCUMENTED["learning_rate"]
 GRPO_RATE, GRPO_PROMPTS = 1e-6, 16  # what the SFT mode inherited before it had a block (review-3 H2)
 
 
@@ -39,7 +40,10 @@ def test_the_sft_block_holds_the_values_the_recipe_documents_and_the_run_uses_th
     grpo_run = recipe.build(config, check_paths=False, process_count=1)
     sft_run = recipe.build(sft.run_config(config), check_paths=False, process_count=1)
     optimizer = sft_run.train.optimizer
-    assert (optimizer.learning_rate, optimizer.warmup_steps, optimizer.weight_decay) == (1e-5, 100, 0.1)
+    assert (optimizer.learning_rate, optimizer.warmup_steps, optimizer.weight_decay) == (RATE, 100, 0.1)
+    # The baseline trains LoRA adapters of the block's rank and alpha; the GRPO run fine-tunes fully.
+    assert sft_run.train.lora and (sft_run.model.lora.rank, sft_run.model.lora.alpha) == (8, 16.0)
+    assert not grpo_run.train.lora and grpo_run.model.lora is None
     # Warmup, then linear decay to 0 over the rest of the recipe's 750 steps.
     assert (optimizer.decay_steps, optimizer.end_learning_rate, config.total_steps) == (650, 0.0, 750)
     assert (sft_run.data.batch_size, sft_run.train.micro_batches) == (64, 1)
@@ -109,10 +113,10 @@ def test_sft_on_coco_base65_trains_a_600_token_answer_whole_and_evaluates_in_the
     # The baseline's optimizer, not GRPO's: the recipe's peak and its 100-step warmup from 0.
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert {k: saved["train"][k] for k in ("learning_rate", "warmup_steps", "weight_decay")} == dict(
-        learning_rate=1e-5, warmup_steps=100, weight_decay=0.1)
+        learning_rate=RATE, warmup_steps=100, weight_decay=0.1)
     assert saved["prompts_per_step"] == 2
     for step in (1, 2):
-        assert math.isclose(rows[step]["learning_rate"], 1e-5 * (step - 1) / 100, rel_tol=1e-5, abs_tol=1e-12)
+        assert math.isclose(rows[step]["learning_rate"], RATE * (step - 1) / 100, rel_tol=1e-5, abs_tol=1e-12)
     # The in-loop evaluation, as a GRPO run's: before training and after each step, with greedy answers.
     for step in (0, 1, 2):
         metrics = json.load(open(os.path.join(workdir, "eval", f"step_{step}.json")))

@@ -282,7 +282,8 @@ def heldout_cross_entropy(settings, params, tokenizer, score) -> tuple[float, in
 
 
 def test_sft_lowers_the_heldout_cross_entropy(data_dir, tmp_path, one_device, monkeypatch):
-    config = tiny_config(data_dir, {"mode": "sft", "total_steps": 8, "sft.learning_rate": 3e-2})
+    # Full fine-tuning (the sft block's LoRA default is tests/test_lora_run.py's).
+    config = tiny_config(data_dir, {"mode": "sft", "total_steps": 8, "sft.learning_rate": 3e-2, "sft.lora_rank": 0})
     marks, seen = compiles_per_step(monkeypatch, sft, "iteration")
     with counting_compiles() as names:
         seen["names"] = names
