@@ -21,8 +21,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not fit" tests
 
-# Each further model family's step compiled for its default TPU slice (tests/test_aot.py, marked `fit`): a few
-# minutes per family, kept out of `make test` to hold it under 25 minutes on 2 cores; .ci/run runs both.
+# Each further model family's step compiled for its default TPU slice, and 7B LoRA's for a v5e-8
+# (tests/test_aot.py, marked `fit`): minutes each, kept out of `make test` to hold it under 25 minutes on 2
+# cores; .ci/run runs both.
 test-fit: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m fit tests
 

@@ -18,7 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vrft_jax import aot, recipe  # noqa: E402
 
-# name -> (recipe argument, topology, sampler layout, the row's label)
+LORA = {"lora.rank": 64}  # EasyR1's and verl's rank, on every projection of the language model
+
+# name -> (recipe argument, topology, sampler layout, the row's label[, recipe overrides])
 ROWS = {
     "2b-v4-8": ("", "v4-8", "whole", "2B, v4-8 (4 x 32 GiB)"),
     "2b-v5e-8": ("", "v5e-8", "whole", "2B, v5e-8 (8 x 16 GiB), the default"),
@@ -43,13 +45,29 @@ ROWS = {
     "qwen3_vl_4b-v5e-16-sharded": ("model=qwen3_vl_4b", "v5e-16", "sharded", "Qwen3-VL 4B, v5e-16"),
     "qwen3_vl_4b-v5p-8": ("model=qwen3_vl_4b", "v5p-8", "whole", "Qwen3-VL 4B, v5p-8 (4 x 95 GiB)"),
     "qwen3_vl_8b-v5p-8": ("model=qwen3_vl_8b", "v5p-8", "whole", "Qwen3-VL 8B, v5p-8 (4 x 95 GiB)"),
+    # LoRA (the largest preset of each family on each default slice)
+    "7b-lora-v5e-8-sharded": ("model=7b", "v5e-8", "sharded", "7B LoRA r64, v5e-8 (8 x 16 GiB)", LORA),
+    "7b-lora-v5e-8-whole": ("model=7b", "v5e-8", "whole", "7B LoRA r64, v5e-8", LORA),
+    "7b-lora-v4-8-sharded": ("model=7b", "v4-8", "sharded", "7B LoRA r64, v4-8 (4 x 32 GiB)", LORA),
+    "7b-lora-v4-8-whole": ("model=7b", "v4-8", "whole", "7B LoRA r64, v4-8", LORA),
+    "7b-lora-v5p-8": ("model=7b", "v5p-8", "whole", "7B LoRA r64, v5p-8 (4 x 95 GiB)", LORA),
+    "qwen2_5_vl_7b-lora-v5e-8-sharded": ("model=qwen2_5_vl_7b", "v5e-8", "sharded",
+                                         "Qwen2.5-VL 7B LoRA r64, v5e-8 (8 x 16 GiB)", LORA),
+    "qwen2_5_vl_7b-lora-v4-8": ("model=qwen2_5_vl_7b", "v4-8", "sharded",
+                                "Qwen2.5-VL 7B LoRA r64, v4-8 (4 x 32 GiB)", LORA),
+    "qwen3_vl_8b-lora-v5e-8-sharded": ("model=qwen3_vl_8b", "v5e-8", "sharded",
+                                       "Qwen3-VL 8B LoRA r64, v5e-8 (8 x 16 GiB)", LORA),
+    "qwen3_vl_8b-lora-v4-8": ("model=qwen3_vl_8b", "v4-8", "sharded", "Qwen3-VL 8B LoRA r64, v4-8 (4 x 32 GiB)",
+                              LORA),
+    "qwen3_vl_8b-lora-v5p-8": ("model=qwen3_vl_8b", "v5p-8", "whole", "Qwen3-VL 8B LoRA r64, v5p-8 (4 x 95 GiB)",
+                               LORA),
 }
 PHASES = ("cast", "rollout", "reference", "update")
 
 
 def row(name: str) -> str:
-    argument, topology, layout, label = ROWS[name]
-    config = recipe.load("lvis_fewshot" + (f":{argument}" if argument else ""))
+    argument, topology, layout, label, *overrides = ROWS[name]
+    config = recipe.load("lvis_fewshot" + (f":{argument}" if argument else ""), *overrides)
     config.train.sampler_layout = layout
     result = aot.report(config, topology)
     mesh = ", ".join(f"{axis} {size}" for axis, size in result.mesh.items() if size > 1)

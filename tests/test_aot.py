@@ -84,6 +84,29 @@ def test_each_familys_smallest_preset_fits_its_default_slice(model):
     assert f"{config.data.max_pixels // (_common.token_side(model) ** 2 // 4)} patches" in r.text()
 
 
+@pytest.mark.fit
+def test_7b_lora_fits_a_v5e_8_with_ten_percent_headroom():
+    """Issue 22: the LoRA step (the frozen bf16 base, float32 rank-64 adapters and their moments, no reference
+    copy: the reference scorer reads the base from the state) of 7B on the chips full fine-tuning needs a
+    v5p-8 for. The sampler is sharded: each fsdp group's whole bf16 copy alone would be 15.4 GiB of 16."""
+    config = recipe.load("lvis_fewshot:model=7b", {"lora.rank": 64, "train.sampler_layout": "sharded"})
+    r = aot.report(config, "v5e-8")
+    print(r.text(30.0))
+    assert not any(p.error for p in r.programs.values()), r.text()
+    assert set(r.programs) == {"update", "reference", "cast", "prefill", "decode"}
+    assert r.fits and r.headroom >= 0.10, r.text()
+    text = recipe.build(config, check_paths=False, process_count=1).model.text
+    rank, width, q, kv = 64, text.hidden_size, text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim
+    per_layer = rank * (2 * (width + q) + 2 * (width + kv) + 3 * (width + text.intermediate_size))
+    assert r.adapters == text.num_layers * per_layer  # q, o; k, v; gate, up, down
+    assert r.reference == 0 and "reference" in r.phases
+    # Per chip: the bf16 base, and the float32 adapters with two AdamW moments, all split over the 8 chips.
+    expected = (2 * r.parameters + 12 * r.adapters) / r.slice.devices
+    assert expected <= r.state <= expected * 1.02, (r.state, expected)
+    # The reference phase adds the scorer's batch and temporaries to the state it reads, nothing copied.
+    assert r.phases["reference"] < r.state + r.programs["reference"].peak
+
+
 def test_an_impossible_layout_is_reported_as_not_fitting(capfd):
     """7B full fine-tuning on a v5e-4: fp32 weights and moments alone are 23 GiB of each chip's 16."""
     r = aot.report(recipe.load("lvis_fewshot:model=7b"), "v5e-4")

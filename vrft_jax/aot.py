@@ -10,6 +10,10 @@ a step, as `grpo_loop.iteration` holds it:
     reference  train state + reference weights + the scorer's batch and temporaries (beta > 0 only)
     update     reference weights + the update (the donated state, batch, gradients, temporaries)
 
+With LoRA (the recipe's `lora.rank`) the train state is the frozen base in `lora.base_dtype` plus the adapters
+and their optimizer state; there are no reference weights (the reference is the base, read from the state by
+the base structure's scorer), and the sampler cast merges the adapters into its copy.
+
 The programs are the run's own, traced as the run traces them: the sampler cast with its output layout, the
 rollout's prefill and decode on the mesh under the sampler layout's rules (`sampling.traced_on`), decode
 compiled for the layout prefill's compiled outputs have; the reference weights in `train.reference_dtype`.
@@ -45,10 +49,10 @@ from flax import nnx  # noqa: E402
 from vrft_jax import cli, recipe, sampling, sharding  # noqa: E402
 from vrft_jax.data.buckets import resolve_patch_bucket  # noqa: E402
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs  # noqa: E402
-from vrft_jax.models.qwen2_vl.model import Qwen2VL  # noqa: E402
+from vrft_jax.models.qwen2_vl.model import Qwen2VL, base_graphdef  # noqa: E402
 from vrft_jax.placement import placements  # noqa: E402
 from vrft_jax.scoring import make_score_fn  # noqa: E402
-from vrft_jax.train_step import TrainBatch, init_state, make_train_step, reference_dtypes  # noqa: E402
+from vrft_jax.train_step import TrainBatch, base_params, init_state, make_train_step, reference_dtypes  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -153,7 +157,7 @@ class Report:
     slice: Slice
     mesh: dict[str, int]
     micro_batches: int
-    parameters: int
+    parameters: int  # the model's, adapters left out
     state: int  # bytes per chip
     reference: int
     sampler: int
@@ -162,6 +166,7 @@ class Report:
     step_flops: float  # model FLOPs per chip (`model_flops`)
     note: str = ""
     shapes: str = ""  # the batch's buckets
+    adapters: int = 0  # LoRA parameters (trained alone), 0 without LoRA
 
     @property
     def hbm(self) -> int:
@@ -185,7 +190,8 @@ class Report:
     def text(self, step_seconds: float | None = None) -> str:
         g = lambda b: f"{b / GIB:6.2f} GiB"  # noqa: E731
         lines = [f"{self.recipe} on {self.slice.name} ({self.slice.devices} chips x {self.slice.chip.hbm_gib:g} GiB), "
-                 f"mesh {self.mesh}, micro_batches {self.micro_batches}, {self.parameters / 1e9:.2f}B parameters",
+                 f"mesh {self.mesh}, micro_batches {self.micro_batches}, {self.parameters / 1e9:.2f}B parameters"
+                 + (f" + {self.adapters / 1e6:.1f}M LoRA parameters (the only ones trained)" if self.adapters else ""),
                  f"  per chip: train state {g(self.state)}, reference weights {g(self.reference)}, "
                  f"sampler weights {g(self.sampler)}"]
         if self.shapes:
@@ -236,14 +242,17 @@ def report(config, topology: str) -> Report:
     state_bytes = shard_bytes(state)
     reference = jax.tree.map(lambda x, dtype: _spec(x.shape, dtype, x.sharding), params,
                              reference_dtypes(params, train))  # `reference_weights`, abstract
-    reference_bytes = shard_bytes(reference) if train.grpo.beta > 0 else 0
-    cast = sampling.make_sampler_cast(params, settings.sampler_dtype, mesh, settings.sampling.layout)
+    reference_bytes = shard_bytes(reference) if train.grpo.beta > 0 and not train.lora else 0
+    cast = sampling.make_sampler_cast(params, settings.sampler_dtype, mesh, settings.sampling.layout,
+                                      lora=settings.model.lora)
     sampler_params = jax.eval_shape(cast, params)  # laid out by the cast's out_shardings
     sampler_bytes = shard_bytes(sampler_params)
-    parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+    parameters = count(base_params(params))
     result = Report(recipe=config.name, slice=target, mesh=dict(zip(mesh.axis_names, mesh.devices.shape)),
                     micro_batches=train.micro_batches, parameters=parameters, state=state_bytes,
-                    reference=reference_bytes, sampler=sampler_bytes, programs={}, phases={}, step_flops=0.0)
+                    reference=reference_bytes, sampler=sampler_bytes, programs={}, phases={}, step_flops=0.0,
+                    adapters=count(params) - parameters)
     if state_bytes + reference_bytes > result.hbm:
         result.note = "the train state and reference weights alone exceed the chip's HBM: nothing compiled"
         return result
@@ -277,7 +286,12 @@ def report(config, topology: str) -> Report:
     programs = result.programs
     step = make_train_step(graphdef, state, train, mesh=mesh)
     programs["update"] = measure("update", lambda: step.lower(state, batch))
-    if train.grpo.beta > 0:
+    if train.grpo.beta > 0 and train.lora:  # the base structure on the state's frozen parameters
+        base = base_params(params)
+        score = make_score_fn(base_graphdef(model_config), base, train.scoring, micro_batches=train.micro_batches,
+                              mesh=mesh)
+        programs["reference"] = measure("reference scoring", lambda: score.lower(base, batch.scored()))
+    elif train.grpo.beta > 0:
         score = make_score_fn(graphdef, params, train.scoring, micro_batches=train.micro_batches, mesh=mesh)
         programs["reference"] = measure("reference scoring", lambda: score.lower(reference, batch.scored()))
     programs["cast"] = measure("sampler cast", lambda: cast.lower(params))
@@ -306,7 +320,9 @@ def report(config, topology: str) -> Report:
     result.phases["cast"] = state_bytes + reference_bytes + working("cast", 0)
     result.phases["rollout"] = state_bytes + reference_bytes + sampler_bytes + max(
         working("prefill", shard_bytes(inputs)), working("decode", shard_bytes(prefilled)))
-    if "reference" in programs:
+    if "reference" in programs and train.lora:  # its weights are the state's: counted once
+        result.phases["reference"] = state_bytes + working("reference", shard_bytes(batch.scored()))
+    elif "reference" in programs:
         result.phases["reference"] = state_bytes + programs["reference"].peak
     result.phases["update"] = reference_bytes + programs["update"].peak
     result.step_flops = model_flops(settings, config, parameters) / target.devices
@@ -318,7 +334,9 @@ def model_flops(settings, config, parameters: int) -> float:
     trained token (forward and backward). The decoder's parameters count for every prompt and completion
     token, the LM head's (the embedding table when tied) only where logits are taken (each prompt's last
     token in the rollout's prefill, every completion token), the vision tower's for patches, and not in
-    scoring and the update with `train.freeze_vision` (they reuse the rollout's features). Attention's
+    scoring and the update with `train.freeze_vision` (they reuse the rollout's features). With LoRA the
+    update's backward pass takes no gradient of the frozen weights: 4 per trained token, not 6 (the adapters'
+    own FLOPs are not counted). Attention's
     quadratic term and remat's recomputation are not counted, so the MFU is a lower bound of the hardware's use."""
     text, train = settings.model.text, settings.train
     head = text.vocab_size * text.hidden_size
@@ -333,7 +351,7 @@ def model_flops(settings, config, parameters: int) -> float:
     scoring = (0 if train.freeze_vision else tower) + prompts + 2 * (decoder + head) * completions
     reference = scoring if train.grpo.beta > 0 else 0
     old_policy = scoring if train.num_iterations > 1 else 0
-    update = 3 * scoring * train.num_iterations
+    update = (2 if train.lora else 3) * scoring * train.num_iterations
     return float(rollout + reference + old_policy + update)
 
 

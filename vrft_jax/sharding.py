@@ -38,7 +38,11 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("vit_mlp", "tensor"),
     ("vit_merge", "fsdp"),
     ("vit_merge_out", "tensor"),
-    ("lora_rank", None),  # an adapter's inner dimension; its other dimension is laid out as its kernel's
+    # An adapter's inner dimension, whole: A is split as its kernel's input, B (whose other dimension, heads or
+    # mlp, has no fsdp rule) is replicated with its moments. Split over fsdp, B would make the sampler's merge
+    # (A B, contracted over the rank) all-reduce a kernel-sized product: measured by `aot`, 7B's cast on a
+    # v5e-8 then peaks far above every other phase of the step.
+    ("lora_rank", None),
     # activations: batch split over data x fsdp (weights are gathered, FSDP-style), features whole
     # except where tensor parallelism splits heads or the vocabulary.
     ("batch", ("data", "fsdp")),
