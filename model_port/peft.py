@@ -81,7 +81,7 @@ def to_peft(adapters: dict, config: Qwen2VLConfig, out: str, base: str | None = 
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "r": lora.rank,
         "lora_alpha": lora.alpha, "use_rslora": lora.rslora, "target_modules": target_regex(lora.targets),
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "lora_dropout": lora.dropout, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
         "modules_to_save": None, "use_dora": False, "inference_mode": True,
     }
     with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -143,7 +143,8 @@ def from_peft(directory: str, config: Qwen2VLConfig, param_dtype=np.float32) -> 
     if not targets:
         raise PeftFormatError(f"{weights}: no LoRA adapters in it")
     lora = LoRAConfig(rank=rank, alpha=float(peft_config["lora_alpha"]), targets=targets,
-                      rslora=bool(peft_config.get("use_rslora", False)))
+                      rslora=bool(peft_config.get("use_rslora", False)),
+                      dropout=float(peft_config.get("lora_dropout") or 0.0))
     return lora, adapters
 
 

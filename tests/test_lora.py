@@ -32,8 +32,9 @@ from vrft_jax import grpo, model_dir
 from vrft_jax import train_step as ts
 from vrft_jax.models import forward_hf
 from vrft_jax.models.qwen2_vl import ModelInputs
+from vrft_jax.models.qwen2_vl import lora as lora_module
 from vrft_jax.models.qwen2_vl.lora import TARGETS, LoRAConfig
-from vrft_jax.models.qwen2_vl.model import base_graphdef, merge_lora, with_lora, without_lora
+from vrft_jax.models.qwen2_vl.model import base_graphdef, merge_lora, with_config, with_lora, without_lora
 from vrft_jax.optimizer import OptimizerConfig
 from vrft_jax.scoring import ScoringConfig, make_score_fn
 
@@ -234,14 +235,75 @@ def test_a_lora_step_moves_only_the_adapters_and_the_reference_is_the_base_bit_f
         np.testing.assert_array_equal(np.asarray(variable.get_raw_value()), after[path])
 
 
+def test_adapter_dropout_drops_its_input_survivors_scaled_each_layer_and_projection_its_own_mask():
+    """PEFT's lora_dropout: the adapter computes scale * (dropout(x) A) B, survivors scaled by 1 / (1 - p), inside
+    `dropout_key` only. With A = B = I the delta shows the mask itself."""
+    p, rank = 0.25, 16
+    lora = LoRAConfig(rank=rank, alpha=float(rank), dropout=p)  # scale 1
+    make = lambda name: lora_module.Adapter(name, (rank,), ("embed",), (rank,), ("mlp",), lora,  # noqa: E731
+                                            rngs=nnx.Rngs(0))
+    q, k = make("q_proj"), make("k_proj")
+    for adapter in (q, k):
+        adapter.a[...], adapter.b[...] = jnp.eye(rank), jnp.eye(rank)
+    x = jnp.ones((64, rank), jnp.float32)
+    spec = "BD,DF->BF"
+    np.testing.assert_array_equal(q(spec, x, jnp.float32), x)  # off outside the context
+    with lora_module.dropout_key(jax.random.key(7)):
+        dropped = np.asarray(q(spec, x, jnp.float32))
+        other_projection = np.asarray(k(spec, x, jnp.float32))
+        with lora_module.layer_scope(jnp.int32(1)):
+            layer_1 = np.asarray(q(spec, x, jnp.float32))
+        with lora_module.layer_scope(jnp.int32(2)):
+            layer_2 = np.asarray(q(spec, x, jnp.float32))
+    assert set(np.unique(dropped)) == {0.0, np.float32(1 / (1 - p))}
+    # 1024 Bernoulli draws: the dropped fraction within 5 standard deviations (0.068) of p.
+    assert abs((dropped == 0).mean() - p) < 5 * np.sqrt(p * (1 - p) / dropped.size)
+    masks = [m == 0 for m in (dropped, other_projection, layer_1, layer_2)]
+    assert all(not np.array_equal(a, b) for i, a in enumerate(masks) for b in masks[i + 1:])
+
+
+def test_dropout_changes_the_update_only_and_a_step_draws_the_same_masks_again(lora_policy):
+    """The scorer (old policy, reference, evaluation) never drops; the update does, from key(seed) and the state's
+    step: the same state gives the same step, bit for bit (a resumed run's), another seed another."""
+    dropping = with_config(lora_policy, lora=lora_policy.config.lora.replace(dropout=0.5))
+    batch = train_batch(lora_policy.config, G, L)
+    scores = [make_score_fn(*nnx.split(m), CONFIG.scoring)(nnx.state(m), batch.scored())
+              for m in (lora_policy, dropping)]
+    np.testing.assert_array_equal(np.asarray(scores[0]), np.asarray(scores[1]))
+
+    def adapters_after(model, config):
+        graphdef, state = ts.init_state(model, config)
+        base_score = make_score_fn(base_graphdef(model.config), ts.base_params(state.params), config.scoring)
+        step_batch = batch.replace(ref_logprobs=base_score(ts.base_params(state.params), batch.scored()))
+        state, metrics = ts.make_train_step(graphdef, state, config)(state, step_batch)
+        assert float(metrics["update_skipped"]) == 0
+        return {p: np.asarray(v.get_raw_value()) for p, v in nnx.to_flat_state(nnx.state(state.params,
+                                                                                         nnx.LoRAParam))}
+
+    once, again = adapters_after(dropping, CONFIG), adapters_after(dropping, CONFIG)
+    without, reseeded = adapters_after(lora_policy, CONFIG), adapters_after(dropping, CONFIG.replace(seed=1))
+    assert all(np.array_equal(once[p], again[p]) for p in once)
+    assert any(not np.array_equal(once[p], without[p]) for p in once)
+    assert any(not np.array_equal(once[p], reseeded[p]) for p in once)
+
+
 def test_lora_configs_refuse_what_they_cannot_be():
     with pytest.raises(ValueError, match=r"targets \['fc1'\] are not language-model projections.*vision tower"):
         LoRAConfig(targets=("q_proj", "fc1"))
     with pytest.raises(ValueError, match="rank=0 must be >= 1"):
         LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match=r"dropout=1.0 must be in \[0, 1\)"):
+        LoRAConfig(dropout=1.0)
     with pytest.raises(ValueError, match="frozen_dtype is the frozen base's dtype under LoRA"):
         ts.TrainConfig(frozen_dtype="bfloat16")
     assert ts.TrainConfig(lora=True).freeze_vision  # the vision tower has no adapters
+
+
+def test_with_config_may_change_the_adapters_dropout_not_their_shape(lora_policy):
+    lora = lora_policy.config.lora
+    assert with_config(lora_policy, lora=lora.replace(dropout=0.1)).config.lora.dropout == 0.1
+    with pytest.raises(ValueError, match="with_config cannot change the adapters"):
+        with_config(lora_policy, lora=lora.replace(rank=2 * lora.rank))
 
 
 def test_peft_directories_our_adapters_cannot_hold_are_refused_in_one_line(family, tmp_path):

@@ -17,6 +17,9 @@ Seams that matter (review M1, M2):
 - With `freeze_vision` the vision tower runs once per iteration, in the rollout's prefill: its features
   (the sampler's dtype, which is the recipe's compute dtype) travel in the `TrainBatch` to the reference,
   the old policy and the update, which would each have recomputed the same frozen features.
+- With LoRA the sampler's copy is the merged model (`sampling.make_sampler_cast(..., lora=)`), the
+  reference logprobs come from the base structure over the state's frozen parameters
+  (`RunContext.base_score`), and the adapters' dropout, if any, acts in the update alone.
 - Rows with `valid=False` (a finite stream's padding) get a NaN reward, so they stay out of every
   group statistic and get advantage 0, and their completion mask is zeroed: they add nothing.
 """

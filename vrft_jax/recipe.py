@@ -89,7 +89,7 @@ BLOCK_KEYS = {
     "warm_start": frozenset({"sft_steps", "learning_rate"}),
     "sft": frozenset({"learning_rate", "warmup_steps", "weight_decay", "samples_per_step", "micro_batches",
                       "max_target_len", "lora_rank", "lora_alpha"}),
-    "lora": frozenset({"rank", "alpha", "targets", "rslora", "base_dtype", "init_from"}),
+    "lora": frozenset({"rank", "alpha", "targets", "rslora", "dropout", "base_dtype", "init_from"}),
 }
 
 
@@ -509,7 +509,7 @@ def lora_config(config: ml_collections.ConfigDict) -> LoRAConfig | None:
         return None
     names = TARGETS if block.targets == "all" else tuple(t.strip() for t in block.targets.split(",") if t.strip())
     try:
-        return LoRAConfig(rank=block.rank, alpha=block.alpha, targets=names, rslora=block.rslora)
+        return LoRAConfig(rank=block.rank, alpha=block.alpha, targets=names, rslora=block.rslora, dropout=block.dropout)
     except ValueError as error:
         raise ValueError(f"the lora block: {error} (lora.targets: 'all' or a comma-separated subset)") from None
 
@@ -539,7 +539,7 @@ def train_config(config: ml_collections.ConfigDict) -> TrainConfig:
     parts = _split_train_block(config)
     values = known_fields(TrainConfig, parts["train"])
     if config.lora.rank:
-        values.update(lora=True, frozen_dtype=config.lora.base_dtype or config.compute_dtype)
+        values.update(lora=True, frozen_dtype=config.lora.base_dtype or config.compute_dtype, seed=config.seed)
     return TrainConfig(**values, grpo=GRPOConfig.from_dict(config.grpo.to_dict()),
                        optimizer=OptimizerConfig.from_dict(parts["optimizer"]),
                        scoring=ScoringConfig(**parts["scoring"]))

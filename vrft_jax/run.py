@@ -123,11 +123,11 @@ def initial_adapters(config: ml_collections.ConfigDict, model: Qwen2VL, workdir:
         return with_lora(model, lora, config.seed)
     adapters = model_dir.import_peft(source, storage.join(workdir, "initial_adapters"), model.config)
     model = model_dir.load_adapters(adapters, model)
-    if model.config.lora != lora:
+    if model.config.lora.replace(dropout=lora.dropout) != lora:  # dropout is the recipe's to choose
         raise recipe.RecipeError(f"lora.init_from={source} holds adapters of rank {model.config.lora.rank}, alpha "
                                  f"{model.config.lora.alpha}, targets {','.join(model.config.lora.targets)}, "
                                  f"rslora {model.config.lora.rslora}: set the lora block to the same")
-    return model
+    return with_config(model, lora=lora)
 
 
 def warm_start_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -20,7 +20,10 @@ otherwise; a device mask that passed, e.g. the rollout's, is not read again).
 
 Frozen parameters (the vision tower, with `freeze_vision`) are never differentiated and have no
 optimizer state. Parameters are kept in `param_dtype` (float32 master weights) and cast to
-`compute_dtype` where the model uses them.
+`compute_dtype` where the model uses them. With `lora` the trained parameters are the model's
+adapters alone (`nnx.LoRAParam`, float32), the whole base is frozen in `frozen_dtype`, the reference
+is that base under the structure without adapters (`base_params`, `models.qwen2_vl.model.base_graphdef`:
+nothing copied), and a checkpoint holds the adapters and their moments (`checkpointed`, `restored`).
 
 The reference model's logprobs, and the old policy's when `num_iterations > 1`, come from the policy
 scorer (`scoring.make_score_fn`, the update's own scoring code in float32), computed once per rollout
@@ -65,6 +68,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vrft_jax import grpo, sharding
+from vrft_jax.models.qwen2_vl import lora
 from vrft_jax.models.qwen2_vl.config import REMAT_POLICIES
 from vrft_jax.models.qwen2_vl.inputs import ModelInputs
 from vrft_jax.models.qwen2_vl.model import Qwen2VL, with_config
@@ -99,6 +103,8 @@ class TrainConfig:
                       `frozen_dtype`, and is the reference (the model with its adapters disabled: no copy)
     frozen_dtype:     with `lora`, the frozen base's storage dtype; None means param_dtype (the adapters keep
                       their own, `LoRAConfig.param_dtype`)
+    seed:             with `lora`, the adapters' dropout masks (`LoRAConfig.dropout`) are drawn from key(seed)
+                      folded with the state's step and the micro-batch: a resumed run draws the same ones
     reference_dtype:  the KL term's frozen reference copy stores its matrices (embeddings, kernels) in this
                       dtype, its vectors (norm scales, biases) as the parameters (`reference_weights`).
                       None: the compute dtype, which every matmul casts its weights to anyway, so the
@@ -118,6 +124,7 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 10
     lora: bool = False
     frozen_dtype: Any = None
+    seed: int = 0
     reference_dtype: Any = None
 
     def __post_init__(self):
@@ -283,33 +290,38 @@ def micro_batch_terms(model: Qwen2VL, batch: TrainBatch, config: TrainConfig, me
 
 
 def loss_and_grads(graphdef, trainable: nnx.State, frozen: nnx.State, batch: TrainBatch, config: TrainConfig,
-                   mesh=None, rules=sharding.DEFAULT_RULES, measure_entropy: bool | jax.Array = True):
+                   mesh=None, rules=sharding.DEFAULT_RULES, measure_entropy: bool | jax.Array = True,
+                   dropout_key: jax.Array | None = None):
     """The batch's loss, its gradient w.r.t. `trainable`, its summed LossTerms and entropy sum (0 unless
-    `measure_entropy`).
+    `measure_entropy`). With `dropout_key` the adapters' dropout is on, each micro-batch's masks its own.
 
     Gradients of each micro-batch's `loss_sum` are summed over a `lax.scan`, then divided once by the
     batch's `loss_count` (which does not depend on the parameters): exact gradient accumulation.
     """
     _check_batch(batch, config)
 
-    def numerator(trainable, micro_batch):
-        terms, entropy_sum = micro_batch_terms(nnx.merge(graphdef, trainable, frozen), micro_batch, config,
-                                               measure_entropy)
+    def numerator(trainable, micro_batch, index):
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        with lora.dropout_key(key):
+            terms, entropy_sum = micro_batch_terms(nnx.merge(graphdef, trainable, frozen), micro_batch, config,
+                                                   measure_entropy)
         return terms.loss_sum, (terms, entropy_sum)
 
     gradient = jax.value_and_grad(numerator, has_aux=True)
     if config.micro_batches == 1:  # no accumulator: one gradient-sized buffer fewer
-        (_, (terms, entropy_sum)), grads = gradient(trainable, batch)
+        (_, (terms, entropy_sum)), grads = gradient(trainable, batch, 0)
     else:
-        def accumulate(carry, micro_batch):
+        def accumulate(carry, scanned):
             grads, terms, entropy_sum = carry
-            (_, (new_terms, new_entropy)), new_grads = gradient(trainable, micro_batch)
+            micro_batch, index = scanned
+            (_, (new_terms, new_entropy)), new_grads = gradient(trainable, micro_batch, index)
             return (jax.tree.map(jnp.add, grads, new_grads), terms + new_terms, entropy_sum + new_entropy), None
 
         micro = split_micro_batches(batch, batch.inputs.input_ids.shape[0], config.micro_batches, mesh, rules)
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         (grads, terms, entropy_sum), _ = jax.lax.scan(
-            accumulate, (zeros, grpo.LossTerms.zeros(), jnp.zeros((), jnp.float32)), micro)
+            accumulate, (zeros, grpo.LossTerms.zeros(), jnp.zeros((), jnp.float32)),
+            (micro, jnp.arange(config.micro_batches)))
     count = jnp.maximum(terms.loss_count, 1.0)
     grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)
     return terms.loss_sum / count, grads, terms, entropy_sum
@@ -383,8 +395,9 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
 
     def step(state: TrainState, batch: TrainBatch, measure_entropy: jax.Array):
         trainable, frozen = split_params(state.params, config)
+        dropout = jax.random.fold_in(jax.random.key(config.seed), state.step) if config.lora else None
         loss, grads, terms, entropy_sum = loss_and_grads(graphdef, trainable, frozen, batch, config, mesh, rules,
-                                                         measure_entropy)
+                                                         measure_entropy, dropout)
         grad_norm = optax.tree.norm(grads)
         # No real token: the zero gradient would still move the parameters through Adam's momentum, and
         # advance its count. Empty takes precedence: padding's NaN is not counted as a non-finite update.

@@ -250,9 +250,11 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
     # base is stored in `base_dtype` (None: the compute dtype, which the matmuls read anyway) and is the KL's
     # reference (adapters disabled: no copy), the sampler runs the merged model. EasyR1, verl and VLM-R1 use rank
     # 64 and a learning rate about 10x full fine-tuning's (1e-5 against 1e-6): set train.learning_rate with it.
-    # `init_from`: a PEFT adapter directory (or one of ours) to start from instead of fresh adapters.
-    c.lora = dict(rank=0, alpha=64.0, targets="all", rslora=False, base_dtype=config_dict.placeholder(str),
-                  init_from="")
+    # `dropout`: PEFT's lora_dropout on the adapters' inputs in the update (VLM-R1 0.05; EasyR1 and verl none).
+    # `init_from`: a PEFT adapter directory (or one of ours) to start from instead of fresh adapters (its rank,
+    # alpha, targets and rslora must be the block's; its dropout is not read).
+    c.lora = dict(rank=0, alpha=64.0, targets="all", rslora=False, dropout=0.0,
+                  base_dtype=config_dict.placeholder(str), init_from="")
 
     # `mode="sft"`: the paper's SFT baseline, LLaMA-Factory's run of issue #34 (visual-rft.md §6): 200 steps (the
     # recipe's total_steps), `--warmup_steps 100 --weight_decay 0.1`, per-device batch 1 x grad-acc 8 x 8 GPUs,

@@ -86,11 +86,12 @@ def with_config(model: Qwen2VL, **changes) -> Qwen2VL:
     """The same weights under a changed runtime config (e.g. `param_dtype`, `dtype`, `remat`); parameters are
     cast to the new structure's dtypes (the base's `param_dtype`, the adapters' own). Otherwise the new model
     shares the original's buffers, so donating one model's state to a jitted function invalidates the other.
-    Adding or removing adapters changes the parameters: `with_lora`, `without_lora`, `merge_lora`."""
+    The adapters' dtype and dropout may change too; adding, removing or reshaping them changes the parameters:
+    `with_lora`, `without_lora`, `merge_lora`."""
     config = model.config.replace(**changes)
-    if (config.lora is None) != (model.config.lora is None) or (
-            config.lora is not None and config.lora.replace(param_dtype=model.config.lora.param_dtype)
-            != model.config.lora):
+    old = model.config.lora
+    if (config.lora is None) != (old is None) or (
+            config.lora is not None and config.lora.replace(param_dtype=old.param_dtype, dropout=old.dropout) != old):
         raise ValueError("with_config cannot change the adapters: use with_lora, without_lora or merge_lora")
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0))))
     state = jax.tree.map(lambda x, a: x.astype(a.dtype), nnx.state(model), abstract)

@@ -11,7 +11,7 @@ from flax import nnx
 from vrft_jax.models.qwen2_vl import rope
 from vrft_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vrft_jax.models.qwen2_vl.layers import RMSNorm, attention, einsum, param, prefix_attention, scan_layers, stacked
-from vrft_jax.models.qwen2_vl.lora import adapter
+from vrft_jax.models.qwen2_vl.lora import adapter, layer_scope
 from vrft_jax.sharding import constrain
 
 
@@ -211,7 +211,8 @@ class TextDecoder(nnx.Module):
             def body(layer, x, xs):
                 i, k_pre, v_pre = xs
                 layer_prefix = None if prefix is None else (k_pre, v_pre, prefix.valid)
-                x, kv = layer(x, cos, sin, mask, None, layer_prefix)
+                with layer_scope(i):  # the adapters' dropout masks, this layer's own (training's forward only)
+                    x, kv = layer(x, cos, sin, mask, None, layer_prefix)
                 return add_deepstack(x, i), kv if keep_kv else None
 
             xs = (layers, None, None) if prefix is None else (layers, prefix.k, prefix.v)
