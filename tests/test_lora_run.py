@@ -14,7 +14,7 @@ from flax import nnx
 
 from compile_count import counting_compiles
 from test_train import RECIPE, TIMING_KEYS, assert_bitwise_equal, canonical, compiles_per_step
-from vrft_jax import model_dir, recipe, run, sharding, sft
+from vrft_jax import model_dir, recipe, run, sft, sharding
 from vrft_jax.metrics import read_metrics
 from vrft_jax.models.qwen2_vl.lora import TARGETS, LoRAConfig
 
