@@ -32,8 +32,14 @@ def standard_error(p: float, n: int) -> float:
 def gain_in_errors(before: float, after: float, n_before: int, n_after: int) -> float:
     """(after - before) over the standard error of the difference of two independent proportions."""
     error = math.hypot(standard_error(before, n_before), standard_error(after, n_after))
-    return (after - before) / error if error > 0 else (0.0 if after == before else math.copysign(math.inf,
-                                                                                                 after - before))
+    if error > 0:
+        return (after - before) / error
+    return 0.0 if after == before else math.copysign(math.inf, after - before)  # both at 0 or 1: no noise
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
 
 
 def evaluations(workdir: str) -> tuple[dict, dict, list[dict]]:
@@ -43,7 +49,7 @@ def evaluations(workdir: str) -> tuple[dict, dict, list[dict]]:
                    if name.startswith("step_") and name.endswith(".json"))
     if len(steps) < 2:
         raise RuntimeError(f"{directory} holds {len(steps)} evaluation(s): the run did not finish")
-    first, last = (json.load(open(os.path.join(directory, f"step_{s}.json"))) for s in (steps[0], steps[-1]))
+    first, last = (read_json(os.path.join(directory, f"step_{s}.json")) for s in (steps[0], steps[-1]))
     with open(os.path.join(directory, f"step_{steps[-1]}.jsonl")) as f:
         predictions = [json.loads(line) for line in f]
     return first, last, predictions
