@@ -88,6 +88,47 @@ def test_values_entropies_and_gradients_equal_the_full_log_softmax(case):
         assert error <= 4 * floor + 4 * np.finfo(np.float32).eps * scale, (name, error, floor, scale)
 
 
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: "N{}_L{}_D{}_V{}_chunk{}_block{}".format(*c))
+def test_entropy_gradient_for_a_bonus_equals_the_full_log_softmax(case):
+    """With `entropy_grad`, d/d(hidden, head) of sum(g lp + h H) against float64 and the plain float32 autodiff:
+    dH/dz_v = -p_v (log p_v + H), the softmax's own entropy derivative, through the same blocks."""
+    n, length, width, vocab, chunk, block = case
+    hidden, head, targets, upstream = inputs(n, length, width, vocab)
+    entropy_upstream = np.random.default_rng(1).normal(size=targets.shape).astype(np.float32)
+
+    def ours(hidden, head):
+        logprobs, entropy = token_logprobs(hidden, head, targets, temperature=TEMPERATURE, chunk_size=chunk,
+                                           vocab_block=block, with_entropy=True, entropy_grad=True)
+        return jnp.sum(upstream * logprobs + entropy_upstream * entropy)
+
+    def theirs(hidden, head):
+        _, (logprobs, entropy) = plain(hidden, head, targets, upstream, jnp)
+        return jnp.sum(upstream * logprobs + entropy_upstream * entropy)
+
+    h64, w64, g, e = (np.asarray(x, np.float64) for x in (hidden, head, upstream, entropy_upstream))
+    logits = np.einsum("nld,vd->nlv", h64, w64) / TEMPERATURE
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    p = np.exp(log_p)
+    entropy = -(p * log_p).sum(-1, keepdims=True)
+    d_logits = -g[..., None] * p - e[..., None] * p * (log_p + entropy)
+    np.put_along_axis(d_logits, targets[..., None], np.take_along_axis(d_logits, targets[..., None], -1)
+                      + g[..., None], -1)
+    d_logits /= TEMPERATURE
+    exact = (np.einsum("nlv,vd->nld", d_logits, w64), np.einsum("nlv,nld->vd", d_logits, h64))
+    grads = jax.jit(jax.grad(ours, (0, 1)))(hidden, head)
+    plain_grads = jax.jit(jax.grad(theirs, (0, 1)))(hidden, head)
+    for name, got, floor_of, truth in zip(("d hidden", "d head"), grads, plain_grads, exact):
+        scale = np.abs(truth).max()
+        floor = np.abs(np.asarray(floor_of, np.float64) - truth).max()
+        assert floor <= 1e-4 * scale, (name, floor, scale)  # the float64 formula is autodiff's, to float32 noise
+        # As above: within 4x the plain float32 program's own error plus 4 ulps of the gradient's scale.
+        error = np.abs(np.asarray(got, np.float64) - truth).max()
+        assert error <= 4 * floor + 4 * np.finfo(np.float32).eps * scale, (name, error, floor, scale)
+    with pytest.raises(ValueError, match="entropy_grad needs with_entropy=True"):
+        token_logprobs(hidden, head, targets, entropy_grad=True)
+
+
 def test_entropy_is_a_metric_without_gradient_and_padding_rows_never_win():
     hidden, head, targets, _ = inputs(2, 5, 8, 37)
     grads = jax.grad(lambda h, w: jnp.sum(token_logprobs(h, w, targets, chunk_size=2, vocab_block=5,

@@ -3,8 +3,8 @@
 Three registries hold the swappable pieces, each filled by a decorator:
   ADVANTAGES     `@register_advantage("group")`: rewards float[N] (N = prompts x G) -> advantages float[N]
   KL_ESTIMATORS  `@register_kl("k3")`: (logprobs, ref_logprobs) float[N, L] -> per-token KL estimate
-  LOSSES         `@register_loss("paper")`: (logprobs, old_logprobs, ref_logprobs, advantages, mask, config)
-                 -> LossTerms
+  LOSSES         `@register_loss("paper")`: (logprobs, old_logprobs, ref_logprobs, advantages, mask, config,
+                 sampled_logprobs=None) -> LossTerms (a new loss starts from `LossTerms.zeros().replace(...)`)
 A loss never returns a mean. It returns `LossTerms`: the sum of its numerator, the count that
 normalises it (tokens, sequences, or sequences x max length) and sums for its metrics. Sums and
 counts add across micro-batches and devices, so the loss of a batch is `total sum / total count`
@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -52,6 +52,7 @@ register_kl = _registrar(KL_ESTIMATORS, "KL estimator")
 register_loss = _registrar(LOSSES, "loss")
 
 COMPLETION_MASKS = ("first_stop", "visual_rft")  # `GRPOConfig.completion_mask`, `completion_lengths`
+IMPORTANCE_SAMPLING = (None, "token_truncate")  # `GRPOConfig.importance_sampling`
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,6 +77,17 @@ class GRPOConfig:
                     "first_stop" (default) every token through the first of the sampler's stop ids (TRL
                     1.16's `eos_token_ids` rule); "visual_rft" Visual-RFT's `processing_class.eos_token_id`
                     rule, `visual_rft_lengths`
+    importance_sampling: the sampler/trainer mismatch correction, None (off) or "token_truncate": each token's
+                    policy loss (not its KL term) is multiplied by w = min(exp(old - sampled), cap), old the
+                    scorer's logprob (the update's float32 program at the rollout's parameters) and sampled the
+                    sampler's (`Rollout.logprobs`: its dtype, its program); truncated importance sampling, TRL 1.16's
+                    `vllm_importance_sampling_correction` with `vllm_importance_sampling_mode="token_truncate"`,
+                    verl's `rollout_is: token` with `rollout_is_threshold`. The mismatch itself is logged either way
+    importance_sampling_cap: the cap on w (TRL `vllm_importance_sampling_clip_max`, 3.0; verl
+                    `rollout_is_threshold`, 2.0)
+    entropy_coef:   weight of the entropy bonus: the objective is the loss minus entropy_coef x the token mean of
+                    the policy's entropy over the batch, whatever the loss's own normaliser (TRL 1.16 `entropy_coef`,
+                    its documented `L_policy - coef * H`; verl `actor.entropy_coeff`); 0 (the peers' default) is off
     """
 
     loss: str = "paper"
@@ -89,13 +101,16 @@ class GRPOConfig:
     delta: float | None = None
     max_completion_length: int | None = None
     completion_mask: str = "first_stop"
+    importance_sampling: str | None = None
+    importance_sampling_cap: float = 3.0
+    entropy_coef: float = 0.0
 
     def __post_init__(self):
         for field, table in (("loss", LOSSES), ("advantage", ADVANTAGES), ("kl", KL_ESTIMATORS),
-                             ("completion_mask", COMPLETION_MASKS)):
+                             ("completion_mask", COMPLETION_MASKS), ("importance_sampling", IMPORTANCE_SAMPLING)):
             name = getattr(self, field)
             if name not in table:
-                raise ValueError(f"GRPOConfig.{field}={name!r} is not one of {sorted(table)}")
+                raise ValueError(f"GRPOConfig.{field}={name!r} is not one of {sorted(table, key=str)}")
         if self.beta < 0:
             raise ValueError(f"GRPOConfig.beta={self.beta} must be >= 0")
         if not 0 <= self.epsilon < 1:
@@ -108,6 +123,11 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.advantage_eps={self.advantage_eps} must be >= 0")
         if self.max_completion_length is not None and self.max_completion_length < 1:
             raise ValueError(f"GRPOConfig.max_completion_length={self.max_completion_length} must be >= 1")
+        if not self.importance_sampling_cap >= 1:
+            raise ValueError(f"GRPOConfig.importance_sampling_cap={self.importance_sampling_cap} must be >= 1: a cap "
+                             "below 1 would shrink every on-policy token's loss")
+        if not self.entropy_coef >= 0:
+            raise ValueError(f"GRPOConfig.entropy_coef={self.entropy_coef} must be >= 0 (a bonus, not a penalty)")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> GRPOConfig:
@@ -299,11 +319,17 @@ def visual_rft_lengths(tokens_nl, lengths_n, group_size: int, eos_token_id: int)
 # ---------------------------------------------------------------------------------------------- losses
 
 
+# LossTerms fields that combine by max or min, not by sum (the others add): (combine, identity).
+_EXTREMA = {"mismatch_gap_max": (jnp.maximum, 0.0), "is_ratio_min": (jnp.minimum, jnp.inf),
+            "is_ratio_max": (jnp.maximum, 0.0)}
+
+
 @flax.struct.dataclass
 class LossTerms:
-    """Additive pieces of a loss over some rows: every field is a float32 scalar sum.
+    """Additive pieces of a loss over some rows: every field is a float32 scalar sum but the extrema of
+    `_EXTREMA`, which combine by max or min.
 
-    loss_sum / loss_count is the loss; the metric sums divide by `tokens`.
+    loss_sum / loss_count is the loss; the metric sums divide by `tokens`, the mismatch ones by `sampled`.
     """
 
     loss_sum: jax.Array
@@ -314,13 +340,25 @@ class LossTerms:
     kl_sequence_sum: jax.Array  # sum over sequences of each one's token mean of the KL estimate
     clip_low_sum: jax.Array  # tokens whose ratio fell below 1 - epsilon with A < 0 (TRL's is_low_clipped)
     clip_high_sum: jax.Array  # tokens whose ratio rose above 1 + epsilon_high with A > 0
+    # The sampler/trainer mismatch over the real tokens that carry the sampler's logprob (`sampled` of them), from
+    # d = old - sampled: the scorer's logprob minus the sampler's, of the token the sampler drew.
+    sampled: jax.Array
+    mismatch_kl_sum: jax.Array  # sum of k3 = exp(d) - d - 1: an unbiased, >= 0 estimate of KL(sampler || scorer)
+    mismatch_gap_sum: jax.Array  # sum of |d| (TRL's sampling/sampling_logp_difference)
+    mismatch_gap_max: jax.Array  # max of |d|
+    is_ratio_sum: jax.Array  # the importance weights of `importance_sampling` (1 when it is off)
+    is_ratio_min: jax.Array
+    is_ratio_max: jax.Array
 
     def __add__(self, other: LossTerms) -> LossTerms:
-        return jax.tree.map(jnp.add, self, other)
+        return type(self)(**{f.name: _EXTREMA.get(f.name, (jnp.add,))[0](getattr(self, f.name), getattr(other, f.name))
+                             for f in dataclasses.fields(self)})
 
     @classmethod
     def zeros(cls) -> LossTerms:
-        return cls(*(jnp.zeros((), jnp.float32) for _ in dataclasses.fields(cls)))
+        """The identity of `+`: 0 for the sums, the neutral element of each extremum."""
+        return cls(**{f.name: jnp.asarray(_EXTREMA.get(f.name, (None, 0.0))[1], jnp.float32)
+                      for f in dataclasses.fields(cls)})
 
     @property
     def loss(self):
@@ -329,20 +367,69 @@ class LossTerms:
     def metrics(self) -> dict[str, jax.Array]:
         """Token means of the KL and clip indicators (TRL 1.16's `global_masked_mean`, its logged `kl`), and
         `kl_sequence_mean`, the mean over sequences of each one's token-mean KL (Visual-RFT's logged `kl`:
-        `((per_token_kl * mask).sum(1) / mask.sum(1)).mean()`), which weighs a short completion's tokens more."""
+        `((per_token_kl * mask).sum(1) / mask.sum(1)).mean()`), which weighs a short completion's tokens more.
+        The sampler/trainer mismatch over the sampled tokens: `mismatch/kl` (the k3 estimate of KL(sampler ||
+        scorer)), `mismatch/gap_mean` and `mismatch/gap_max` (TRL's `sampling/sampling_logp_difference/{mean,max}`)
+        and the importance weights' `is_ratio/{min,mean,max}` (TRL's `sampling/importance_sampling_ratio/...`,
+        1 when the correction is off); NaN when the batch carries no sampler logprobs."""
         tokens = jnp.maximum(self.tokens, 1.0)
+        some = self.sampled > 0
+        sampled = jnp.where(some, self.sampled, jnp.nan)
         return {"kl": self.kl_sum / tokens, "kl_sequence_mean": self.kl_sequence_sum / jnp.maximum(self.sequences, 1.0),
                 "clip_low": self.clip_low_sum / tokens,
                 "clip_high": self.clip_high_sum / tokens,
-                "clip_region": (self.clip_low_sum + self.clip_high_sum) / tokens}
+                "clip_region": (self.clip_low_sum + self.clip_high_sum) / tokens,
+                "mismatch/kl": self.mismatch_kl_sum / sampled, "mismatch/gap_mean": self.mismatch_gap_sum / sampled,
+                "mismatch/gap_max": jnp.where(some, self.mismatch_gap_max, jnp.nan),
+                "is_ratio/min": jnp.where(some, self.is_ratio_min, jnp.nan), "is_ratio/mean": self.is_ratio_sum / sampled,
+                "is_ratio/max": jnp.where(some, self.is_ratio_max, jnp.nan)}
 
 
-def _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config: GRPOConfig, *, clip: bool):
-    """(per-token loss, per-token KL, low-clipped, high-clipped), all float32[N, L].
+class PerToken(NamedTuple):
+    """float32[N, L] per-token pieces of a loss (`_per_token`)."""
+
+    loss: jax.Array  # the policy term (importance-weighted) plus beta x KL
+    kl: jax.Array  # the KL estimate to the reference (0 without one)
+    low: jax.Array  # 1 where the ratio was clipped below with A < 0
+    high: jax.Array  # 1 where it was clipped above with A > 0
+    gap: jax.Array  # d = old - sampled (0 where the sampler's logprob is absent)
+    sampled: jax.Array  # 1 where the sampler's logprob is present (finite)
+    is_ratio: jax.Array  # the importance weight (1 where the correction is off or the logprob absent)
+
+    @classmethod
+    def zeros(cls, loss) -> PerToken:
+        zero = jnp.zeros_like(loss)
+        return cls(loss, zero, zero, zero, zero, zero, jnp.ones_like(loss))
+
+
+def importance_weights(old_logprobs, sampled_logprobs, config: GRPOConfig):
+    """(w, d, present), float32[N, L]: the truncated importance weight w = min(exp(d), cap) of each token under
+    `config.importance_sampling` (1 when it is off), d = old - sampled (the scorer's logprob minus the sampler's)
+    and 1.0 where the sampler's logprob is finite.
+
+    Where the sampler gave no logprob (NaN: a token the update sees that the sampler did not draw, past its stop
+    under `completion_mask="visual_rft"`) d = 0 and w = 1, as TRL does for vLLM's missing logprobs. No gradient
+    flows through w: old is a constant of the update (the current logprobs, stopped, with one update per rollout).
+    """
+    old = jax.lax.stop_gradient(old_logprobs.astype(jnp.float32))
+    sampled = sampled_logprobs.astype(jnp.float32)
+    present = jnp.isfinite(sampled)
+    gap = jnp.where(present, old - jnp.where(present, sampled, 0.0), 0.0)
+    if config.importance_sampling == "token_truncate":
+        weight = jnp.minimum(jnp.exp(gap), config.importance_sampling_cap)
+    else:
+        weight = jnp.ones_like(gap)
+    return weight, gap, present.astype(jnp.float32)
+
+
+def _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config: GRPOConfig, *, clip: bool,
+               sampled_logprobs=None) -> PerToken:
+    """The per-token pieces of a loss.
 
     The surrogate is TRL's token-level `-min(r A, clip(r, 1 - eps, 1 + eps_high) A)` with
-    r = exp(lp - old); without `clip` it is `-r A` (r has value 1 when old = sg(lp)). The KL term
-    `beta KL_t` (times r with kl_bias_correction) is added to every token's loss.
+    r = exp(lp - old); without `clip` it is `-r A` (r has value 1 when old = sg(lp)). With
+    `importance_sampling` it is multiplied by the sampler/trainer weight (`importance_weights` of old against
+    `sampled_logprobs`); then the KL term `beta KL_t` (times r with kl_bias_correction) is added, as TRL does.
     """
     logprobs = logprobs.astype(jnp.float32)
     old = jax.lax.stop_gradient(logprobs if old_logprobs is None else old_logprobs.astype(jnp.float32))
@@ -356,6 +443,15 @@ def _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config: GRPOC
         loss = -ratio * advantage
     low = (ratio < 1 - config.epsilon) & (advantage < 0)
     high = (ratio > 1 + config.upper_epsilon) & (advantage > 0)
+    if sampled_logprobs is None:
+        if config.importance_sampling:
+            raise ValueError(f"GRPOConfig.importance_sampling={config.importance_sampling!r} needs the sampler's "
+                             "logprobs (TrainBatch.sampled_logprobs), got None")
+        weight, gap, present = jnp.ones_like(loss), jnp.zeros_like(loss), jnp.zeros_like(loss)
+    else:
+        weight, gap, present = importance_weights(old, sampled_logprobs, config)
+    if config.importance_sampling:
+        loss = loss * weight
     if ref_logprobs is not None:
         kl = KL_ESTIMATORS[config.kl](logprobs, ref_logprobs.astype(jnp.float32))
         if config.kl_bias_correction:
@@ -366,14 +462,23 @@ def _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config: GRPOC
         kl = jnp.zeros_like(logprobs)
     if config.beta:
         loss = loss + config.beta * kl
-    return loss, kl, low.astype(jnp.float32), high.astype(jnp.float32)
+    return PerToken(loss, kl, low.astype(jnp.float32), high.astype(jnp.float32), gap, present, weight)
 
 
-def _terms(loss_sum, loss_count, mask, kl, low, high) -> LossTerms:
+def _terms(loss_sum, loss_count, mask, t: PerToken) -> LossTerms:
+    sampled = mask * t.sampled
+    seen = sampled > 0
+    gap = jax.lax.stop_gradient(t.gap)
     return LossTerms(loss_sum=loss_sum, loss_count=jnp.asarray(loss_count, jnp.float32), tokens=jnp.sum(mask),
-                     sequences=_sequences(mask), kl_sum=jnp.sum(kl * mask),
-                     kl_sequence_sum=_sequence_mean_sum(kl, mask),
-                     clip_low_sum=jnp.sum(low * mask), clip_high_sum=jnp.sum(high * mask))
+                     sequences=_sequences(mask), kl_sum=jnp.sum(t.kl * mask),
+                     kl_sequence_sum=_sequence_mean_sum(t.kl, mask),
+                     clip_low_sum=jnp.sum(t.low * mask), clip_high_sum=jnp.sum(t.high * mask),
+                     sampled=jnp.sum(sampled), mismatch_kl_sum=jnp.sum(KL_ESTIMATORS["k3"](-gap, 0.0) * sampled),
+                     mismatch_gap_sum=jnp.sum(jnp.abs(gap) * sampled),
+                     mismatch_gap_max=jnp.max(jnp.where(seen, jnp.abs(gap), 0.0)),
+                     is_ratio_sum=jnp.sum(t.is_ratio * sampled),
+                     is_ratio_min=jnp.min(jnp.where(seen, t.is_ratio, jnp.inf)),
+                     is_ratio_max=jnp.max(jnp.where(seen, t.is_ratio, 0.0)))
 
 
 def _sequence_mean_sum(per_token, mask):
@@ -386,7 +491,8 @@ def _sequences(mask):
 
 
 @register_loss("paper")
-def paper_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+def paper_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig,
+              sampled_logprobs=None) -> LossTerms:
     """Visual-RFT's loss (visual-rft.md §5.4 step 9; TRL 0.14 `compute_loss`):
 
         l_t = -( exp(lp_t - sg(lp_t)) A - beta KL_t ),   KL_t = k3 by default
@@ -399,12 +505,13 @@ def paper_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config:
     """
     del old_logprobs
     mask = mask.astype(jnp.float32)
-    loss, kl, low, high = _per_token(logprobs, None, ref_logprobs, advantages_n, config, clip=False)
-    return _terms(_sequence_mean_sum(loss, mask), _sequences(mask), mask, kl, low, high)
+    t = _per_token(logprobs, None, ref_logprobs, advantages_n, config, clip=False, sampled_logprobs=sampled_logprobs)
+    return _terms(_sequence_mean_sum(t.loss, mask), _sequences(mask), mask, t)
 
 
 @register_loss("grpo")
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig,
+              sampled_logprobs=None) -> LossTerms:
     """TRL 1.16 `loss_type="grpo"`: the clipped surrogate, sequence token-mean, then batch mean.
 
         r_t = exp(lp_t - old_t)        (old = sg(lp) when old_logprobs is None: num_iterations = 1)
@@ -416,12 +523,14 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: 
     (a sampled completion always holds at least one token, so real batches agree).
     """
     mask = mask.astype(jnp.float32)
-    loss, kl, low, high = _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config, clip=True)
-    return _terms(_sequence_mean_sum(loss, mask), _sequences(mask), mask, kl, low, high)
+    t = _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config, clip=True,
+                   sampled_logprobs=sampled_logprobs)
+    return _terms(_sequence_mean_sum(t.loss, mask), _sequences(mask), mask, t)
 
 
 @register_loss("bnpo")
-def bnpo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+def bnpo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig,
+              sampled_logprobs=None) -> LossTerms:
     """TRL 1.16 `loss_type="bnpo"`: the clipped surrogate (as grpo), averaged over the batch's tokens.
 
         L = sum_{i,t} m_it l_it / sum_{i,t} m_it
@@ -431,12 +540,14 @@ def bnpo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: 
     whole batch. With one process and one micro-batch the two agree (and bnpo equals dapo).
     """
     mask = mask.astype(jnp.float32)
-    loss, kl, low, high = _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config, clip=True)
-    return _terms(jnp.sum(loss * mask), jnp.sum(mask), mask, kl, low, high)
+    t = _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config, clip=True,
+                   sampled_logprobs=sampled_logprobs)
+    return _terms(jnp.sum(t.loss * mask), jnp.sum(mask), mask, t)
 
 
 @register_loss("dr_grpo")
-def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig,
+              sampled_logprobs=None) -> LossTerms:
     """TRL 1.16 `loss_type="dr_grpo"` (Dr. GRPO): the clipped surrogate over a constant normaliser.
 
         L = sum_{i,t} m_it l_it / (sequences x max_completion_length)
@@ -445,13 +556,15 @@ def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, confi
     The normaliser is free of the completions' lengths, which removes GRPO's length bias.
     """
     mask = mask.astype(jnp.float32)
-    loss, kl, low, high = _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config, clip=True)
+    t = _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config, clip=True,
+                   sampled_logprobs=sampled_logprobs)
     length = config.max_completion_length or mask.shape[1]
-    return _terms(jnp.sum(loss * mask), _sequences(mask) * length, mask, kl, low, high)
+    return _terms(jnp.sum(t.loss * mask), _sequences(mask) * length, mask, t)
 
 
 @register_loss("dapo")
-def dapo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+def dapo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig,
+              sampled_logprobs=None) -> LossTerms:
     """TRL 1.16 `loss_type="dapo"` (its default; DAPO's token-level loss): the clipped surrogate over
     the tokens of the whole generation batch.
 
@@ -461,24 +574,36 @@ def dapo_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: 
     `epsilon_high` (DAPO's clip-higher, e.g. 0.28).
     """
     mask = mask.astype(jnp.float32)
-    loss, kl, low, high = _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config, clip=True)
-    return _terms(jnp.sum(loss * mask), jnp.sum(mask), mask, kl, low, high)
+    t = _per_token(logprobs, old_logprobs, ref_logprobs, advantages_n, config, clip=True,
+                   sampled_logprobs=sampled_logprobs)
+    return _terms(jnp.sum(t.loss * mask), jnp.sum(mask), mask, t)
 
 
 @register_loss("sft")
-def sft_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+def sft_loss(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig,
+              sampled_logprobs=None) -> LossTerms:
     """Supervised fine-tuning's token-level cross-entropy of the completions (the solutions, `vrft_jax.sft`):
     loss_sum = -sum m lp, loss_count = tokens. Advantages, old and reference logprobs are ignored."""
-    del old_logprobs, ref_logprobs, advantages_n, config
+    del old_logprobs, ref_logprobs, advantages_n, config, sampled_logprobs
     mask = mask.astype(jnp.float32)
-    zero = jnp.zeros_like(mask)
-    return _terms(-jnp.sum(logprobs.astype(jnp.float32) * mask), jnp.sum(mask), mask, zero, zero, zero)
+    return _terms(-jnp.sum(logprobs.astype(jnp.float32) * mask), jnp.sum(mask), mask, PerToken.zeros(mask))
 
 
-def loss_terms(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig) -> LossTerms:
+def loss_count(mask, config: GRPOConfig):
+    """The normaliser `config.loss` divides its sum by for a batch of [N, L] `mask` (tokens, sequences, or sequences
+    x max length): a function of the mask alone, read before the logprobs exist."""
+    zeros = jnp.zeros(mask.shape, jnp.float32)
+    plain = dataclasses.replace(config, beta=0.0, importance_sampling=None)
+    return LOSSES[config.loss](zeros, None, None, zeros[:, 0], mask, plain).loss_count
+
+
+def loss_terms(logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config: GRPOConfig,
+              sampled_logprobs=None) -> LossTerms:
     """`config.loss`'s terms for float32[N, L] logprobs (old and ref may be None), float32[N]
-    advantages and an [N, L] mask of the real completion tokens."""
+    advantages and an [N, L] mask of the real completion tokens; `sampled_logprobs` float[N, L], the sampler's
+    logprobs of the same tokens (NaN where it drew none), give the mismatch metrics and the importance weights."""
     if logprobs.shape != mask.shape or advantages_n.shape != logprobs.shape[:1]:
         raise ValueError(f"logprobs {logprobs.shape}, mask {mask.shape} and advantages {advantages_n.shape} "
                          "must be [N, L], [N, L] and [N]")
-    return LOSSES[config.loss](logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config)
+    return LOSSES[config.loss](logprobs, old_logprobs, ref_logprobs, advantages_n, mask, config,
+                               sampled_logprobs=sampled_logprobs)

@@ -13,7 +13,9 @@ Seams that matter (review M1, M2):
   recipe's compute dtype and the sampling layout, by a jitted cast whose outputs are new buffers:
   they never alias the train state, which the update donates. They are dropped before the update.
 - `old_logprobs` come from the policy scorer (the update's own program, in float32), never from
-  `Rollout.logprobs` (the decode program's dtype and a top-k-filtered distribution).
+  `Rollout.logprobs` (the decode program's dtype). Those travel in the batch as `sampled_logprobs`: the update
+  measures the sampler/trainer mismatch against them on every step (`mismatch/*`), and corrects for it with
+  `GRPOConfig.importance_sampling`.
 - With `freeze_vision` the vision tower runs once per iteration, in the rollout's prefill: its features
   (the sampler's dtype, which is the recipe's compute dtype) travel in the `TrainBatch` to the reference,
   the old policy and the update, which would each have recomputed the same frozen features.
@@ -147,7 +149,14 @@ def train_batch(context: RunContext, inputs, out: Rollout, advantages: np.ndarra
     seen = jnp.arange(out.tokens.shape[1])[None, :] < completion_lengths(context, out)[:, None]
     mask = seen.astype(jnp.int32) * distributed.to_global(context.mesh, np.asarray(valid, np.int32))[:, None]
     advantages = distributed.to_global(context.mesh, np.asarray(advantages, np.float32))
-    return place(context, TrainBatch(inputs, out.tokens, mask, advantages, image_features=out.image_features))
+    return place(context, TrainBatch(inputs, out.tokens, mask, advantages, image_features=out.image_features,
+                                     sampled_logprobs=sampler_logprobs(out)))
+
+
+def sampler_logprobs(out: Rollout) -> jax.Array:
+    """float32[B*G, L]: the sampler's logprobs of the tokens it drew (its dtype and program: `Rollout.logprobs`,
+    the full softmax at the temperature, before top-k/top-p), NaN past each row's stop, where it drew none."""
+    return jnp.where(out.mask, out.logprobs.astype(jnp.float32), jnp.nan)
 
 
 def completion_lengths(context: RunContext, out: Rollout) -> jax.Array:

@@ -21,8 +21,12 @@ probabilities p = exp(z - logsumexp), and applies d logprob / d z = onehot(targe
     d hidden = g/T * (head[target] - sum_v p_v head[v])
     d head   = scatter_add(target, g/T * hidden) - sum_tokens (g/T * p)^T hidden
 
-with the onehot part again a gather (and a scatter-add), never a vocabulary-sized select. Entropy
-carries no gradient (it is a metric).
+with the onehot part again a gather (and a scatter-add), never a vocabulary-sized select. The entropy
+H = log Z - sum_v p_v z_v carries no gradient (a metric), unless `entropy_grad` (an entropy bonus in the
+loss): then its cotangent h adds, per logit, dH/dz_v = p_v (log Z - z_v - H) (z the logits / T), in the same
+pass over the blocks, with H kept from the forward:
+
+    d z_v = (1/T) p_v (-g + h (log Z - z_v - H))  (+ g/T at the target)
 
 Blocks are strided, block j holding rows j, j + nb, j + 2nb, ... of the head: when the head's
 vocabulary axis is split over devices ("vocab" -> "tensor"), the split stays on the rows within
@@ -41,7 +45,8 @@ from vrft_jax.sharding import constrain
 
 
 def token_logprobs(hidden_nld, head_vd, targets_nl, *, temperature: float = 1.0, chunk_size: int = 32,
-                   vocab_block: int = 4096, with_entropy: bool | jax.Array = False, dtype=None, precision=None):
+                   vocab_block: int = 4096, with_entropy: bool | jax.Array = False, dtype=None, precision=None,
+                   entropy_grad: bool = False):
     """(logprobs float32[N, L], entropy float32[N, L] or None) of `targets` under `hidden @ head.T / T`.
 
     Args:
@@ -59,6 +64,7 @@ def token_logprobs(hidden_nld, head_vd, targets_nl, *, temperature: float = 1.0,
       dtype: the matmuls' input dtype (the model's compute dtype; None keeps the inputs'); they accumulate
         in float32, and the softmax is float32.
       precision: `jax.lax.Precision` of the matmuls.
+      entropy_grad: the entropy carries its gradient (an entropy bonus); needs `with_entropy=True`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
@@ -69,8 +75,10 @@ def token_logprobs(hidden_nld, head_vd, targets_nl, *, temperature: float = 1.0,
         raise ValueError(f"with_entropy must be a Python bool or a bool scalar, got {with_entropy.dtype}"
                          f"{list(with_entropy.shape)}")
     wanted = True if dynamic else bool(with_entropy)
+    if entropy_grad and (dynamic or not wanted):
+        raise ValueError("entropy_grad needs with_entropy=True (a Python bool: the entropy of every call)")
     settings = _Settings(float(temperature), int(chunk_size), int(vocab_block), wanted,
-                         None if dtype is None else jnp.dtype(dtype), precision)
+                         None if dtype is None else jnp.dtype(dtype), precision, bool(entropy_grad))
     measure = with_entropy if dynamic else None
     logprobs, entropy = _token_logprobs(settings, hidden_nld, head_vd, targets_nl, measure)
     return logprobs, (entropy if wanted else None)
@@ -85,6 +93,7 @@ class _Settings(NamedTuple):
     with_entropy: bool  # the program can compute the entropy (whether it does is the `measure` input)
     dtype: Any
     precision: Any
+    entropy_grad: bool = False  # the entropy's cotangent flows back (an entropy bonus)
 
 
 # ------------------------------------------------------------------------------------------ layouts
@@ -206,32 +215,45 @@ def _forward(settings, hidden_nld, head_vd, targets_nl, measure):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _token_logprobs(settings, hidden_nld, head_vd, targets_nl, measure):
     logprobs, _, entropy = _forward(settings, hidden_nld, head_vd, targets_nl, measure)
-    return logprobs, jax.lax.stop_gradient(entropy)
+    return logprobs, (entropy if settings.entropy_grad else jax.lax.stop_gradient(entropy))
 
 
 def _token_logprobs_fwd(settings, hidden_nld, head_vd, targets_nl, measure):
     logprobs, log_z, entropy = _forward(settings, hidden_nld, head_vd, targets_nl, measure)
-    return (logprobs, entropy), (hidden_nld, head_vd, targets_nl, log_z)
+    kept = entropy if settings.entropy_grad else None
+    return (logprobs, entropy), (hidden_nld, head_vd, targets_nl, log_z, kept)
 
 
 # ------------------------------------------------------------------------------------------ backward
 
 
 def _token_logprobs_bwd(settings, residuals, cotangents):
-    hidden_nld, head_vd, targets_nl, log_z_nl = residuals
-    scale_nl = cotangents[0].astype(jnp.float32) / settings.temperature  # g / T; the entropy has no gradient
+    hidden_nld, head_vd, targets_nl, log_z_nl, entropy_nl = residuals
+    scale_nl = cotangents[0].astype(jnp.float32) / settings.temperature  # g / T
     compute_hidden, compute_head = _cast(settings, hidden_nld), _cast(settings, head_vd)
-    hidden, scale, log_z = (_chunked(settings, x) for x in (compute_hidden, scale_nl, log_z_nl))
+    if settings.entropy_grad:  # h / T, and log Z - H: d z_v = p_v (-g/T + h/T (log Z - H - z_v))
+        entropy_scale_nl = cotangents[1].astype(jnp.float32) / settings.temperature
+        shift_nl = log_z_nl - entropy_nl
+    else:  # the entropy has no gradient: no second cotangent to carry
+        entropy_scale_nl = shift_nl = jnp.zeros((), jnp.float32)
+    chunked = [_chunked(settings, x) for x in (compute_hidden, scale_nl, log_z_nl)]
+    if settings.entropy_grad:
+        chunked += [_chunked(settings, x) for x in (entropy_scale_nl, shift_nl)]
     blocks, mask = _blocks(settings, compute_head)
 
     def one_chunk(d_blocks, chunk):
-        hidden_ncd, scale_nc, log_z_nc = chunk
+        hidden_ncd, scale_nc, log_z_nc = chunk[:3]
 
         def one_block(d_hidden, block):
             block_vd, mask_v, d_block_dv = block
+            logits = _logits(settings, hidden_ncd, block_vd, mask_v)
+            p = jnp.exp(logits - log_z_nc[..., None])
             # -(g/T) p for every token and vocabulary row of the block: the softmax part of d logprob / d z.
-            d_logits = -scale_nc[..., None] * jnp.exp(_logits(settings, hidden_ncd, block_vd, mask_v)
-                                                      - log_z_nc[..., None])
+            d_logits = -scale_nc[..., None] * p
+            if settings.entropy_grad:
+                entropy_scale_nc, shift_nc = chunk[3:]
+                # (h/T) p (log Z - H - z), 0 on the padding rows (p = 0 where z = -inf: no inf x 0).
+                d_logits += jnp.where(p > 0, entropy_scale_nc[..., None] * p * (shift_nc[..., None] - logits), 0.0)
             d_logits = _cast(settings, d_logits)
             d_hidden += jnp.einsum("NCV,VD->NCD", d_logits, block_vd,
                                    preferred_element_type=jnp.float32, precision=settings.precision)
@@ -246,7 +268,7 @@ def _token_logprobs_bwd(settings, residuals, cotangents):
         return d_blocks, d_hidden
 
     count, block, width = blocks.shape
-    d_blocks, d_hidden = jax.lax.scan(one_chunk, jnp.zeros((count, width, block), jnp.float32), (hidden, scale, log_z))
+    d_blocks, d_hidden = jax.lax.scan(one_chunk, jnp.zeros((count, width, block), jnp.float32), tuple(chunked))
     d_hidden = _unchunk(d_hidden, hidden_nld.shape[1])
     # The onehot part, (g/T) at each target: a gather into d hidden, a scatter-add into d head, both of
     # the compute-dtype values the forward multiplied.

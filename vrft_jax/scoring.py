@@ -90,7 +90,8 @@ class TokenScores:
 
 def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, completion_mask_nl, *,
                       temperature: float = 1.0, chunk_size: int = 32, vocab_block: int = 4096,
-                      with_entropy: bool | jax.Array = False, image_features=None) -> TokenScores:
+                      with_entropy: bool | jax.Array = False, image_features=None,
+                      entropy_grad: bool = False) -> TokenScores:
     """Teacher-force B*G completions after their B prompts and score every completion token.
 
     Args:
@@ -109,6 +110,7 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
       image_features: the prompts' `model.image_features(inputs)` when already computed (the rollout's,
         `Rollout.image_features`): the vision tower does not run again. Only for a frozen tower: features
         given as an input carry no gradient to it.
+      entropy_grad: the entropy carries its gradient (an entropy bonus in the loss); needs with_entropy=True.
     """
     batch = inputs.input_ids.shape[0]
     rows, length = completions_nl.shape
@@ -142,12 +144,12 @@ def score_completions(model: Qwen2VL, inputs: ModelInputs, completions_nl, compl
     # Completion token 0 is predicted by the last prompt slot (prompts are left-padded), token k by token k - 1.
     hidden = jnp.concatenate([repeat(prompt_hidden[:, -1:]), completion_hidden[:, :-1]], axis=1)
     return chunked_token_logprobs(model, hidden, completions_nl, temperature=temperature, chunk_size=chunk_size,
-                                  vocab_block=vocab_block, with_entropy=with_entropy)
+                                  vocab_block=vocab_block, with_entropy=with_entropy, entropy_grad=entropy_grad)
 
 
 def chunked_token_logprobs(model: Qwen2VL, hidden_nld, targets_nl, *, temperature: float = 1.0,
                            chunk_size: int = 32, vocab_block: int = 4096,
-                           with_entropy: bool | jax.Array = False) -> TokenScores:
+                           with_entropy: bool | jax.Array = False, entropy_grad: bool = False) -> TokenScores:
     """log softmax(hidden @ head / temperature)[target] for float[N, L, D] final-norm hidden states,
     by `lm_head.token_logprobs`: `chunk_size` positions and `vocab_block` vocabulary rows of float32
     logits at a time, an online logsumexp over the blocks, and a hand-written backward pass."""
@@ -155,7 +157,7 @@ def chunked_token_logprobs(model: Qwen2VL, hidden_nld, targets_nl, *, temperatur
     head = text.embed_tokens[...] if text.lm_head is None else text.lm_head[...].T  # [V, D]
     logprobs, entropy = token_logprobs(hidden_nld, head, targets_nl, temperature=temperature, chunk_size=chunk_size,
                                        vocab_block=vocab_block, with_entropy=with_entropy, dtype=model.config.dtype,
-                                       precision=precision(model.config))
+                                       precision=precision(model.config), entropy_grad=entropy_grad)
     return TokenScores(logprobs=logprobs, entropy=entropy)
 
 

@@ -167,6 +167,9 @@ class TrainBatch:
     image_features:  [B, P / merge^2, D] the prompts' vision features, only with `freeze_vision`: the
                      rollout's (`Rollout.image_features`), so the reference, the old policy and the update
                      embed them instead of running the frozen tower three more times; None runs the tower
+    sampled_logprobs: float32[B*G, L] the sampler's own logprobs of the completions (`Rollout.logprobs`, NaN past
+                     where it stopped): the sampler/trainer mismatch metrics and `GRPOConfig.importance_sampling`
+                     read them; None (SFT) measures no mismatch
     """
 
     inputs: ModelInputs
@@ -176,6 +179,7 @@ class TrainBatch:
     old_logprobs: jax.Array | None = None
     ref_logprobs: jax.Array | None = None
     image_features: jax.Array | None = None
+    sampled_logprobs: jax.Array | None = None
 
     def scored(self) -> CompletionBatch:
         """What the reference and old-policy scorer read: one pytree structure whichever logprobs the
@@ -276,16 +280,19 @@ def _check_batch(batch: TrainBatch, config: TrainConfig) -> None:
 
 def micro_batch_terms(model: Qwen2VL, batch: TrainBatch, config: TrainConfig, measure_entropy: bool | jax.Array = True):
     """(LossTerms, entropy sum over real tokens) of one micro-batch under `model`; the entropy is measured
-    where `measure_entropy` is true (a bool, or a bool scalar read at run time), 0 elsewhere."""
+    where `measure_entropy` is true (a bool, or a bool scalar read at run time), 0 elsewhere. With an entropy
+    bonus (`GRPOConfig.entropy_coef`) it is always measured, and carries its gradient."""
     scoring = config.scoring
+    bonus = config.grpo.entropy_coef > 0
     scores = score_completions(model, batch.inputs, batch.completions, batch.completion_mask,
                                temperature=scoring.temperature, chunk_size=scoring.chunk_size,
-                               vocab_block=scoring.vocab_block, with_entropy=measure_entropy,
-                               image_features=batch.image_features)
+                               vocab_block=scoring.vocab_block, with_entropy=True if bonus else measure_entropy,
+                               image_features=batch.image_features, entropy_grad=bonus)
     mask = batch.completion_mask.astype(jnp.float32)
     # With one update per rollout the old policy is the current one: ratio exp(lp - sg(lp)) (TRL does the same).
     old = batch.old_logprobs if config.num_iterations > 1 else None
-    terms = grpo.loss_terms(scores.logprobs, old, batch.ref_logprobs, batch.advantages, mask, config.grpo)
+    terms = grpo.loss_terms(scores.logprobs, old, batch.ref_logprobs, batch.advantages, mask, config.grpo,
+                            sampled_logprobs=batch.sampled_logprobs)
     return terms, jnp.sum(scores.entropy * mask)
 
 
@@ -296,16 +303,24 @@ def loss_and_grads(graphdef, trainable: nnx.State, frozen: nnx.State, batch: Tra
     `measure_entropy`). With `dropout_key` the adapters' dropout is on, each micro-batch's masks its own.
 
     Gradients of each micro-batch's `loss_sum` are summed over a `lax.scan`, then divided once by the
-    batch's `loss_count` (which does not depend on the parameters): exact gradient accumulation.
+    batch's `loss_count` (which does not depend on the parameters): exact gradient accumulation. An entropy
+    bonus (`GRPOConfig.entropy_coef` c) makes the objective loss - c x (entropy sum / tokens), the token mean
+    over the whole batch whatever the loss's normaliser (TRL's): each micro-batch's numerator subtracts
+    c x (loss_count / tokens) x its entropy sum, both counts the batch's, read from its mask up front.
     """
     _check_batch(batch, config)
+    coef = config.grpo.entropy_coef
+    if coef:
+        mask = batch.completion_mask.astype(jnp.float32)
+        bonus_scale = coef * grpo.loss_count(mask, config.grpo) / jnp.maximum(jnp.sum(mask), 1.0)
 
     def numerator(trainable, micro_batch, index):
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
         with lora.dropout_key(key):
             terms, entropy_sum = micro_batch_terms(nnx.merge(graphdef, trainable, frozen), micro_batch, config,
                                                    measure_entropy)
-        return terms.loss_sum, (terms, entropy_sum)
+        objective = terms.loss_sum - bonus_scale * entropy_sum if coef else terms.loss_sum
+        return objective, (terms, entropy_sum)
 
     gradient = jax.value_and_grad(numerator, has_aux=True)
     if config.micro_batches == 1:  # no accumulator: one gradient-sized buffer fewer
@@ -324,7 +339,7 @@ def loss_and_grads(graphdef, trainable: nnx.State, frozen: nnx.State, batch: Tra
             (micro, jnp.arange(config.micro_batches)))
     count = jnp.maximum(terms.loss_count, 1.0)
     grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)
-    return terms.loss_sum / count, grads, terms, entropy_sum
+    return terms.loss_sum / count, grads, terms, jax.lax.stop_gradient(entropy_sum)
 
 
 # ---------------------------------------------------------------------------------------------- programs
@@ -419,7 +434,8 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
                                step=state.step + apply.astype(jnp.int32),
                                nonfinite_total=state.nonfinite_total + skipped, nonfinite_streak=streak)
         tokens = jnp.maximum(terms.tokens, 1.0)
-        entropy = jnp.where(measure_entropy, entropy_sum / tokens, jnp.nan)
+        measured = True if config.grpo.entropy_coef else measure_entropy  # a bonus measures it every step
+        entropy = jnp.where(measured, entropy_sum / tokens, jnp.nan)
         metrics = {"loss": loss, "entropy": entropy, "grad_norm": grad_norm,
                    "learning_rate": jnp.asarray(schedule(state.step), jnp.float32), "tokens": terms.tokens,
                    "sequences": terms.sequences, "update_skipped": (~apply).astype(jnp.float32),
@@ -428,6 +444,10 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
                    "nonfinite_total": new_state.nonfinite_total.astype(jnp.float32), **terms.metrics()}
         if batch.ref_logprobs is None:
             del metrics["kl"], metrics["kl_sequence_mean"]
+        if batch.sampled_logprobs is None:  # SFT: no sampler
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(("mismatch/", "is_ratio/"))}
+        elif not config.grpo.importance_sampling:  # the weights are 1: TRL logs them with the correction only
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("is_ratio/")}
         return new_state, metrics
 
     shardings = {}

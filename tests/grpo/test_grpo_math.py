@@ -1,6 +1,7 @@
 """The GRPO math of `vrft_jax.grpo` against independent NumPy (float64) transcriptions of its sources:
 visual-rft.md §5.4 for the paper loss, TRL 1.16's `_compute_loss` for the others."""
 
+import dataclasses
 import types
 
 import jax
@@ -252,11 +253,10 @@ def test_config_errors_name_the_field():
 
 def test_registries_take_new_entries_by_name_and_refuse_duplicates():
     @grpo.register_loss("sequence_sum_for_test")
-    def sequence_sum(logprobs, old_logprobs, ref_logprobs, advantages, mask, config):
-        return grpo.LossTerms(loss_sum=-jnp.sum(advantages[:, None] * logprobs * mask), loss_count=jnp.float32(1),
-                              tokens=jnp.sum(mask), sequences=jnp.float32(mask.shape[0]), kl_sum=jnp.float32(0),
-                              kl_sequence_sum=jnp.float32(0),
-                              clip_low_sum=jnp.float32(0), clip_high_sum=jnp.float32(0))
+    def sequence_sum(logprobs, old_logprobs, ref_logprobs, advantages, mask, config, sampled_logprobs=None):
+        return grpo.LossTerms.zeros().replace(loss_sum=-jnp.sum(advantages[:, None] * logprobs * mask),
+                                              loss_count=jnp.float32(1), tokens=jnp.sum(mask),
+                                              sequences=jnp.float32(mask.shape[0]))
 
     try:
         config = grpo.GRPOConfig(loss="sequence_sum_for_test", beta=0.0)
@@ -334,3 +334,86 @@ def test_kl_is_the_token_mean_and_kl_sequence_mean_visual_rfts_mean_of_sequence_
     # float32 sums of a few dozen O(0.05) terms against float64: a few ulp, well inside 1e-5 relative.
     assert float(metrics["kl"]) == pytest.approx(token_mean, rel=1e-5)
     assert float(metrics["kl_sequence_mean"]) == pytest.approx(sequence_mean, rel=1e-5)
+
+
+# ------------------------------------------------------------------------- sampler/trainer mismatch
+
+CAP = 3.0
+
+
+def mismatch_case():
+    """Two rows of four tokens by hand: the scorer's logprobs (old = current: one update per rollout), the
+    sampler's, whose gaps d = old - sampled are 0, 0.5, -0.7, 2.0 (exp 7.39: above the cap) in row 0, and in
+    row 1 0.1, -1.5, then a token the sampler did not draw (NaN, past its stop) and a masked one."""
+    logprobs = np.array([[-1.0, -2.0, -0.5, -3.0], [-0.2, -1.1, -0.9, -4.0]], np.float32)
+    sampled = np.array([[-1.0, -2.5, 0.2, -5.0], [-0.3, 0.4, np.nan, -1.0]], np.float32)
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], np.float32)
+    ref = logprobs + np.array([[0.1, -0.2, 0.3, 0.0], [0.05, 0.0, -0.1, 0.2]], np.float32)
+    return logprobs, sampled, ref, np.array([1.5, -0.5], np.float32), mask
+
+
+def test_truncated_importance_sampling_is_the_formula():
+    """TRL 1.16's token_truncate correction, transcribed: w = min(exp(old - sampled), cap) (1 where the sampler
+    gave no logprob) multiplies each token's clipped surrogate, then beta KL is added, then the dapo mean."""
+    logprobs, sampled, ref, advantages, mask = mismatch_case()
+    config = grpo.GRPOConfig.trl(loss_type="dapo", beta=BETA, importance_sampling="token_truncate",
+                                 importance_sampling_cap=CAP)
+    d = np.nan_to_num(logprobs.astype(np.float64) - sampled, nan=0.0)
+    w = np.minimum(np.exp(d), CAP)
+    assert w[0, 3] == CAP and w[1, 2] == 1.0  # the cases the formula is about: capped, and absent
+    lp, r, m = logprobs.astype(np.float64), ref.astype(np.float64), mask.astype(np.float64)
+    kl = (np.exp(r - lp) - (r - lp) - 1) * 1.0  # bias correction: times the ratio, 1 on-policy
+    per_token = -advantages[:, None] * 1.0 * w + BETA * kl  # ratio 1: no clipping on-policy
+    expected = (per_token * m).sum() / m.sum()
+
+    def loss(lp_):
+        return grpo.loss_terms(lp_, None, jnp.asarray(ref), jnp.asarray(advantages), jnp.asarray(mask), config,
+                               sampled_logprobs=jnp.asarray(sampled))
+
+    terms = loss(jnp.asarray(logprobs))
+    # float32 sums of 7 terms of size ~5: a few ulps of 5 (5 x 2^-23 ~ 6e-7) relative to the sum.
+    assert float(terms.loss) == pytest.approx(expected, rel=2e-6)
+    # The weight is a constant of the update: d loss / d lp_t = (-A w + beta d KL / d lp) m / tokens.
+    grads = jax.grad(lambda x: loss(x).loss)(jnp.asarray(logprobs))
+    kl_grad = (1 - np.exp(r - lp)) + kl  # d/d lp of r(lp) * k3(lp) with r = exp(lp - sg(lp)) (value 1)
+    np.testing.assert_allclose(np.asarray(grads), (-advantages[:, None] * w + BETA * kl_grad) * m / m.sum(),
+                               rtol=2e-6, atol=1e-7)
+    # Off: the same loss as without the sampler's logprobs, the mismatch still measured.
+    off = dataclasses.replace(config, importance_sampling=None)
+    plain = grpo.loss_terms(jnp.asarray(logprobs), None, jnp.asarray(ref), jnp.asarray(advantages),
+                            jnp.asarray(mask), off)
+    with_sampled = grpo.loss_terms(jnp.asarray(logprobs), None, jnp.asarray(ref), jnp.asarray(advantages),
+                                   jnp.asarray(mask), off, sampled_logprobs=jnp.asarray(sampled))
+    assert float(with_sampled.loss) == float(plain.loss)
+    assert float(with_sampled.is_ratio_max) == 1.0 and float(with_sampled.mismatch_gap_max) == pytest.approx(2.0)
+
+
+def test_mismatch_metrics_are_the_formulas_over_the_sampled_tokens():
+    """mismatch/kl: the mean of k3 = exp(d) - d - 1 (d = old - sampled, KL(sampler || scorer) under the sampler's
+    draws); gap mean and max of |d|; the weights' min, mean and max: over the real tokens with a sampler logprob."""
+    logprobs, sampled, ref, advantages, mask = mismatch_case()
+    config = grpo.GRPOConfig.trl(importance_sampling="token_truncate", importance_sampling_cap=CAP)
+    terms = grpo.loss_terms(jnp.asarray(logprobs), None, None, jnp.asarray(advantages), jnp.asarray(mask), config,
+                            sampled_logprobs=jnp.asarray(sampled))
+    d = logprobs.astype(np.float64) - sampled
+    seen = (mask > 0) & np.isfinite(sampled)
+    assert seen.sum() == 6
+    d = d[seen]
+    w = np.minimum(np.exp(d), CAP)
+    metrics = {k: float(v) for k, v in terms.metrics().items()}
+    assert metrics["mismatch/kl"] == pytest.approx(np.mean(np.exp(d) - d - 1), rel=1e-6)
+    assert metrics["mismatch/gap_mean"] == pytest.approx(np.mean(np.abs(d)), rel=1e-6)
+    assert metrics["mismatch/gap_max"] == pytest.approx(2.0, rel=1e-6)
+    assert (metrics["is_ratio/min"], metrics["is_ratio/max"]) == (pytest.approx(w.min(), rel=1e-6), CAP)
+    assert metrics["is_ratio/mean"] == pytest.approx(w.mean(), rel=1e-6)
+    # Split into two micro-batches (a row each), the terms add to the whole batch's: sums add, extrema combine.
+    halves = [grpo.loss_terms(jnp.asarray(logprobs[i:i + 1]), None, None, jnp.asarray(advantages[i:i + 1]),
+                              jnp.asarray(mask[i:i + 1]), config, sampled_logprobs=jnp.asarray(sampled[i:i + 1]))
+              for i in range(2)]
+    combined = grpo.LossTerms.zeros() + halves[0] + halves[1]
+    for name, value in combined.metrics().items():
+        assert float(value) == pytest.approx(metrics[name], rel=1e-6, nan_ok=True), name
+    with pytest.raises(ValueError, match="needs the sampler's logprobs"):
+        grpo.loss_terms(jnp.asarray(logprobs), None, None, jnp.asarray(advantages), jnp.asarray(mask), config)
+    with pytest.raises(ValueError, match="importance_sampling_cap=0.5 must be >= 1"):
+        grpo.GRPOConfig(importance_sampling="token_truncate", importance_sampling_cap=0.5)

@@ -164,6 +164,57 @@ def test_an_unlogged_step_skips_the_entropy_and_makes_the_same_update(policy, ba
     assert max_difference(host(state), single.after) == 0
 
 
+def sampled(batch):
+    """The batch with the sampler's logprobs: the old policy's moved by up to +-1.5 nats (some weights reach the
+    cap of 3), NaN past each completion's mask as the rollout leaves them."""
+    noise = np.random.default_rng(9).uniform(-1.5, 1.5, batch.old_logprobs.shape).astype(np.float32)
+    logprobs = np.where(np.asarray(batch.completion_mask) > 0, np.asarray(batch.old_logprobs) - noise, np.nan)
+    return batch.replace(sampled_logprobs=logprobs.astype(np.float32))
+
+
+def test_entropy_bonus_and_importance_weights_accumulate_exactly(policy, batch):
+    """With an entropy bonus and truncated importance sampling, four micro-batches make the update of one; the
+    bonus's gradient is -coef x the gradient of the batch's token-mean entropy, whatever the loss's normaliser."""
+    # TRL's grpo loss: its normaliser (sequences) is not the bonus's (tokens), which the bonus must not take.
+    config = CONFIG.replace(grpo=dataclasses.replace(CONFIG.grpo, loss="grpo", entropy_coef=0.05,
+                                                     importance_sampling="token_truncate"))
+    batch = sampled(batch)
+    one, four = run(policy, batch, config), run(policy, batch, config.replace(micro_batches=4))
+    for name in ("loss", "entropy", "grad_norm", "mismatch/kl", "mismatch/gap_mean", "is_ratio/mean"):
+        # As test_four_micro_batches_give_the_update_of_one: 4 partial float32 sums instead of 1.
+        assert four.metrics[name] == pytest.approx(one.metrics[name], rel=1e-6, abs=1e-7), name
+    for name in ("mismatch/gap_max", "is_ratio/min", "is_ratio/max"):  # extrema: exact under any split
+        assert four.metrics[name] == one.metrics[name], name
+    assert one.metrics["is_ratio/max"] == 3.0 and one.metrics["is_ratio/min"] < 1
+    assert max_difference(four.after.params, one.after.params) <= 1e-6  # as the test above
+
+    graphdef, state = ts.init_state(policy, config)
+    trainable, frozen = ts.split_params(state.params, config)
+    plain = config.replace(grpo=dataclasses.replace(config.grpo, entropy_coef=0.0))
+    _, with_bonus, _, _ = ts.loss_and_grads(graphdef, trainable, frozen, batch, config)
+    _, without, _, _ = ts.loss_and_grads(graphdef, trainable, frozen, batch, plain)
+    mask = np.asarray(batch.completion_mask, np.float32)
+
+    def mean_entropy(trainable):
+        scores = score_completions(nnx.merge(graphdef, trainable, frozen), batch.inputs, batch.completions,
+                                   batch.completion_mask, temperature=config.scoring.temperature,
+                                   chunk_size=config.scoring.chunk_size, with_entropy=True, entropy_grad=True)
+        return jnp.sum(scores.entropy * mask) / mask.sum()
+
+    entropy_grads = jax.grad(mean_entropy)(trainable)
+    differences = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), with_bonus, without)
+    expected = jax.tree.map(lambda g: -0.05 * np.asarray(g, np.float64), entropy_grads)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(without))
+    # Three float32 gradients of size `scale`, each element a sum over the batch's ~150 tokens and the vocabulary's
+    # blocks: the bonus's terms join the policy's inside one backward pass on one side and stand alone on the
+    # other, so the sums round in other groupings, a random walk of ~sqrt(150) ulps of the largest term: 16
+    # ulps of `scale` (measured 5). The bonus's own effect is 1000 ulps or more, and a wrong normaliser (the
+    # loss's count instead of the tokens) or a missing term would be off by that much.
+    eps = np.finfo(np.float32).eps
+    assert max_difference(differences, expected) <= 16 * eps * scale
+    assert max_difference(expected, jax.tree.map(np.zeros_like, expected)) > 1e3 * eps * scale
+
+
 def test_a_non_finite_loss_skips_the_update_and_is_counted(policy, batch, single):
     _, state = ts.init_state(policy, CONFIG)
     before = host(state)
