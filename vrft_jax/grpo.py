@@ -381,7 +381,8 @@ class LossTerms:
                 "clip_region": (self.clip_low_sum + self.clip_high_sum) / tokens,
                 "mismatch/kl": self.mismatch_kl_sum / sampled, "mismatch/gap_mean": self.mismatch_gap_sum / sampled,
                 "mismatch/gap_max": jnp.where(some, self.mismatch_gap_max, jnp.nan),
-                "is_ratio/min": jnp.where(some, self.is_ratio_min, jnp.nan), "is_ratio/mean": self.is_ratio_sum / sampled,
+                "is_ratio/min": jnp.where(some, self.is_ratio_min, jnp.nan),
+                "is_ratio/mean": self.is_ratio_sum / sampled,
                 "is_ratio/max": jnp.where(some, self.is_ratio_max, jnp.nan)}
 
 
