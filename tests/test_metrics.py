@@ -168,14 +168,16 @@ def test_metric_names_put_visual_rfts_definitions_under_the_plain_names_and_keep
 SCALARS = {"reward": 0.61, "reward_std": 0.2, "reward_std_in_group": 0.1, "reward_zero_std_groups": 0.25,
            "reward/iou": 0.4, "reward/iou_std": 0.3, "reward/format": 0.9, "reward/format_std": 0.05,
            "kl": 0.0123, "loss": -0.002, "clip_low": 0.01, "clip_high": 0.02, "completion_length": 87.25,
-           "rollout_tokens_per_s": 1234.4, "time/rollout": 3.21, "time/update": 5.0, "nonfinite_total": 2.0}
+           "rollout_tokens_per_s": 1234.4, "time/rollout": 3.21, "time/update": 5.0, "nonfinite_total": 2.0,
+           "entropy": 1.234, "no_answer": 0.125, "truncated": 0.5, "mismatch/kl": 3.2e-4}
 
 
 def test_console_line_has_the_fields():
     line = format_line(120, 1000, SCALARS, eta=3723)
     for field in ("step 120/1000", "reward 0.610±0.200", "in-group std 0.100", "25% flat", "iou 0.400±0.300",
                   "format 0.900±0.050", "kl 0.0123", "loss -0.002", "clip 0.010/0.020", "len 87.2",
-                  "1234 tok/s", "rollout 3.21s", "update 5.00s", "skipped 2", "eta 1:02:03"):
+                  "1234 tok/s", "rollout 3.21s", "update 5.00s", "skipped 2", "eta 1:02:03", "ent 1.23",
+                  "no-answer 12% cut 50%", "mismatch 0.00032"):
         assert field in line, (field, line)
     assert format_line(1, 10, {"loss": 1.0}) == "step 1/10 | loss 1 | eta ?"
 

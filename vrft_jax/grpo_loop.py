@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vrft_jax import distributed, grpo
+from vrft_jax import collapse, distributed, grpo
 from vrft_jax.distributed import gather_rows
 from vrft_jax.metrics import reward_stats
 from vrft_jax.placement import shard_batch
@@ -66,6 +66,7 @@ class RunContext:
     reward_columns:  batch meta columns passed to the rewards (e.g. image_hw)
     box_frame, solution_frame: the frame the model writes boxes in, and the one the records' answers are
                      stored in (`vrft_jax.rewards.frames` names); SFT writes its targets in the first
+    collapse:        dynamic sampling and the zero-reward stop (`vrft_jax.collapse`)
     """
 
     graphdef: Any
@@ -83,6 +84,7 @@ class RunContext:
     reward_columns: tuple[str, ...] = ("image_hw",)
     box_frame: str = "rel1000"
     solution_frame: str = "rel1000"
+    collapse: collapse.CollapseConfig = collapse.CollapseConfig()
 
     def __post_init__(self):
         scorer = self.train.scoring.temperature
@@ -106,13 +108,17 @@ def sample(context: RunContext, weights: nnx.State, inputs, key) -> Rollout:
     return out if context.mesh is None else distributed.pin_rows(out, context.mesh)
 
 
-def score_rewards(context: RunContext, texts: list[str], meta: Mapping[str, Any]) -> tuple[RewardBreakdown, np.ndarray]:
-    """(rewards of every completion, bool[B*G] valid rows): each prompt's columns repeated G times;
+def score_rewards(context: RunContext, texts: list[str], meta: Mapping[str, Any], stopped: np.ndarray | None = None
+                  ) -> tuple[RewardBreakdown, np.ndarray]:
+    """(rewards of every completion, bool[B*G] valid rows): each prompt's columns repeated G times, and
+    `stopped` (bool[B*G]: the completion ended on a stop id, not at the token limit) for the rewards that read it;
     rows of padding prompts (`valid=False`) are not scored and get NaN."""
     g = context.group_size
     valid = np.repeat(np.asarray(meta.get("valid", np.ones(len(texts) // g, bool)), bool), g)
     solutions = [s for s in meta["solution"] for _ in range(g)]
     columns = {name: _repeat(meta[name], g) for name in context.reward_columns if name in meta}
+    if stopped is not None:
+        columns["stopped"] = np.asarray(stopped, bool)
     rows = np.flatnonzero(valid)
     scored = context.reward_fn([texts[i] for i in rows], [solutions[i] for i in rows],
                               **{k: _take(v, rows) for k, v in columns.items()})
@@ -133,6 +139,105 @@ def _repeat(column, g):
 
 def _take(column, rows):
     return column[rows] if isinstance(column, np.ndarray) else [column[i] for i in rows]
+
+
+def stopped_rows(context: RunContext, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """bool[rows]: the completions that ended on a stop id (the others ran to `max_new_tokens`)."""
+    lengths = mask.sum(axis=1)
+    last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
+    return (lengths > 0) & np.isin(last, context.sampling.eos_token_ids)
+
+
+@dataclasses.dataclass
+class Drawn:
+    """One rollout of a batch with its rewards: the device rows, and this process's texts, rewards, validity and
+    stops (host, in its rows' order), with `everyone`, the rewards of every process's rows (global order)."""
+
+    out: Rollout
+    texts: list[str]
+    rewards: RewardBreakdown
+    valid: np.ndarray
+    stopped: np.ndarray
+    lengths: np.ndarray
+    everyone: RewardBreakdown
+
+
+def draw(context: RunContext, weights: nnx.State, batch, key, timer: Timer) -> Drawn:
+    """The batch's completions from the sampler's weights, decoded and scored."""
+    with timer.timed("rollout"):
+        out = jax.block_until_ready(sample(context, weights, batch.model_inputs, key))
+    with timer.timed("rewards"):
+        tokens, mask = local_completions(out)
+        texts = detokenize(context.tokenizer, tokens, mask)
+        stopped = stopped_rows(context, tokens, mask)
+        # A reward that raises on one process stops every process (not one, leaving the rest in a collective).
+        rewards, valid = distributed.agreed(score_rewards, context, texts, batch.meta, stopped)
+        # Statistics over the global batch: every process's rewards, in global row order. Groups never
+        # straddle processes (a prompt's G rows are its process's), so this process's advantages are its slice.
+        everyone = RewardBreakdown(gather_rows(rewards.total),
+                                   {k: gather_rows(v) for k, v in rewards.per_reward.items()})
+    return Drawn(out, texts, rewards, valid, stopped, mask.sum(axis=1), everyone)
+
+
+def resample_flat_groups(context: RunContext, weights: nnx.State, batch, key, drawn: Drawn, timer: Timer
+                         ) -> tuple[Drawn, dict[str, float]]:
+    """Dynamic sampling (`CollapseConfig.dynamic_sampling`): up to that many more draws of the whole batch (the same
+    prompts and shapes: the same compiled rollout), a flat group taking its prompt's first non-flat group. Every
+    process decides from the gathered rewards, so they draw the same number of times. Returns the batch and
+    `dynamic_sampling/{flat_drawn, replaced, rollouts}`: the share of groups flat in the first draw, the share
+    replaced, and the extra draws made."""
+    g, tries = context.group_size, context.collapse.dynamic_sampling
+    all_valid = gather_rows(drawn.valid)
+    valid_groups = all_valid.reshape(-1, g).any(axis=1)
+    flat = collapse.flat_groups(drawn.everyone.total, g, all_valid)
+    first_flat, replaced, rollouts = flat.copy(), np.zeros_like(flat), 0
+    while flat.any() and rollouts < tries:
+        rollouts += 1
+        candidate = draw(context, weights, batch, jax.random.fold_in(key, rollouts), timer)
+        take = collapse.replaced_groups(flat, collapse.flat_groups(candidate.everyone.total, g, all_valid),
+                                        valid_groups)
+        if take.any():
+            drawn = _take_groups(context, drawn, candidate, take)
+            flat, replaced = flat & ~take, replaced | take
+    groups = max(int(valid_groups.sum()), 1)
+    return drawn, {"dynamic_sampling/flat_drawn": float(first_flat.sum() / groups),
+                   "dynamic_sampling/replaced": float(replaced.sum() / groups),
+                   "dynamic_sampling/rollouts": float(rollouts)}
+
+
+def _take_groups(context: RunContext, drawn: Drawn, candidate: Drawn, take_groups: np.ndarray) -> Drawn:
+    """`drawn` with the groups `take_groups` (bool[global prompts]) from `candidate`: on the devices (tokens,
+    logprobs, lengths) and on the host (this process's texts, rewards, stops), and `everyone` for all rows."""
+    g = context.group_size
+    rows = np.repeat(take_groups, g)
+    start = jax.process_index() * len(drawn.valid) if jax.process_count() > 1 else 0
+    local = rows[start:start + len(drawn.valid)]
+    out = _take_rows(distributed.to_global(context.mesh, local), candidate.out, drawn.out)
+    if context.mesh is not None:
+        out = distributed.pin_rows(out, context.mesh)
+
+    def mix(new, old, where):
+        return np.where(where, new, old)
+
+    rewards = RewardBreakdown(mix(candidate.rewards.total, drawn.rewards.total, local),
+                              {k: mix(candidate.rewards.per_reward[k], v, local)
+                               for k, v in drawn.rewards.per_reward.items()})
+    everyone = RewardBreakdown(mix(candidate.everyone.total, drawn.everyone.total, rows),
+                               {k: mix(candidate.everyone.per_reward[k], v, rows)
+                                for k, v in drawn.everyone.per_reward.items()})
+    texts = [new if chosen else old for new, old, chosen in zip(candidate.texts, drawn.texts, local)]
+    return Drawn(out, texts, rewards, drawn.valid, mix(candidate.stopped, drawn.stopped, local),
+                 mix(candidate.lengths, drawn.lengths, local), everyone)
+
+
+@jax.jit
+def _take_rows(take, new: Rollout, old: Rollout) -> Rollout:
+    """`old` with the rows where bool[B*G] `take` is true from `new` (one small program per rollout shape)."""
+    def pick(n, o):
+        return jnp.where(take.reshape(take.shape + (1,) * (o.ndim - 1)), n, o)
+
+    return old.replace(tokens=pick(new.tokens, old.tokens), logprobs=pick(new.logprobs, old.logprobs),
+                       lengths=pick(new.lengths, old.lengths))
 
 
 def group_advantages(context: RunContext, total: np.ndarray) -> np.ndarray:
@@ -224,34 +329,35 @@ def iteration(context: RunContext, state: TrainState, batch, key, timer: Timer, 
     inputs = batch.model_inputs
     with timer.timed("sampler_weights"):
         weights = jax.block_until_ready(context.sampler_cast(state.params))
-    with timer.timed("rollout"):
-        out = jax.block_until_ready(sample(context, weights, inputs, key))
+    drawn = draw(context, weights, batch, key, timer)
+    resampling = {}
+    if context.collapse.dynamic_sampling:
+        drawn, resampling = resample_flat_groups(context, weights, batch, key, drawn, timer)
     del weights  # freed before the update: the sampler copy never coexists with the update's buffers
+    everyone, valid = drawn.everyone, drawn.valid
     with timer.timed("rewards"):
-        tokens, mask = local_completions(out)
-        texts = detokenize(context.tokenizer, tokens, mask)
-        # A reward that raises on one process stops every process (not one, leaving the rest in a collective).
-        rewards, valid = distributed.agreed(score_rewards, context, texts, batch.meta)
-        # Statistics over the global batch: every process's rewards, in global row order. Groups never
-        # straddle processes (a prompt's G rows are its process's), so this process's advantages are its slice.
-        everyone = RewardBreakdown(gather_rows(rewards.total),
-                                   {k: gather_rows(v) for k, v in rewards.per_reward.items()})
-        all_valid, all_lengths = gather_rows(valid), gather_rows(mask.sum(axis=1))
+        all_valid, all_lengths = gather_rows(valid), gather_rows(drawn.lengths)
         start = jax.process_index() * len(valid) if jax.process_count() > 1 else 0
         all_advantages = group_advantages(context, everyone.total)
         advantages = all_advantages[start:start + len(valid)]
+        # The collapse signals over every process's rows (`vrft_jax.collapse`).
+        shares = collapse.completion_shares(gather_rows(collapse.answered(drawn.texts)), gather_rows(drawn.stopped),
+                                            all_valid)
     with timer.timed("reference"):
-        train = reference_logprobs(context, state, train_batch(context, inputs, out, advantages, valid))
+        train = reference_logprobs(context, state, train_batch(context, inputs, drawn.out, advantages, valid))
         train = jax.block_until_ready(old_logprobs(context, state, train))
     with timer.timed("update"):
         state, device_metrics = update(context, state, train, log=log)
         jax.block_until_ready(state.step)
     rollout_seconds = timer.seconds.get("rollout", 0.0)
+    real = everyone.total[all_valid]
     host = {**reward_stats(everyone.total, everyone.per_reward, context.group_size, all_valid),
+            "reward_nonzero": float(np.mean(real != 0)) if real.size else float("nan"), **shares, **resampling,
             "completion_length": float(all_lengths[all_valid].mean()) if all_valid.any() else 0.0,
             "rollout_tokens_per_s": float(all_lengths.sum() / max(rollout_seconds, 1e-9)),
             "advantage_abs": float(np.abs(all_advantages[all_valid]).mean()) if all_valid.any() else 0.0}
     picked = []  # the first completion of each of the first `samples` real prompts
+    texts, rewards = drawn.texts, drawn.rewards
     real_prompts = [i for i in range(len(texts) // context.group_size) if valid[i * context.group_size]]
     for i in real_prompts[:samples]:
         row = i * context.group_size

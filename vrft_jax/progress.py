@@ -71,7 +71,8 @@ def format_line(step: int, total: int, scalars: Mapping[str, Any], eta: float | 
     """The console line of a log step, from the metric names of `train_step`, `reward_stats` and `Timer`.
 
     step/total | reward mean±std (in-group std, share of prompts whose samples all scored alike) |
-    each reward NAME mean±std | kl | loss | clip low/high | len (completion tokens) | tok/s (rollout) |
+    each reward NAME mean±std | kl | loss | clip low/high | ent (entropy) | len (completion tokens) | no-answer and
+    cut (shares without an answer, at the token limit) | mismatch (sampler/trainer KL) | tok/s (rollout) |
     seconds per phase | skipped updates, when any | eta. Fields whose keys are absent are left out.
     """
     s = {k: float(np.asarray(v)) for k, v in scalars.items()}
@@ -93,8 +94,14 @@ def format_line(step: int, total: int, scalars: Mapping[str, Any], eta: float | 
             parts.append(f"{label} {_g(s[key])}")
     if "clip_low" in s or "clip_high" in s:
         parts.append(f"clip {s.get('clip_low', float('nan')):.3f}/{s.get('clip_high', float('nan')):.3f}")
+    if "entropy" in s and np.isfinite(s["entropy"]):
+        parts.append(f"ent {s['entropy']:.2f}")
     if "completion_length" in s:
         parts.append(f"len {s['completion_length']:.1f}")
+    if "no_answer" in s or "truncated" in s:
+        parts.append(f"no-answer {s.get('no_answer', float('nan')):.0%} cut {s.get('truncated', float('nan')):.0%}")
+    if "mismatch/kl" in s:
+        parts.append(f"mismatch {_g(s['mismatch/kl'])}")
     if "rollout_tokens_per_s" in s:
         parts.append(f"{s['rollout_tokens_per_s']:.0f} tok/s")
     phases = [f"{k[len('time/'):]} {v:.2f}s" for k, v in s.items() if k.startswith("time/")]

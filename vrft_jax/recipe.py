@@ -47,6 +47,7 @@ from ml_collections import config_flags
 from vrft_jax import sharding
 from vrft_jax import storage as files
 from vrft_jax.cli import EXIT_USER_ERROR, UserError
+from vrft_jax.collapse import CollapseConfig
 from vrft_jax.configs._common import SHARED
 from vrft_jax.data import prompts, storage
 from vrft_jax.data.config import DataConfig
@@ -75,7 +76,8 @@ PRESETS = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_vl_72b", "qwen2_5_vl_3b", "qwen2
 TOP_LEVEL_KEYS = frozenset({
     "name", "slice", "mode", "seed", "total_steps", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
     "eval_every", "export_hf", "metric_names", "shared_mount", "prompts_per_step", "categories", "model", "source",
-    "data", "eval", "sampling", "grpo", "train", "rewards", "mesh", "warm_start", "sft", "lora", *SHARED})
+    "data", "eval", "sampling", "grpo", "train", "rewards", "mesh", "warm_start", "sft", "lora", "collapse",
+    *SHARED})
 OPTIONAL_KEYS = frozenset({"categories"})
 BLOCK_KEYS = {
     "model": frozenset({"preset", "checkpoint", "hub_id", "precision", "param_dtype", "dtype", "remat", "text",
@@ -417,6 +419,7 @@ class Settings:
     eval_data:  a finite, unshuffled pass over the held-out set, or None
     reward_fn:  texts, solutions, **columns -> RewardBreakdown
     sampler_dtype: the rollout's parameter and compute dtype (the recipe's compute dtype)
+    collapse:   dynamic sampling and the zero-reward stop (`vrft_jax.collapse`)
     """
 
     model: Qwen2VLConfig
@@ -426,6 +429,7 @@ class Settings:
     eval_data: DataConfig | None
     reward_fn: WeightedReward
     sampler_dtype: Any
+    collapse: CollapseConfig = CollapseConfig()
 
 
 def build(config: ml_collections.ConfigDict, *, process_count: int | None = None,
@@ -435,7 +439,8 @@ def build(config: ml_collections.ConfigDict, *, process_count: int | None = None
     check_structure(config)
     settings = Settings(model=model_config(config), train=train_config(config), sampling=sampling_config(config),
                         data=data_config(config, process_count), eval_data=eval_data_config(config, process_count),
-                        reward_fn=reward_fn(config), sampler_dtype=jnp.dtype(config.compute_dtype))
+                        reward_fn=reward_fn(config), sampler_dtype=jnp.dtype(config.compute_dtype),
+                        collapse=CollapseConfig.from_dict(config.collapse.to_dict()))
     eval_settings(config)  # an unknown eval.type, protocol, reader or frame is an error naming it
     if config.prompts_per_step % settings.train.micro_batches:
         raise ValueError(f"train.micro_batches={settings.train.micro_batches} does not divide prompts_per_step="

@@ -40,7 +40,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from vrft_jax import checkpoints, distributed, grpo_loop, model_dir, recipe, sampling, sft, storage
+from vrft_jax import checkpoints, collapse, distributed, grpo_loop, model_dir, recipe, sampling, sft, storage
 from vrft_jax.cli import UserError
 from vrft_jax.data import make_iterator
 from vrft_jax.data.pipeline import open_source
@@ -348,7 +348,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         sampler_graphdef=sampling.sampler_graphdef(settings.model, settings.sampler_dtype),
         sampler_cast=sampling.make_sampler_cast(state.params, settings.sampler_dtype, mesh, settings.sampling.layout,
                                                 lora=settings.model.lora),
-        mesh=mesh, box_frame=recipe.box_frame(config), solution_frame=config.rewards.solution_frame)
+        mesh=mesh, box_frame=recipe.box_frame(config), solution_frame=config.rewards.solution_frame,
+        collapse=settings.collapse)
 
     target_len = distributed.agreed(sft_target_bucket, config, settings, tokenizer) if sft_mode else None
     data = make_iterator(settings.data, settings.model, mesh=mesh, tokenizer=tokenizer, checkpoint_dir=source_dir)
@@ -372,6 +373,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     before = None
     reporter = Reporter(total, start_step=start)
     key = jax.random.key(config.seed)
+    watch = collapse.ZeroRewardWatch(settings.collapse)
     step, preempted = start, False
     # After an error that only this process saw, a multi-process run does not wait for the save in flight: its
     # commit is a cross-process barrier that the others may never reach. The unfinished step is never listed (orbax
@@ -385,14 +387,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
             if start and every(start, config.eval_every, total) and not heldout.evaluated(start):
                 heldout(start, state.params, writer)  # preempted between its update and its evaluation
         for step in range(start + 1, total + 1):
-            state, scalars = one_step(context, state, data, writer, config, key, step, target_len)
+            state, scalars, host = one_step(context, state, data, writer, config, key, step, target_len)
             # The preemption flag is read before the step's evaluation: a long evaluation must not delay the save.
             preempted = guard.should_stop(step)
-            if heldout is not None and every(step, config.eval_every, total) and not preempted:
+            collapsed = not sft_mode and watch.observe(host)  # from gathered rewards: every process agrees
+            if heldout is not None and every(step, config.eval_every, total) and not (preempted or collapsed):
                 heldout(step, state.params, writer)
             reporter.update(step, scalars)
             checkpoints.save(manager, step, checkpointed(state, train_config), data, config=resolved,
-                             force=preempted or step == total)
+                             force=preempted or collapsed or step == total)
+            if collapsed:
+                raise watch.error(step, host)
             if preempted:
                 break
     except BaseException as error:
@@ -450,8 +455,8 @@ def sft_target_bucket(config: ml_collections.ConfigDict, settings: recipe.Settin
 
 def one_step(context: grpo_loop.RunContext, state, data, writer: MetricWriter, config, key, step: int,
              target_len: int | None):
-    """(state, logged scalars or None) after step `step`: the batch, the iteration (SFT's on targets
-    `target_len` long; GRPO's when None), its metrics and samples."""
+    """(state, logged scalars or None, the step's host metrics) after step `step`: the batch, the iteration (SFT's
+    on targets `target_len` long; GRPO's when None), its metrics and samples."""
     total = config.total_steps
     timer = Timer()
     with timer.timed("data"):  # a bad record one process meets stops them all, naming it
@@ -472,4 +477,4 @@ def one_step(context: grpo_loop.RunContext, state, data, writer: MetricWriter, c
         check_nonfinite(state, context.train)
     if outcome.samples:
         distributed.agreed(writer.write_samples, step, outcome.samples)
-    return state, scalars
+    return state, scalars, outcome.host

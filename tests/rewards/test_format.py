@@ -77,3 +77,20 @@ def test_the_originals_format_regex_is_quadratic_in_the_same_units():
         assert model.match(text, 0, len(text), full=True) is None
         steps.append(model.steps)
     assert steps[1] > 3.9 * steps[0] and steps[1] > 100 * len(text)
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("<answer>green</answer>", True),
+    ("  <answer> light green </answer>\n", True),
+    ("<answer>green</answer></answer></answer", False),  # the demo's collapse: runs to the token limit
+    ("<answer>green</answer> and more", False),
+    ("<answer> </answer>", False),
+    ("<think>x</think><answer>green</answer>", False),  # the think format is `format`'s
+    ("<answer>green", False),
+    ("green", False),
+])
+def test_answer_format_pays_one_answer_block_that_ended_with_eos(text, ok):
+    reward = get_reward("answer_format")
+    assert reward([text, text], ["", ""], stopped=[True, False]).tolist() == [float(ok), 0.0]
+    with pytest.raises(ValueError, match="answer_format needs the column `stopped`"):
+        reward([text], [""])

@@ -31,12 +31,12 @@ def test_rewards_import_no_jax():
 def test_available_rewards():
     # tests/train_recipe.py registers a test-only reward when a test loads it
     assert tuple(r for r in available_rewards() if not r.startswith("test_")) == (
-        "classification", "detection_confidence", "detection_iou", "format", "grounding_giou"
+        "answer_format", "classification", "detection_confidence", "detection_iou", "format", "grounding_giou"
     )
 
 
 @pytest.mark.parametrize(
-    "name", ["classification", "detection_confidence", "detection_iou", "format", "grounding_giou"]
+    "name", ["answer_format", "classification", "detection_confidence", "detection_iou", "format", "grounding_giou"]
 )
 @pytest.mark.parametrize("mode", ["paper", "strict"])
 def test_every_reward_returns_float32_of_shape_n(name, mode):
@@ -44,9 +44,10 @@ def test_every_reward_returns_float32_of_shape_n(name, mode):
     assert isinstance(reward, Reward) and reward.name == name and reward.mode == mode
     solutions = {"classification": "<answer>cat</answer>", "grounding_giou": "<answer>(1,2),(3,4)</answer>"}
     solution = solutions.get(name, GT)
-    out = reward(["", "x", DETECTION], [solution] * 3)
+    columns = {"stopped": [True] * 3} if "stopped" in reward.columns else {}
+    out = reward(["", "x", DETECTION], [solution] * 3, **columns)
     assert out.dtype == np.float32 and out.shape == (3,)
-    assert reward([], []).shape == (0,)
+    assert reward([], [], **{k: [] for k in columns}).shape == (0,)
 
 
 def test_default_mode_is_strict():

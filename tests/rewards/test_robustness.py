@@ -19,12 +19,18 @@ SOLUTIONS = {
     "classification": "<answer>737-200</answer>",
     "grounding_giou": "<answer> (696,300),(999,999) </answer>",
     "format": "",
+    "answer_format": "",
 }
 REWARDS = [get_reward(name, mode) for name in available_rewards() for mode in ("paper", "strict")]
 
 
+def _columns(reward, n: int) -> dict:
+    """The stop column, for the rewards that read it (answer_format): alternating, so both values are scored."""
+    return {"stopped": [i % 2 == 0 for i in range(n)]} if "stopped" in reward.columns else {}
+
+
 def _check(reward, completions):
-    out = reward(completions, [SOLUTIONS[reward.name]] * len(completions))
+    out = reward(completions, [SOLUTIONS[reward.name]] * len(completions), **_columns(reward, len(completions)))
     assert out.dtype == np.float32 and out.shape == (len(completions),)
     assert np.isfinite(out).all()
     assert ((reward.low <= out) & (out <= reward.high)).all(), (reward, out)
@@ -87,7 +93,7 @@ SMALL, GROWTH = 500, 16  # characters of the small input's repeated part; how ma
 
 
 def _work(reward, text: str) -> Work:
-    return measure(lambda: reward([Metered(text)], [SOLUTIONS[reward.name]]))
+    return measure(lambda: reward([Metered(text)], [SOLUTIONS[reward.name]], **_columns(reward, 1)))
 
 
 def _grows_linearly(small: Work, large: Work) -> list[str]:
@@ -110,7 +116,8 @@ def test_work_is_linear_in_the_output_length(name):
     k = _units(name, SMALL)
     small, large = FAMILIES[name](k), FAMILIES[name](GROWTH * k)
     for reward in REWARDS:
-        reward([""], [SOLUTIONS[reward.name]])  # solutions are cached: count only the completion's work
+        reward([""], [SOLUTIONS[reward.name]], **_columns(reward, 1))  # solutions are cached: count only the
+        # completion's work
         small_work, large_work = _work(reward, small), _work(reward, large)
         assert not _grows_linearly(small_work, large_work) and large_work.lines > 0, (
             f"{reward.name}/{reward.mode} on {name}: {_grows_linearly(small_work, large_work)}")

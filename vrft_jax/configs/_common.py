@@ -212,7 +212,15 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
         # Through the first stop id (<|im_end|> or <|endoftext|>); "visual_rft": Visual-RFT's mask, through the
         # first <|im_end|> only (`GRPOConfig.visual_rft`).
         completion_mask="first_stop",
+        # Guards (`GRPOConfig`, off as in the peers): truncated importance sampling of the sampler/trainer mismatch
+        # ("token_truncate", TRL's vLLM correction; the mismatch is logged either way), its cap, an entropy bonus.
+        importance_sampling=config_dict.placeholder(str),
+        importance_sampling_cap=3.0,
+        entropy_coef=0.0,
     )
+    # Collapse (`vrft_jax.collapse`): DAPO's dynamic sampling, up to this many redraws of a step's flat groups (off),
+    # and the stop of a run whose every reward was 0 for this many steps in a row (0: never).
+    c.collapse = dict(dynamic_sampling=0, max_zero_reward_steps=20)
 
     c.train = dict(
         learning_rate=1e-6,  # TRL GRPOConfig's default, decaying linearly to 0 with no warmup (HF's)

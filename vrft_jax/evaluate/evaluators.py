@@ -128,6 +128,7 @@ class Evaluator:
         columns = {}
         if "image_hw" in self.reward_columns:
             columns["image_hw"] = np.array([row["image_hw"] for row in rows], np.int32)
+        columns["stopped"] = np.array([row["stopped"] for row in rows], bool)  # read by answer_format
         scored = self.reward_fn([r["completion"] for r in rows], [r["solution"] for r in rows], **columns)
         for k, row in enumerate(rows):
             row["rewards"] = {"total": float(scored.total[k]),

@@ -4,7 +4,9 @@ values and each has its own scale.
     curves = plot_curves(history, directory)        # [Curve(key, title, path)], in CURVE_ORDER
 
 From `metrics.jsonl` rows (`{"step": ..., key: value}`): the reward and each of its terms, the loss, the KL to the
-reference, the policy's entropy, the gradient norm, the learning rate, the completion length, and each held-out
+reference, the policy's entropy, the gradient norm, the learning rate, the completion length, the collapse signals
+(flat groups, answerless and truncated completions, dynamic sampling's replacements), the sampler/trainer
+mismatch, and each held-out
 metric (`eval/...`, with its standard error as a band where the evaluation gives one). A key the run never logged
 has no plot; a run of a few steps gets markers on its points.
 """
@@ -28,6 +30,13 @@ CURVE_ORDER = (
     ("grad_norm", "gradient norm (before clipping)"),
     ("learning_rate", "learning rate"),
     ("completion_length", "completion length (tokens)"),
+    # Collapse (`vrft_jax.collapse`): what shows GRPO losing its signal.
+    ("reward_zero_std_groups", "share of flat groups (all samples scored alike)"),
+    ("no_answer", "share of completions without a readable answer"),
+    ("truncated", "share of completions cut at the token limit"),
+    ("dynamic_sampling/replaced", "share of groups replaced by dynamic sampling"),
+    ("mismatch/kl", "sampler/trainer mismatch: KL(sampler || scorer) per token"),
+    ("mismatch/gap_max", "sampler/trainer mismatch: max |logprob gap|"),
     (re.compile(r"eval/(?!AP/|timing|examples|images|.*standard_error$|.*per_s$|no_box$).+"), "held-out {name}"),
 )
 

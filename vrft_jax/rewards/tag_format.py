@@ -65,3 +65,32 @@ def format_reward(mode: str) -> Reward:
         return np.fromiter((check(text) for text in completions), dtype=np.float64, count=len(completions))
 
     return Reward("format", mode, 0.0, 1.0, (), score)
+
+
+def answer_only_ok(text: str) -> bool:
+    """One non-blank answer block and nothing else but whitespace: `<answer>X</answer>`."""
+    text = text.strip()
+    if not (text.startswith(ANSWER_OPEN) and text.endswith(ANSWER_CLOSE)):
+        return False
+    if text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1 or THINK_OPEN in text or THINK_CLOSE in text:
+        return False
+    return bool(text[len(ANSWER_OPEN):-len(ANSWER_CLOSE)].strip())
+
+
+@register("answer_format")
+def answer_format_reward(mode: str) -> Reward:
+    """1.0 when the completion is one non-blank `<answer>...</answer>` and nothing else, and it ended on a stop
+    token (column `stopped`: not cut at the token limit), else 0.0: the format term of a recipe that answers
+    without a `<think>` block (the demo). It pays for ending: a completion that repeats `</answer>` to the token
+    limit (`<answer>green</answer></answer></answer`), which the accuracy reward still reads, earns 0 here.
+    EasyR1's r1v reward's format half without its think part, with the stop that DAPO's overlong penalty and
+    TRL's `mask_truncated_completions` ask for. The same in both modes (Visual-RFT has no such term)."""
+    def score(completions: list[str], solutions: list[str], columns: Mapping[str, Sequence[Any]]) -> np.ndarray:
+        stopped = columns.get("stopped")
+        if stopped is None:
+            raise ValueError("answer_format needs the column `stopped` (whether each completion ended on a stop "
+                             "token): pass stopped=... with the completions")
+        return np.fromiter((bool(s) and answer_only_ok(text) for text, s in zip(completions, stopped)),
+                           dtype=np.float64, count=len(completions))
+
+    return Reward("answer_format", mode, 0.0, 1.0, ("stopped",), score)
