@@ -1,6 +1,6 @@
 """Does the demo's GRPO learn on every seed? `make demo`'s recipe run with several seeds, in one table.
 
-    .venv/bin/python benchmarks/demo_seeds.py [--seeds 0,1,2,3,4] [--workdir runs/demo_seeds]
+    .venv/bin/python benchmarks/demo_seeds.py [--seeds 0,1,2,3,4] [--workdir runs/demo_seeds] [--set KEY=VALUE ...]
 
 Each seed is a whole `vrft_jax.train` run of the `demo` recipe (`--config.seed=S`) in its own workdir: the SFT
 warm start, the GRPO steps, the held-out evaluation before and after (greedy answers on the held-out images).
@@ -8,6 +8,8 @@ Per seed it prints the held-out accuracy (Visual-RFT's substring rule, `accuracy
 GRPO with binomial standard errors and the change in standard errors of the difference, each class's accuracy
 before and after with the change in its standard errors, and the share of the final completions that end with
 EOS and parse (`format_valid`: stopped before the token limit, and an `<answer>` the strict reader reads).
+`--set` overrides the recipe as `--config.KEY=VALUE` does (e.g. `--set train.learning_rate=3e-4`), to try a
+change on every seed; a seed whose run stops on collapse (`collapse.CollapseError`) is reported as such.
 
 A run of about 5-10 minutes per seed on 2 CPU cores; not run in CI. Issue 23's acceptance reads this table:
 every seed gains at least 3 standard errors, no class loses more than 3 of its standard errors, and at least
@@ -17,6 +19,7 @@ every seed gains at least 3 standard errors, no class loses more than 3 of its s
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -71,21 +74,38 @@ def seed_rows(seed: int, workdir: str) -> list[str]:
     return rows
 
 
+def literal(text: str):
+    """A command-line value as Python reads it (3e-4, 0.04, True, {'classification': 1.0}), else the text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--workdir", default="runs/demo_seeds")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override, as --config.KEY=VALUE (repeatable)")
     args = parser.parse_args(argv)
 
-    from vrft_jax import recipe, run
+    from vrft_jax import collapse, recipe, run
+
+    overrides = {key: literal(value) for key, value in (item.split("=", 1) for item in args.set)}
 
     table = ["| seed | class | held-out before | after | change (s.e.) | final EOS + parse |",
              "|---|---|---|---|---|---|"]
     for seed in (int(s) for s in args.seeds.split(",")):
-        config = recipe.load("demo", {"seed": seed})
+        config = recipe.load("demo", {**overrides, "seed": seed})
         workdir = os.path.join(args.workdir, f"seed_{seed}")
         print(f"seed {seed}: {workdir}", flush=True)
-        run.train(config, workdir)
+        try:
+            run.train(config, workdir)
+        except collapse.CollapseError as error:
+            table.append(f"| {seed} | collapsed | | | | |")
+            print(error, flush=True)
+            continue
         table.extend(seed_rows(seed, workdir))
         print("\n".join(table), flush=True)
 
