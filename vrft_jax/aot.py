@@ -280,6 +280,7 @@ def report(config, topology: str) -> Report:
                                      else None),
                        old_logprobs=(_spec((rows, length), jnp.float32, batch_layout(2))
                                      if train.num_iterations > 1 else None),
+                       sampled_logprobs=_spec((rows, length), jnp.float32, batch_layout(2)),  # the mismatch
                        image_features=_image_features_spec(model_config, b, p, settings.sampler_dtype, batch_layout)
                        if train.freeze_vision else None)
 

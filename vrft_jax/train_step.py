@@ -45,7 +45,8 @@ dropped before the update donates the state (review M1). One step of a run, as
     del weights
     rewards = ...                                                   # host, per completion
     batch = placement.shard_batch(TrainBatch(prompts, out.tokens, out.mask.astype(jnp.int32),
-                                             grpo.advantages(rewards, G, config.grpo)), mesh)
+                                             grpo.advantages(rewards, G, config.grpo),
+                                             sampled_logprobs=grpo_loop.sampler_logprobs(out)), mesh)
     batch = batch.replace(ref_logprobs=score(reference_params, batch.scored()))
     if config.num_iterations > 1:
         batch = batch.replace(old_logprobs=score(state.params, batch.scored()))
@@ -403,7 +404,9 @@ def make_train_step(graphdef, state: TrainState, config: TrainConfig, *, mesh=No
     (token fractions), grad_norm (before clipping), learning_rate, tokens, sequences,
     update_skipped (1 when the state was left as it was: a non-finite loss or gradient, or an
     empty batch), empty_batch (1 when no completion token was real: loss_count == 0),
-    nonfinite_streak, nonfinite_total.
+    nonfinite_streak, nonfinite_total; with the sampler's logprobs in the batch, the mismatch `mismatch/kl`,
+    `mismatch/gap_mean`, `mismatch/gap_max`, and with `grpo.importance_sampling` the weights' `is_ratio/{min,mean,max}`
+    (`grpo.LossTerms.metrics`). With `grpo.entropy_coef` the entropy is measured at every step (the bonus needs it).
     """
     tx = make_optimizer(config.optimizer)
     schedule = learning_rate_schedule(config.optimizer)
