@@ -64,6 +64,7 @@ def shrink(c):
     c.sampling.max_new_tokens = 8
     c.sampling.group_size = 2
     c.warm_start.sft_steps = 0
+    c.collapse.dynamic_sampling = 0  # one rollout per step, as the loop's tests count them (test_collapse redraws)
     return c
 
 
