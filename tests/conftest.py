@@ -79,3 +79,17 @@ LONGEST_FIRST = ("tests/test_aot.py", "tests/test_launchers.py", "tests/test_los
 def pytest_collection_modifyitems(config, items):
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+    """A run (`run.train`) meshes over the first of the session's fake CPU devices only, as the command in a
+    one-device process does; the fixture's value is that one-device mesh."""
+    import functools
+
+    import jax
+
+    from vrft_jax import recipe, sharding
+
+    monkeypatch.setattr(recipe, "make_mesh", functools.partial(recipe.make_mesh, devices=jax.devices()[:1]))
+    return sharding.make_mesh(devices=jax.devices()[:1])

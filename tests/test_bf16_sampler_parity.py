@@ -39,7 +39,7 @@ from flax import nnx
 
 from hf_reference import Batch, concat, mixed_batch, random_hf_model
 from model_port.hf_to_flax import load_hf
-from test_bf16_parity import FAMILIES, KL_MULTIPLE
+from test_bf16_parity import FAMILIES, KL_MULTIPLE, kl, log_softmax  # kl(p, q): KL(p || q) per position
 from vrft_jax import sampling
 from vrft_jax.models import forward_hf
 from vrft_jax.models.qwen2_vl import ModelInputs
@@ -54,18 +54,6 @@ NEW_TOKENS = 24  # per completion: 8 x 4 x 24 = 768 sampled positions (fewer whe
 # k3's mean is an estimate (one sampled token per position): it is held to the bound plus this many standard
 # errors of that mean (a one-sided test at ~0.1% false failure); the HF reference is exact at the same positions.
 STANDARD_ERRORS = 3
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(p || q) per position over the full vocabulary, from logits [N, V], in float64."""
-    log_p, log_q = log_softmax(p_logits), log_softmax(q_logits)
-    return (np.exp(log_p) * (log_p - log_q)).sum(-1)
 
 
 def at(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:

@@ -4,7 +4,6 @@ signals and the sampler/trainer mismatch are in every step's metrics, and dynami
 flat groups with the same prompts' next draws without a new shape or a new compiled program of the step."""
 
 import dataclasses
-import functools
 import math
 import os
 
@@ -14,7 +13,8 @@ import pytest
 from flax import nnx
 
 from compile_count import counting_compiles
-from vrft_jax import collapse, grpo_loop, recipe, run, sampling, sharding
+from test_train import tiny_config
+from vrft_jax import collapse, grpo_loop, recipe, run, sampling
 from vrft_jax.data import make_iterator
 from vrft_jax.metrics import read_metrics
 from vrft_jax.models.qwen2_vl import Qwen2VL
@@ -24,8 +24,6 @@ from vrft_jax.rewards import Reward, RewardBreakdown, available_rewards, registe
 from vrft_jax.scoring import make_score_fn
 from vrft_jax.train_step import init_state, make_train_step
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = os.path.join(REPO, "tests", "train_recipe.py")
 ZERO_REWARD = "test_always_zero"
 
 if ZERO_REWARD not in available_rewards():
@@ -41,17 +39,6 @@ def data_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("collapse_data"))
     run.make_synthetic_data(tiny_config(directory))
     return directory
-
-
-def tiny_config(data: str, overrides=None):
-    return recipe.load(RECIPE, {"data.path": os.path.join(data, "train"), "eval.path": os.path.join(data, "heldout"),
-                                **(overrides or {})})
-
-
-@pytest.fixture
-def one_device(monkeypatch):
-    monkeypatch.setattr(recipe, "make_mesh", functools.partial(recipe.make_mesh, devices=jax.devices()[:1]))
-    return sharding.make_mesh(devices=jax.devices()[:1])
 
 
 def test_a_run_whose_rewards_are_all_zero_saves_and_stops_with_the_guards_named(data_dir, tmp_path, one_device):

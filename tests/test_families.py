@@ -1,12 +1,10 @@
 """Every model family end to end: a GRPO step of its tiny model through the train command, in its box frame."""
 
-import functools
 import json
 import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -46,12 +44,6 @@ def test_the_data_asks_for_boxes_in_the_familys_frame(family, detection_data):
     assert patches.shape[-1] == 3 * 2 * (side // 2) ** 2
     if family == "qwen3_vl":  # normalised by 0.5 / 0.5: white and black are exactly +-1
         assert patches.max() <= 1.0 and patches.min() >= -1.0 and np.isclose(np.abs(patches).max(), 1.0)
-
-
-@pytest.fixture
-def one_device(monkeypatch):
-    """`run.train` meshes over the first device only, as the command in a one-device process does."""
-    monkeypatch.setattr(recipe, "make_mesh", functools.partial(recipe.make_mesh, devices=jax.devices()[:1]))
 
 
 def _check_run(workdir, family, mode):

@@ -14,7 +14,7 @@ from flax import nnx
 
 from compile_count import counting_compiles
 from test_train import RECIPE, TIMING_KEYS, assert_bitwise_equal, canonical, compiles_per_step
-from vrft_jax import model_dir, recipe, run, sft, sharding
+from vrft_jax import model_dir, recipe, run, sft
 from vrft_jax.metrics import read_metrics
 from vrft_jax.models.qwen2_vl.lora import TARGETS, LoRAConfig
 
@@ -26,12 +26,6 @@ def data_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("lora_data"))
     run.make_synthetic_data(config(directory))
     return directory
-
-
-@pytest.fixture
-def one_device(monkeypatch):
-    monkeypatch.setattr(recipe, "make_mesh", functools.partial(recipe.make_mesh, devices=jax.devices()[:1]))
-    return sharding.make_mesh(devices=jax.devices()[:1])
 
 
 def config(data: str, overrides=None):

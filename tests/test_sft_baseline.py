@@ -7,12 +7,10 @@ tests' tiny model (`train_recipe.shrink`) with 2 samples per step instead of 64;
 the recipe's.
 """
 
-import functools
 import json
 import math
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -75,12 +73,6 @@ def datasets(tmp_path_factory):
     heldout = write_dataset(directory, "base65_heldout",
                             {"val": list(synthetic.detection_records(2, seed=1))[:2]})
     return train, heldout
-
-
-@pytest.fixture
-def one_device(monkeypatch):
-    """The run meshes over the first of the session's fake CPU devices (as tests/test_train.py's runs)."""
-    monkeypatch.setattr(recipe, "make_mesh", functools.partial(recipe.make_mesh, devices=jax.devices()[:1]))
 
 
 @pytest.mark.slow  # the 640-token update compiles for about a minute on a busy CI core

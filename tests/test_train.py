@@ -9,7 +9,6 @@ here use one of them, as the child processes do: a mesh over 8 fake devices woul
 """
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -84,13 +83,6 @@ def test_the_heldout_reward_counts_every_example_once_the_last_partial_batch_inc
     result = run.train(config, str(tmp_path / "run"))
     assert result.heldout_before[2] == 8 and result.heldout_after[2] == 8
     assert all(np.isfinite(result.heldout_before[:2])) and all(np.isfinite(result.heldout_after[:2]))
-
-
-@pytest.fixture
-def one_device(monkeypatch):
-    """`train.train` meshes over the first device only (see the module docstring)."""
-    monkeypatch.setattr(recipe, "make_mesh", functools.partial(recipe.make_mesh, devices=jax.devices()[:1]))
-    return sharding.make_mesh(devices=jax.devices()[:1])
 
 
 def compiles_per_step(monkeypatch, module, name):

@@ -43,7 +43,7 @@ from vrft_jax.metrics import reward_stats
 from vrft_jax.placement import shard_batch
 from vrft_jax.progress import Timer
 from vrft_jax.rewards.weighted import RewardBreakdown
-from vrft_jax.sampling import Rollout, SamplingConfig, detokenize, local_completions, rollout
+from vrft_jax.sampling import Rollout, SamplingConfig, detokenize, local_completions, rollout, stopped_rows
 from vrft_jax.train_step import TrainBatch, TrainConfig, TrainState, base_params
 
 
@@ -141,13 +141,6 @@ def _take(column, rows):
     return column[rows] if isinstance(column, np.ndarray) else [column[i] for i in rows]
 
 
-def stopped_rows(context: RunContext, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """bool[rows]: the completions that ended on a stop id (the others ran to `max_new_tokens`)."""
-    lengths = mask.sum(axis=1)
-    last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
-    return (lengths > 0) & np.isin(last, context.sampling.eos_token_ids)
-
-
 @dataclasses.dataclass
 class Drawn:
     """One rollout of a batch with its rewards: the device rows, and this process's texts, rewards, validity and
@@ -169,7 +162,7 @@ def draw(context: RunContext, weights: nnx.State, batch, key, timer: Timer) -> D
     with timer.timed("rewards"):
         tokens, mask = local_completions(out)
         texts = detokenize(context.tokenizer, tokens, mask)
-        stopped = stopped_rows(context, tokens, mask)
+        stopped = stopped_rows(tokens, mask, context.sampling.eos_token_ids)
         # A reward that raises on one process stops every process (not one, leaving the rest in a collective).
         rewards, valid = distributed.agreed(score_rewards, context, texts, batch.meta, stopped)
         # Statistics over the global batch: every process's rewards, in global row order. Groups never
@@ -210,8 +203,7 @@ def _take_groups(context: RunContext, drawn: Drawn, candidate: Drawn, take_group
     logprobs, lengths) and on the host (this process's texts, rewards, stops), and `everyone` for all rows."""
     g = context.group_size
     rows = np.repeat(take_groups, g)
-    start = jax.process_index() * len(drawn.valid) if jax.process_count() > 1 else 0
-    local = rows[start:start + len(drawn.valid)]
+    local = own_rows(rows, len(drawn.valid))
     out = _take_rows(distributed.to_global(context.mesh, local), candidate.out, drawn.out)
     if context.mesh is not None:
         out = distributed.pin_rows(out, context.mesh)
@@ -228,6 +220,12 @@ def _take_groups(context: RunContext, drawn: Drawn, candidate: Drawn, take_group
     texts = [new if chosen else old for new, old, chosen in zip(candidate.texts, drawn.texts, local)]
     return Drawn(out, texts, rewards, drawn.valid, mix(candidate.stopped, drawn.stopped, local),
                  mix(candidate.lengths, drawn.lengths, local), everyone)
+
+
+def own_rows(everyone: np.ndarray, count: int) -> np.ndarray:
+    """This process's `count` rows of a gathered per-row array (`gather_rows`' global order)."""
+    start = jax.process_index() * count if jax.process_count() > 1 else 0
+    return everyone[start:start + count]
 
 
 @jax.jit
@@ -337,9 +335,8 @@ def iteration(context: RunContext, state: TrainState, batch, key, timer: Timer, 
     everyone, valid = drawn.everyone, drawn.valid
     with timer.timed("rewards"):
         all_valid, all_lengths = gather_rows(valid), gather_rows(drawn.lengths)
-        start = jax.process_index() * len(valid) if jax.process_count() > 1 else 0
         all_advantages = group_advantages(context, everyone.total)
-        advantages = all_advantages[start:start + len(valid)]
+        advantages = own_rows(all_advantages, len(valid))
         # The collapse signals over every process's rows (`vrft_jax.collapse`).
         shares = collapse.completion_shares(gather_rows(collapse.answered(drawn.texts)), gather_rows(drawn.stopped),
                                             all_valid)

@@ -197,6 +197,13 @@ def local_completions(out: Rollout) -> tuple[np.ndarray, np.ndarray]:
     return tokens, np.arange(tokens.shape[1])[None, :] < lengths[:, None]
 
 
+def stopped_rows(tokens: np.ndarray, mask: np.ndarray, eos_token_ids) -> np.ndarray:
+    """bool[rows] of `local_completions`' rows: those that ended on a stop id (the others ran to the token limit)."""
+    lengths = mask.sum(axis=1)
+    last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
+    return (lengths > 0) & np.isin(last, eos_token_ids)
+
+
 def detokenize(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
     """Each completion's text up to and including its EOS, special tokens dropped (as TRL decodes)."""
     pad = tokenizer.pad_token_id

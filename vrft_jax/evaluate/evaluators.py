@@ -37,7 +37,7 @@ from vrft_jax.evaluate import classification, detection, grounding, inputs, read
 from vrft_jax.evaluate.settings import EvaluationSettings
 from vrft_jax.rewards import parse
 from vrft_jax.rewards.frames import REL_SCALE, Frame, frame_of
-from vrft_jax.sampling import detokenize, local_completions, rollout
+from vrft_jax.sampling import detokenize, local_completions, rollout, stopped_rows
 
 EVALUATORS: dict[str, type] = {}  # settings.TYPES, each registered below
 
@@ -98,8 +98,7 @@ class Evaluator:
                 tokens, mask = local_completions(out)
                 valid = np.asarray(batch.meta["valid"], bool)
                 lengths = mask.sum(axis=1)
-                last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
-                stopped = (lengths > 0) & np.isin(last, self.sampling.eos_token_ids)
+                stopped = stopped_rows(tokens, mask, self.sampling.eos_token_ids)
                 rows.extend(distributed.agreed(self._rows, batch.meta, detokenize(self.tokenizer, tokens, mask),
                                                lengths, stopped, valid))
                 tokens_made += int(mask[valid].sum())
