@@ -234,7 +234,7 @@ def test_a_missing_dataset_says_which_prepare_command_makes_it(shapes_dataset):
     data, message = shapes_dataset
     output, name = os.path.split(data)
     assert message == (f"the train dataset {data} is not there; to make it, run: python -m vrft_jax.data.prepare "
-                       "synthetic --task classification --label colour --shape-size large --num-images 256 --seed 0 "
+                       "synthetic --task classification --label colour --shape-size large --num-images 2048 --seed 0 "
                        f"--output {output} --name {name}")
     recipe.check_inputs_exist(recipe.load("demo", {"data.path": data, "eval.path": ""}))  # that command made it
 
