@@ -46,7 +46,7 @@ demo: $(RUN_STAMP)
 	$(BIN)/python -m vrft_jax.train
 
 # The conversion path: a random HF checkpoint -> Flax -> greedy decode (HF generate agrees) -> HF, bit-identical.
-convert-demo: $(RUN_STAMP)
+convert-demo: $(STAMP)
 	$(BIN)/python launch/convert_demo.py
 
 clean:

@@ -42,7 +42,7 @@ def get_config(arg=None):
     c.keep_checkpoints = 2
     c.sample_every = 10
     c.export_hf = True  # the trained model as a Hugging Face directory, runs/demo/hf
-    c.eval_every = 100  # before and after GRPO: 1024 images take 14 s, and the demo has 10 minutes
+    c.eval_every = c.total_steps  # before and after GRPO: 1024 images take 14 s, and the demo has 10 minutes
 
     c.param_dtype = "float32"
     c.compute_dtype = "float32"
