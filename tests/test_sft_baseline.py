@@ -48,6 +48,10 @@ def test_the_sft_block_holds_the_values_the_recipe_documents_and_the_run_uses_th
     # The GRPO run keeps its own optimizer and batch.
     assert (grpo_run.train.optimizer.learning_rate, grpo_run.data.batch_size) == (GRPO_RATE, GRPO_PROMPTS)
     assert sft.run_config(sft.run_config(config)).to_dict() == sft.run_config(config).to_dict()
+    # The cross-entropy is the model's own (temperature 1), whatever temperature GRPO samples at.
+    warm = recipe.load("coco_ov_base65", {"temperature": 0.7})
+    assert recipe.build(warm, check_paths=False, process_count=1).train.scoring.temperature == 0.7
+    assert recipe.build(sft.run_config(warm), check_paths=False, process_count=1).train.scoring.temperature == 1.0
 
 
 def long_answer(tokenizer, tokens: int) -> str:

@@ -42,8 +42,8 @@ def sft_config() -> grpo.GRPOConfig:
 def run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The recipe as its SFT run: the `sft` block's optimizer and batch where the run reads them (the `train`
     block, `prompts_per_step`), the learning rate warming up over `sft.warmup_steps` and decaying linearly to
-    0 over the rest of `total_steps`. What the run saves as its config.json, so the numbers it trained with
-    are the ones it shows. Idempotent: the view of a view is itself."""
+    0 over the rest of `total_steps`, the cross-entropy at temperature 1. What the run saves as its config.json,
+    so the numbers it trained with are the ones it shows. Idempotent: the view of a view is itself."""
     if "sft" not in config:
         raise KeyError("mode='sft' reads the recipe's sft block, which it lacks (start from "
                        "vrft_jax.configs._common.base_config)")
@@ -56,6 +56,10 @@ def run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     view.train.decay_steps = max(view.total_steps - block.warmup_steps, 1)  # 1: a run that ends in its warmup
     view.train.weight_decay = block.weight_decay
     view.train.micro_batches = block.micro_batches
+    # The cross-entropy of the model's own distribution: the sampler's temperature is GRPO's (a recipe sampling
+    # at 0.7 would otherwise train logits / 0.7 on the targets). Every path of the shared value, as the recipe
+    # checks that they agree.
+    view.temperature = view.sampling.temperature = view.train.temperature = 1.0
     view.lora.rank = block.lora_rank
     view.lora.alpha = block.lora_alpha
     return view
