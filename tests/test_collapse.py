@@ -146,3 +146,74 @@ def test_dynamic_sampling_replaces_flat_groups_with_the_same_shapes_and_programs
         grpo_loop.iteration(dataclasses.replace(resampling, reward_fn=ScriptedReward(g)), state, next(data),
                             jax.random.key(3), Timer())
     assert names == [], names
+
+
+def test_kept_groups_takes_the_groups_with_a_signal_first_in_the_order_drawn():
+    flat = np.array([1, 0, 1, 0, 0, 1], bool)
+    valid = np.array([1, 1, 1, 1, 0, 1], bool)  # group 4 is padding: kept last, even after the flat ones
+    assert collapse.kept_groups(flat, valid, 2).tolist() == [1, 3]
+    assert collapse.kept_groups(flat, valid, 3).tolist() == [0, 1, 3]  # then the first flat group drawn
+    assert collapse.kept_groups(flat, valid, 6).tolist() == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="cannot keep 7 of 6 groups"):
+        collapse.kept_groups(flat, valid, 7)
+    with pytest.raises(ValueError, match=r"collapse.oversample=0 must be >= 1"):
+        collapse.CollapseConfig(oversample=0)
+
+
+class FlatGroups:
+    """Every group scores by its sample's index, except the groups `flat`, which score 0 throughout."""
+
+    def __init__(self, group_size, flat):
+        self.group_size, self.flat = group_size, flat
+
+    def __call__(self, texts, solutions, **columns):
+        total = np.tile(np.arange(self.group_size, dtype=np.float32), len(texts) // self.group_size)
+        for group in self.flat:
+            total[group * self.group_size:(group + 1) * self.group_size] = 0
+        return RewardBreakdown(total, {"scripted": total})
+
+
+def test_oversampling_trains_on_the_groups_with_a_signal_with_static_shapes(data_dir, monkeypatch):
+    """collapse.oversample=2: the step draws 8 prompts (the data batch), samples G of each, and the update takes
+    the 4 non-flat groups first in the order drawn, with their own prompts, completions and sampled logprobs. The
+    logged rewards are the whole draw's; a second step compiles nothing."""
+    config = tiny_config(data_dir, {"grpo.beta": 0.0, "collapse.oversample": 2})
+    settings = recipe.build(config)
+    assert settings.data.batch_size == 2 * config.prompts_per_step == 8
+    warm_start = run.warm_start_config(tiny_config(data_dir, {"collapse.oversample": 2, "warm_start.sft_steps": 2}))
+    assert warm_start.collapse.oversample == 1 and recipe.build(warm_start).data.batch_size == 4  # SFT: no oversampling
+    tokenizer = load_tokenizer()
+    graphdef, state = init_state(Qwen2VL(settings.model, rngs=nnx.Rngs(0)), settings.train)
+    g = settings.sampling.group_size
+    context = grpo_loop.RunContext(
+        graphdef=graphdef, train=settings.train, sampling=settings.sampling, reward_fn=FlatGroups(g, (0, 3, 4)),
+        tokenizer=tokenizer, step=make_train_step(graphdef, state, settings.train),
+        score=make_score_fn(graphdef, state.params, settings.train.scoring), reference=None,
+        sampler_graphdef=sampling.sampler_graphdef(settings.model, settings.sampler_dtype),
+        sampler_cast=sampling.make_sampler_cast(state.params, settings.sampler_dtype), collapse=settings.collapse)
+    data = make_iterator(settings.data, settings.model, tokenizer=tokenizer)
+    state, _ = grpo_loop.iteration(context, state, next(data), jax.random.key(1), Timer())  # compiles the step
+
+    draws, batches = [], []
+    real_draw, real_batch = grpo_loop.draw, grpo_loop.train_batch
+    monkeypatch.setattr(grpo_loop, "draw", lambda *a: draws.append((a[2], real_draw(*a))) or draws[-1][1])
+    monkeypatch.setattr(grpo_loop, "train_batch", lambda *a: batches.append(real_batch(*a)) or batches[-1])
+    with counting_compiles() as names:
+        state, outcome = grpo_loop.iteration(context, state, next(data), jax.random.key(2), Timer())
+    assert names == [], names
+    (batch, drawn), = draws
+    trained = batches[-1]
+    kept = [1, 2, 5, 6]  # groups 0, 3 and 4 are flat; 7 has a signal but comes after the first four
+    rows = [k * g + i for k in kept for i in range(g)]
+    assert trained.completions.shape == (4 * g, settings.sampling.max_new_tokens)
+    np.testing.assert_array_equal(np.asarray(trained.completions), np.asarray(drawn.out.tokens)[rows])
+    np.testing.assert_array_equal(np.asarray(trained.inputs.input_ids), np.asarray(batch.model_inputs.input_ids)[kept])
+    np.testing.assert_array_equal(np.asarray(trained.inputs.patches), np.asarray(batch.model_inputs.patches)[kept])
+    np.testing.assert_array_equal(np.nan_to_num(np.asarray(trained.sampled_logprobs)),
+                                  np.where(np.asarray(drawn.out.mask)[rows], np.asarray(drawn.out.logprobs)[rows], 0))
+    assert np.abs(np.asarray(trained.advantages)).min() > 0  # every kept group carries a signal
+    host = outcome.host
+    assert host["oversample/signal_drawn"] == 5 / 8 and host["oversample/flat_kept"] == 0
+    assert host["reward_zero_std_groups"] == 3 / 8  # the whole draw's rewards: the policy's, not the kept ones'
+    assert host["reward"] == np.mean(drawn.everyone.total)
+    assert [s["solution"] for s in outcome.samples] == [batch.meta["solution"][k] for k in kept[:len(outcome.samples)]]

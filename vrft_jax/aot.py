@@ -262,16 +262,25 @@ def report(config, topology: str) -> Report:
     length = settings.sampling.max_new_tokens
     p = resolve_patch_bucket(data, model_config)
     result.shapes = (f"{b} prompts x {t} tokens and {p} patches, {g} completions x {length} tokens each"
+                     + (f" (the rollout draws {recipe.drawn_prompts(config)} prompts: collapse.oversample)"
+                        if recipe.drawn_prompts(config) != b else "")
                      + ("; the buckets are the recipe's limits, which hold any dataset (a run sizes them from its "
                         "data: data.buckets='data')" if data.buckets == "data" else ""))
     batch_layout = lambda ndim: sharding.batch_sharding(mesh, ndim, rules=rules)  # noqa: E731
     patch_dtype = jnp.dtype(data.patch_dtype)
-    inputs = ModelInputs(
-        input_ids=_spec((b, t), jnp.int32, batch_layout(2)), attention_mask=_spec((b, t), jnp.int32, batch_layout(2)),
-        positions=_spec((b, t, 3), jnp.int32, batch_layout(3)), rope_deltas=_spec((b,), jnp.int32, batch_layout(1)),
-        patches=_spec((b, p, model_config.vision.patch_dim), patch_dtype, batch_layout(3)),
-        patch_segment_ids=_spec((b, p), jnp.int32, batch_layout(2)),
-        patch_positions=_spec((b, p, 2), jnp.int32, batch_layout(3)))
+
+    def inputs_of(b):
+        return ModelInputs(
+            input_ids=_spec((b, t), jnp.int32, batch_layout(2)),
+            attention_mask=_spec((b, t), jnp.int32, batch_layout(2)),
+            positions=_spec((b, t, 3), jnp.int32, batch_layout(3)), rope_deltas=_spec((b,), jnp.int32, batch_layout(1)),
+            patches=_spec((b, p, model_config.vision.patch_dim), patch_dtype, batch_layout(3)),
+            patch_segment_ids=_spec((b, p), jnp.int32, batch_layout(2)),
+            patch_positions=_spec((b, p, 2), jnp.int32, batch_layout(3)))
+
+    inputs = inputs_of(b)  # the update's prompts; the rollout's are the drawn ones (collapse.oversample)
+    drawn = recipe.drawn_prompts(config)
+    rollout_inputs = inputs if drawn == b else inputs_of(drawn)
     rows = b * g
     completions = _spec((rows, length), jnp.int32, batch_layout(2))
     batch = TrainBatch(inputs=inputs, completions=completions, completion_mask=completions,
@@ -301,9 +310,9 @@ def report(config, topology: str) -> Report:
     sampler_graphdef = sampling.sampler_graphdef(model_config, settings.sampler_dtype)
     key = jax.eval_shape(lambda: jax.random.key(0))
     programs["prefill"] = measure("sampler prefill", lambda: sampling.prefill.lower(
-        sampler_graphdef, sampler_params, inputs, sampler_config, mesh.abstract_mesh))
+        sampler_graphdef, sampler_params, rollout_inputs, sampler_config, mesh.abstract_mesh))
     prefilled = jax.eval_shape(lambda s, i: sampling.prefill(sampler_graphdef, s, i, sampler_config,
-                                                             mesh.abstract_mesh), sampler_params, inputs)
+                                                             mesh.abstract_mesh), sampler_params, rollout_inputs)
     if programs["prefill"].compiled is not None:  # decode reads what prefill's compiled program lays out
         prefilled = jax.tree.map(lambda x, layout: _spec(x.shape, x.dtype, layout), prefilled,
                                  programs["prefill"].compiled.output_shardings)
@@ -320,7 +329,7 @@ def report(config, topology: str) -> Report:
     # weights and the donated state, which they read whole.
     result.phases["cast"] = state_bytes + reference_bytes + working("cast", 0)
     result.phases["rollout"] = state_bytes + reference_bytes + sampler_bytes + max(
-        working("prefill", shard_bytes(inputs)), working("decode", shard_bytes(prefilled)))
+        working("prefill", shard_bytes(rollout_inputs)), working("decode", shard_bytes(prefilled)))
     if "reference" in programs and train.lora:  # its weights are the state's: counted once
         result.phases["reference"] = state_bytes + working("reference", shard_bytes(batch.scored()))
     elif "reference" in programs:
@@ -345,10 +354,11 @@ def model_flops(settings, config, parameters: int) -> float:
     decoder = parameters - vision - head * (1 if settings.model.tie_word_embeddings else 2)  # embedding (a gather)
 
     b, g = config.prompts_per_step, settings.sampling.group_size
+    factor = recipe.drawn_prompts(config) // b  # the rollout draws oversample x the update's prompts
     completions = b * g * settings.sampling.max_new_tokens
     tower = 2 * vision * b * resolve_patch_bucket(settings.data, settings.model)
     prompts = 2 * decoder * b * settings.data.max_prompt_len
-    rollout = tower + prompts + 2 * head * b + 2 * (decoder + head) * completions
+    rollout = factor * (tower + prompts + 2 * head * b + 2 * (decoder + head) * completions)
     scoring = (0 if train.freeze_vision else tower) + prompts + 2 * (decoder + head) * completions
     reference = scoring if train.grpo.beta > 0 else 0
     old_policy = scoring if train.num_iterations > 1 else 0

@@ -13,6 +13,9 @@ zero, and keeps the update fed with non-flat groups:
 - `flat_groups` and `replaced_groups`: dynamic sampling (DAPO's; verl `algorithm.filter_groups`, EasyR1
   `algorithm.online_filtering`): the loop draws the batch's completions again, with the same prompts and shapes
   (the same compiled rollout), and a flat group takes the same prompt's next non-flat group.
+- `kept_groups`: oversampling (DAPO's dynamic sampling as verl runs it, `data.gen_batch_size` prompts generated for
+  `data.train_batch_size` trained): the step draws `oversample` times its prompts and trains on the groups that are
+  not flat first, so the update's batch holds the prompts the policy still gets wrong sometimes.
 
 The update's own guards are `GRPOConfig`'s: clip-higher (`epsilon_high`), the entropy bonus (`entropy_coef`), the
 KL (`beta`) and the sampler/trainer correction (`importance_sampling`); the demo's format term is the reward
@@ -47,18 +50,29 @@ class CollapseConfig:
                            still flat after the last try stay, counted. DAPO's dynamic sampling: verl
                            `algorithm.filter_groups.enable` with `max_num_gen_batches`, EasyR1
                            `algorithm.online_filtering` with `trainer.max_try_make_batch` (20); both draw new
-                           prompts instead, which a static batch of a deterministic stream cannot
+                           prompts instead: `oversample`
+    oversample:            prompts drawn per step, as a multiple of `prompts_per_step` (1 = off): every drawn
+                           prompt gets its G completions, and the update takes `prompts_per_step` of the groups,
+                           those that are not flat first, in the order drawn (`kept_groups`); the rest are
+                           dropped. The shapes stay static (a rollout of oversample x prompts_per_step prompts, an
+                           update of prompts_per_step), the data stream is read oversample times as fast, and the
+                           rewards logged are the whole draw's (the policy's, not the kept groups'). DAPO's dynamic
+                           sampling as verl runs it: `data.gen_batch_size` prompts generated for every
+                           `data.train_batch_size` trained, with `algorithm.filter_groups.enable`
     max_zero_reward_steps: this many consecutive steps in which every real completion's reward is 0 stop the run
                            (after saving) with `CollapseError`; 0 = never
     """
 
     dynamic_sampling: int = 0
+    oversample: int = 1
     max_zero_reward_steps: int = 20
 
     def __post_init__(self):
         for name in ("dynamic_sampling", "max_zero_reward_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"collapse.{name}={getattr(self, name)} must be >= 0")
+        if self.oversample < 1:
+            raise ValueError(f"collapse.oversample={self.oversample} must be >= 1 (1: no oversampling)")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> CollapseConfig:
@@ -105,6 +119,17 @@ def flat_groups(total: np.ndarray, group_size: int, valid: np.ndarray) -> np.nda
 def replaced_groups(flat: np.ndarray, candidate_flat: np.ndarray, valid_groups: np.ndarray) -> np.ndarray:
     """bool[prompts]: the flat groups a new draw replaces, those whose new group is not flat."""
     return np.asarray(flat, bool) & ~np.asarray(candidate_flat, bool) & np.asarray(valid_groups, bool)
+
+
+def kept_groups(flat: np.ndarray, valid_groups: np.ndarray, keep: int) -> np.ndarray:
+    """int[keep]: the groups (indices into bool[groups] `flat`) an oversampled step trains on, in the order drawn:
+    the real groups that are not flat first, then flat ones, then padding groups (`valid_groups` False), each kind
+    in the order drawn, until `keep` are taken."""
+    flat, valid_groups = np.asarray(flat, bool), np.asarray(valid_groups, bool)
+    if not 0 < keep <= len(flat):
+        raise ValueError(f"cannot keep {keep} of {len(flat)} groups")
+    rank = np.where(valid_groups, flat.astype(np.int64), 2)  # 0: signal, 1: flat, 2: padding
+    return np.sort(np.argsort(rank, kind="stable")[:keep])
 
 
 class ZeroRewardWatch:

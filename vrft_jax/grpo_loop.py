@@ -222,6 +222,66 @@ def _take_groups(context: RunContext, drawn: Drawn, candidate: Drawn, take_group
                  mix(candidate.lengths, drawn.lengths, local), everyone)
 
 
+def keep_groups(context: RunContext, batch, drawn: Drawn) -> tuple[Any, Drawn, dict[str, float]]:
+    """Oversampling (`CollapseConfig.oversample`): the `prompts_per_step` groups of the drawn batch the update
+    trains on (`collapse.kept_groups`: the groups that are not flat first), each process choosing among its own
+    prompts, so the kept rows stay where they were drawn. Returns the kept data batch (its model inputs and meta),
+    their completions, and `oversample/{signal_drawn, flat_kept}`: the share of the drawn groups that are not flat,
+    and of the kept groups that are."""
+    g, factor = context.group_size, context.collapse.oversample
+    all_valid = gather_rows(drawn.valid)
+    valid_groups = all_valid.reshape(-1, g).any(axis=1)
+    flat = collapse.flat_groups(drawn.everyone.total, g, all_valid)
+    local_groups = len(drawn.valid) // g
+    processes = len(flat) // local_groups
+    # Every process's choice from the gathered rewards, in its block of the global order (no collective needed).
+    kept = np.concatenate([p * local_groups + collapse.kept_groups(flat[p * local_groups:(p + 1) * local_groups],
+                                                                  valid_groups[p * local_groups:(p + 1) * local_groups],
+                                                                  local_groups // factor)
+                           for p in range(processes)])
+    mine = own_rows(kept, len(kept) // processes) - (jax.process_index() * local_groups if processes > 1 else 0)
+    rows, my_rows = (np.repeat(groups * g, g) + np.tile(np.arange(g), len(groups)) for groups in (kept, mine))
+
+    def host(column):
+        return column[mine] if isinstance(column, np.ndarray) else [column[i] for i in mine]
+
+    def local(values):
+        return values[my_rows] if isinstance(values, np.ndarray) else [values[i] for i in my_rows]
+
+    inputs = batch.model_inputs
+    if context.mesh is None:
+        inputs = jax.tree.map(lambda x: x[mine], inputs)  # on the host (NumPy) until the update's transfer
+        out = _take_prompts(mine, my_rows, drawn.out)
+    else:  # global indices (NumPy: the same on every process); each process's kept rows are its own
+        inputs = distributed.pin_rows(_take_leading(kept, inputs), context.mesh)
+        out = distributed.pin_rows(_take_prompts(kept, rows, drawn.out), context.mesh)
+    meta = {name: host(column) for name, column in batch.meta.items()}
+    rewards = RewardBreakdown(local(drawn.rewards.total), {k: local(v) for k, v in drawn.rewards.per_reward.items()})
+    everyone = RewardBreakdown(drawn.everyone.total[rows], {k: v[rows] for k, v in drawn.everyone.per_reward.items()})
+    kept_drawn = Drawn(out, local(drawn.texts), rewards, local(drawn.valid), local(drawn.stopped),
+                       local(drawn.lengths), everyone)
+    real = max(int(valid_groups.sum()), 1)
+    kept_real = max(int(valid_groups[kept].sum()), 1)
+    stats = {"oversample/signal_drawn": float((valid_groups & ~flat).sum() / real),
+             "oversample/flat_kept": float((valid_groups & flat)[kept].sum() / kept_real)}
+    return dataclasses.replace(batch, model_inputs=inputs, meta=meta), kept_drawn, stats
+
+
+@jax.jit
+def _take_leading(indices, tree):
+    """`tree` with the rows `indices` of every leaf's leading axis."""
+    return jax.tree.map(lambda x: jnp.take(x, indices, axis=0), tree)
+
+
+@jax.jit
+def _take_prompts(prompts, rows, out: Rollout) -> Rollout:
+    """The completions of the kept prompts: rows `rows` of the per-completion arrays, `prompts` of the
+    per-prompt image features."""
+    features = None if out.image_features is None else jnp.take(out.image_features, prompts, axis=0)
+    return out.replace(tokens=jnp.take(out.tokens, rows, axis=0), logprobs=jnp.take(out.logprobs, rows, axis=0),
+                       lengths=jnp.take(out.lengths, rows, axis=0), image_features=features)
+
+
 def own_rows(everyone: np.ndarray, count: int) -> np.ndarray:
     """This process's `count` rows of a gathered per-row array (`gather_rows`' global order)."""
     start = jax.process_index() * count if jax.process_count() > 1 else 0
@@ -332,14 +392,23 @@ def iteration(context: RunContext, state: TrainState, batch, key, timer: Timer, 
     if context.collapse.dynamic_sampling:
         drawn, resampling = resample_flat_groups(context, weights, batch, key, drawn, timer)
     del weights  # freed before the update: the sampler copy never coexists with the update's buffers
-    everyone, valid = drawn.everyone, drawn.valid
     with timer.timed("rewards"):
-        all_valid, all_lengths = gather_rows(valid), gather_rows(drawn.lengths)
-        all_advantages = group_advantages(context, everyone.total)
-        advantages = own_rows(all_advantages, len(valid))
-        # The collapse signals over every process's rows (`vrft_jax.collapse`).
+        # What the policy drew (every drawn group, before oversampling keeps some): the rewards and the collapse
+        # signals over every process's rows (`vrft_jax.collapse`).
+        all_valid, all_lengths = gather_rows(drawn.valid), gather_rows(drawn.lengths)
         shares = collapse.completion_shares(gather_rows(collapse.answered(drawn.texts)), gather_rows(drawn.stopped),
                                             all_valid)
+        policy = {**reward_stats(drawn.everyone.total, drawn.everyone.per_reward, context.group_size, all_valid),
+                  "completion_length": float(all_lengths[all_valid].mean()) if all_valid.any() else 0.0}
+        real = drawn.everyone.total[all_valid]
+        policy["reward_nonzero"] = float(np.mean(real != 0)) if real.size else float("nan")
+        if context.collapse.oversample > 1:
+            batch, drawn, kept = keep_groups(context, batch, drawn)
+            inputs, resampling = batch.model_inputs, {**resampling, **kept}
+        everyone, valid = drawn.everyone, drawn.valid
+        trained_valid = gather_rows(valid) if context.collapse.oversample > 1 else all_valid
+        all_advantages = group_advantages(context, everyone.total)
+        advantages = own_rows(all_advantages, len(valid))
     with timer.timed("reference"):
         train = reference_logprobs(context, state, train_batch(context, inputs, drawn.out, advantages, valid))
         train = jax.block_until_ready(old_logprobs(context, state, train))
@@ -347,12 +416,9 @@ def iteration(context: RunContext, state: TrainState, batch, key, timer: Timer, 
         state, device_metrics = update(context, state, train, log=log)
         jax.block_until_ready(state.step)
     rollout_seconds = timer.seconds.get("rollout", 0.0)
-    real = everyone.total[all_valid]
-    host = {**reward_stats(everyone.total, everyone.per_reward, context.group_size, all_valid),
-            "reward_nonzero": float(np.mean(real != 0)) if real.size else float("nan"), **shares, **resampling,
-            "completion_length": float(all_lengths[all_valid].mean()) if all_valid.any() else 0.0,
+    host = {**policy, **shares, **resampling,
             "rollout_tokens_per_s": float(all_lengths.sum() / max(rollout_seconds, 1e-9)),
-            "advantage_abs": float(np.abs(all_advantages[all_valid]).mean()) if all_valid.any() else 0.0}
+            "advantage_abs": float(np.abs(all_advantages[trained_valid]).mean()) if trained_valid.any() else 0.0}
     picked = []  # the first completion of each of the first `samples` real prompts
     texts, rewards = drawn.texts, drawn.rewards
     real_prompts = [i for i in range(len(texts) // context.group_size) if valid[i * context.group_size]]

@@ -70,10 +70,10 @@ def _g(value: float) -> str:
 def format_line(step: int, total: int, scalars: Mapping[str, Any], eta: float | None = None) -> str:
     """The console line of a log step, from the metric names of `train_step`, `reward_stats` and `Timer`.
 
-    step/total | reward mean±std (in-group std, share of prompts whose samples all scored alike) |
-    each reward NAME mean±std | kl | loss | clip low/high | ent (entropy) | len (completion tokens) | no-answer and
-    cut (shares without an answer, at the token limit) | mismatch (sampler/trainer KL) | tok/s (rollout) |
-    seconds per phase | skipped updates, when any | eta. Fields whose keys are absent are left out.
+    step/total | reward mean±std (in-group std, share of prompts whose samples all scored alike, and of the prompts
+    oversampling kept) | each reward NAME mean±std | kl | loss | clip low/high | ent (entropy) | len (completion
+    tokens) | no-answer and cut (shares without an answer, at the token limit) | mismatch (sampler/trainer KL) |
+    tok/s (rollout) | seconds per phase | skipped updates, when any | eta. Fields whose keys are absent are left out.
     """
     s = {k: float(np.asarray(v)) for k, v in scalars.items()}
     parts = [f"step {step}/{total}"]
@@ -83,6 +83,8 @@ def format_line(step: int, total: int, scalars: Mapping[str, Any], eta: float | 
             field += f" (in-group std {s['reward_std_in_group']:.3f}"
             if "reward_zero_std_groups" in s:
                 field += f", {s['reward_zero_std_groups']:.0%} flat"
+            if "oversample/flat_kept" in s:
+                field += f", {s['oversample/flat_kept']:.0%} of those kept"
             field += ")"
         parts.append(field)
     names = [k[len("reward/"):] for k in s if k.startswith("reward/") and not k.endswith("_std")]

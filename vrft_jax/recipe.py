@@ -584,11 +584,18 @@ def evaluator(config: ml_collections.ConfigDict, settings: Settings, *, tokenize
 
 
 def data_config(config: ml_collections.ConfigDict, process_count: int | None = None) -> DataConfig:
-    """The training pipeline: the `data` block, each process reading prompts_per_step / processes rows."""
+    """The training pipeline: the `data` block, each process reading its share of `drawn_prompts` rows."""
     if "batch_size" in config.data:
         raise KeyError("data.batch_size is set by prompts_per_step (global prompts per step), not in the data block")
-    batch_size = _per_process(config.prompts_per_step, "prompts_per_step", process_count)
+    _per_process(config.prompts_per_step, "prompts_per_step", process_count)  # the update's share, too
+    batch_size = _per_process(drawn_prompts(config), "prompts_per_step x collapse.oversample", process_count)
     return DataConfig.from_dict({**config.data.to_dict(), "batch_size": batch_size, "box_frame": box_frame(config)})
+
+
+def drawn_prompts(config: ml_collections.ConfigDict) -> int:
+    """The prompts a step draws: GRPO's `prompts_per_step` times `collapse.oversample` (the update trains on
+    `prompts_per_step` of them, `vrft_jax.collapse.kept_groups`); SFT's `prompts_per_step`."""
+    return config.prompts_per_step * (config.collapse.oversample if config.mode == "grpo" else 1)
 
 
 def _per_process(global_batch: int, key: str, process_count: int | None) -> int:

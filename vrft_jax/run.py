@@ -139,6 +139,8 @@ def warm_start_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
     sft_run.mode = "sft"
     sft_run.total_steps = config.warm_start.sft_steps
     sft_run.warm_start.sft_steps = 0
+    # SFT draws no completions: neither GRPO's dynamic sampling nor its oversampling are the warm start's settings
+    sft_run.collapse.dynamic_sampling, sft_run.collapse.oversample = 0, 1
     sft_run.sft.learning_rate = config.warm_start.learning_rate
     sft_run.sft.warmup_steps = 0
     sft_run.sft.weight_decay = config.train.weight_decay

@@ -219,8 +219,9 @@ def base_config(*, name: str, model: str) -> ml_collections.ConfigDict:
         entropy_coef=0.0,
     )
     # Collapse (`vrft_jax.collapse`): DAPO's dynamic sampling, up to this many redraws of a step's flat groups (off),
+    # oversampling (this many times prompts_per_step prompts drawn, the non-flat groups trained on first; 1: off),
     # and the stop of a run whose every reward was 0 for this many steps in a row (0: never).
-    c.collapse = dict(dynamic_sampling=0, max_zero_reward_steps=20)
+    c.collapse = dict(dynamic_sampling=0, oversample=1, max_zero_reward_steps=20)
 
     c.train = dict(
         learning_rate=1e-6,  # TRL GRPOConfig's default, decaying linearly to 0 with no warmup (HF's)

@@ -5,10 +5,9 @@ values and each has its own scale.
 
 From `metrics.jsonl` rows (`{"step": ..., key: value}`): the reward and each of its terms, the loss, the KL to the
 reference, the policy's entropy, the gradient norm, the learning rate, the completion length, the collapse signals
-(flat groups, answerless and truncated completions, dynamic sampling's replacements), the sampler/trainer
-mismatch, and each held-out
-metric (`eval/...`, with its standard error as a band where the evaluation gives one). A key the run never logged
-has no plot; a run of a few steps gets markers on its points.
+(flat groups, answerless and truncated completions, dynamic sampling's replacements, the flat groups oversampling
+kept), the sampler/trainer mismatch, and each held-out metric (`eval/...`, with its standard error as a band where
+the evaluation gives one). A key the run never logged has no plot; a run of a few steps gets markers on its points.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ CURVE_ORDER = (
     ("no_answer", "share of completions without a readable answer"),
     ("truncated", "share of completions cut at the token limit"),
     ("dynamic_sampling/replaced", "share of groups replaced by dynamic sampling"),
+    ("oversample/flat_kept", "share of flat groups among those oversampling kept"),
     ("mismatch/kl", "sampler/trainer mismatch: KL(sampler || scorer) per token"),
     ("mismatch/gap_max", "sampler/trainer mismatch: max |logprob gap|"),
     (re.compile(r"eval/(?!AP/|timing|examples|images|.*standard_error$|.*per_s$|no_box$).+"), "held-out {name}"),
