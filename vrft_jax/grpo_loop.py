@@ -222,49 +222,39 @@ def _take_groups(context: RunContext, drawn: Drawn, candidate: Drawn, take_group
                  mix(candidate.lengths, drawn.lengths, local), everyone)
 
 
-def keep_groups(context: RunContext, batch, drawn: Drawn) -> tuple[Any, Drawn, dict[str, float]]:
-    """Oversampling (`CollapseConfig.oversample`): the `prompts_per_step` groups of the drawn batch the update
-    trains on (`collapse.kept_groups`: the groups that are not flat first), each process choosing among its own
-    prompts, so the kept rows stay where they were drawn. Returns the kept data batch (its model inputs and meta),
-    their completions, and `oversample/{signal_drawn, flat_kept}`: the share of the drawn groups that are not flat,
-    and of the kept groups that are."""
-    g, factor = context.group_size, context.collapse.oversample
-    all_valid = gather_rows(drawn.valid)
+@dataclasses.dataclass
+class Kept:
+    """The groups of an oversampled draw the update trains on (`keep_groups`): their prompts' model inputs and
+    completions on the devices (rows in the order kept, split over the processes as a drawn batch is), their
+    rewards and validity over every process's rows (global order)."""
+
+    inputs: Any
+    out: Rollout
+    everyone: RewardBreakdown
+    valid: np.ndarray
+
+
+def keep_groups(context: RunContext, inputs, drawn: Drawn, all_valid: np.ndarray) -> tuple[Kept, dict[str, float]]:
+    """Oversampling (`CollapseConfig.oversample`): the global batch's `prompts_per_step` groups the update trains on
+    (`collapse.kept_groups`: those that are not flat first, in the order drawn), chosen by every process alike from
+    the gathered rewards, so the step does what one process would; a kept prompt drawn on another process moves to
+    the process whose rows it fills (one gather on the devices). Returns them and `oversample/{signal_drawn,
+    flat_kept}`: the share of the drawn groups that are not flat, and of the kept groups that are."""
+    g = context.group_size
     valid_groups = all_valid.reshape(-1, g).any(axis=1)
     flat = collapse.flat_groups(drawn.everyone.total, g, all_valid)
-    local_groups = len(drawn.valid) // g
-    processes = len(flat) // local_groups
-    # Every process's choice from the gathered rewards, in its block of the global order (no collective needed).
-    kept = np.concatenate([p * local_groups + collapse.kept_groups(flat[p * local_groups:(p + 1) * local_groups],
-                                                                  valid_groups[p * local_groups:(p + 1) * local_groups],
-                                                                  local_groups // factor)
-                           for p in range(processes)])
-    mine = own_rows(kept, len(kept) // processes) - (jax.process_index() * local_groups if processes > 1 else 0)
-    rows, my_rows = (np.repeat(groups * g, g) + np.tile(np.arange(g), len(groups)) for groups in (kept, mine))
-
-    def host(column):
-        return column[mine] if isinstance(column, np.ndarray) else [column[i] for i in mine]
-
-    def local(values):
-        return values[my_rows] if isinstance(values, np.ndarray) else [values[i] for i in my_rows]
-
-    inputs = batch.model_inputs
+    kept = collapse.kept_groups(flat, valid_groups, len(flat) // context.collapse.oversample)
+    rows = np.repeat(kept * g, g) + np.tile(np.arange(g), len(kept))
     if context.mesh is None:
-        inputs = jax.tree.map(lambda x: x[mine], inputs)  # on the host (NumPy) until the update's transfer
-        out = _take_prompts(mine, my_rows, drawn.out)
-    else:  # global indices (NumPy: the same on every process); each process's kept rows are its own
+        inputs = jax.tree.map(lambda x: x[kept], inputs)  # on the host (NumPy) until the update's transfer
+        out = _take_prompts(kept, rows, drawn.out)
+    else:  # global indices (NumPy: the same on every process)
         inputs = distributed.pin_rows(_take_leading(kept, inputs), context.mesh)
         out = distributed.pin_rows(_take_prompts(kept, rows, drawn.out), context.mesh)
-    meta = {name: host(column) for name, column in batch.meta.items()}
-    rewards = RewardBreakdown(local(drawn.rewards.total), {k: local(v) for k, v in drawn.rewards.per_reward.items()})
     everyone = RewardBreakdown(drawn.everyone.total[rows], {k: v[rows] for k, v in drawn.everyone.per_reward.items()})
-    kept_drawn = Drawn(out, local(drawn.texts), rewards, local(drawn.valid), local(drawn.stopped),
-                       local(drawn.lengths), everyone)
-    real = max(int(valid_groups.sum()), 1)
-    kept_real = max(int(valid_groups[kept].sum()), 1)
-    stats = {"oversample/signal_drawn": float((valid_groups & ~flat).sum() / real),
-             "oversample/flat_kept": float((valid_groups & flat)[kept].sum() / kept_real)}
-    return dataclasses.replace(batch, model_inputs=inputs, meta=meta), kept_drawn, stats
+    stats = {"oversample/signal_drawn": float((valid_groups & ~flat).sum() / max(int(valid_groups.sum()), 1)),
+             "oversample/flat_kept": float((valid_groups & flat)[kept].sum() / max(int(valid_groups[kept].sum()), 1))}
+    return Kept(inputs, out, everyone, all_valid[rows]), stats
 
 
 @jax.jit
@@ -393,8 +383,8 @@ def iteration(context: RunContext, state: TrainState, batch, key, timer: Timer, 
         drawn, resampling = resample_flat_groups(context, weights, batch, key, drawn, timer)
     del weights  # freed before the update: the sampler copy never coexists with the update's buffers
     with timer.timed("rewards"):
-        # What the policy drew (every drawn group, before oversampling keeps some): the rewards and the collapse
-        # signals over every process's rows (`vrft_jax.collapse`).
+        # What the policy drew (every drawn group, before oversampling keeps some): the rewards, the collapse
+        # signals over every process's rows (`vrft_jax.collapse`), the samples.
         all_valid, all_lengths = gather_rows(drawn.valid), gather_rows(drawn.lengths)
         shares = collapse.completion_shares(gather_rows(collapse.answered(drawn.texts)), gather_rows(drawn.stopped),
                                             all_valid)
@@ -402,15 +392,16 @@ def iteration(context: RunContext, state: TrainState, batch, key, timer: Timer, 
                   "completion_length": float(all_lengths[all_valid].mean()) if all_valid.any() else 0.0}
         real = drawn.everyone.total[all_valid]
         policy["reward_nonzero"] = float(np.mean(real != 0)) if real.size else float("nan")
+        picked = picked_samples(context, batch, drawn, samples)
+        kept = Kept(inputs, drawn.out, drawn.everyone, all_valid)
         if context.collapse.oversample > 1:
-            batch, drawn, kept = keep_groups(context, batch, drawn)
-            inputs, resampling = batch.model_inputs, {**resampling, **kept}
-        everyone, valid = drawn.everyone, drawn.valid
-        trained_valid = gather_rows(valid) if context.collapse.oversample > 1 else all_valid
-        all_advantages = group_advantages(context, everyone.total)
-        advantages = own_rows(all_advantages, len(valid))
+            kept, oversampling = keep_groups(context, inputs, drawn, all_valid)
+            resampling = {**resampling, **oversampling}
+        all_advantages = group_advantages(context, kept.everyone.total)
+        rows = len(kept.valid) // jax.process_count()  # this process's rows of the update
+        advantages, valid = own_rows(all_advantages, rows), own_rows(kept.valid, rows)
     with timer.timed("reference"):
-        train = reference_logprobs(context, state, train_batch(context, inputs, drawn.out, advantages, valid))
+        train = reference_logprobs(context, state, train_batch(context, kept.inputs, kept.out, advantages, valid))
         train = jax.block_until_ready(old_logprobs(context, state, train))
     with timer.timed("update"):
         state, device_metrics = update(context, state, train, log=log)
@@ -418,13 +409,16 @@ def iteration(context: RunContext, state: TrainState, batch, key, timer: Timer, 
     rollout_seconds = timer.seconds.get("rollout", 0.0)
     host = {**policy, **shares, **resampling,
             "rollout_tokens_per_s": float(all_lengths.sum() / max(rollout_seconds, 1e-9)),
-            "advantage_abs": float(np.abs(all_advantages[trained_valid]).mean()) if trained_valid.any() else 0.0}
-    picked = []  # the first completion of each of the first `samples` real prompts
-    texts, rewards = drawn.texts, drawn.rewards
-    real_prompts = [i for i in range(len(texts) // context.group_size) if valid[i * context.group_size]]
-    for i in real_prompts[:samples]:
-        row = i * context.group_size
-        picked.append({"completion": texts[row], "solution": batch.meta["solution"][i],
-                       "rewards": {"total": float(rewards.total[row]),
-                                   **{k: float(v[row]) for k, v in rewards.per_reward.items()}}})
+            "advantage_abs": float(np.abs(all_advantages[kept.valid]).mean()) if kept.valid.any() else 0.0}
     return state, Outcome(device_metrics, host, picked)
+
+
+def picked_samples(context: RunContext, batch, drawn: Drawn, samples: int) -> list[dict]:
+    """The first completion of each of this process's first `samples` real prompts, with its solution and
+    rewards (what the policy drew: before oversampling keeps some)."""
+    g, texts, rewards = context.group_size, drawn.texts, drawn.rewards
+    real_prompts = [i for i in range(len(texts) // g) if drawn.valid[i * g]]
+    return [{"completion": texts[i * g], "solution": batch.meta["solution"][i],
+             "rewards": {"total": float(rewards.total[i * g]),
+                         **{k: float(v[i * g]) for k, v in rewards.per_reward.items()}}}
+            for i in real_prompts[:samples]]
