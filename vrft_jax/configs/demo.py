@@ -3,27 +3,33 @@
 The data is `vrft_jax.data.synthetic`'s classification source asked for the colour of one large shape
 (six colours, the shape covering a quarter to all of the image; answer `<answer>orange</answer>`),
 made by `prepare synthetic` under runs/demo/data so a second run reuses it: 2048 training images and
-1024 held-out ones of another seed. The model is random (no checkpoint): 180 steps of SFT on the
+1024 held-out ones of another seed. The model is random (no checkpoint): 140 steps of SFT on the
 answers (`warm_start`, a run of its own, reused by a second `make demo`) teach it the answer format
 and most of the colours, then 100 GRPO steps with the strict classification reward and a format term.
 Sizes: 2 layers of width 128 over the real 151,936-token vocabulary, images of at most 112 x 112 pixels
-(16 visual tokens), 16 prompts x G 4 per step (16 samples per SFT step), 12 new tokens, float32. Not a
-reproduction.
+(16 visual tokens), 16 prompts x G 4 per update drawn from 48 (16 samples per SFT step), 8 new tokens (the
+answer and its EOS), float32. Not a reproduction.
 
 The held-out accuracy of greedy answers is evaluated before and after GRPO and the run ends with its report,
 runs/demo/report/report.html. GRPO here runs with the collapse guards (`vrft_jax.collapse`, issue 23): a KL to
-the warm start (beta 0.04), lr 5e-4, the `answer_format` term (0.5: one answer block ended by EOS), and dynamic
-sampling (up to 2 redraws of the flat groups). Without them, at lr 1e-3 and beta 0, seeds 1 and 2 collapsed by
-the third step to text without an answer and seed 0 ran every completion to the token limit
-(`<answer>green</answer></answer></answer`).
+the warm start (beta 0.04), lr 5e-4, the `answer_format` term (0.5: one answer block ended by EOS), and
+oversampling (48 prompts drawn per step, the update taking 16 groups, those with a signal first). Without them,
+at lr 1e-3 and beta 0, seeds 1 and 2 collapsed by the third step to text without an answer and seed 0 ran
+every completion to the token limit (`<answer>green</answer></answer></answer`).
 
-The sizes are what keep every colour: a warm start of 180 steps of 8 samples left one pair of colours unsplit
-(yellow answered orange, or blue answered purple), and GRPO then only moved the boundary between the two (one
-class up, the other down by tens of its standard errors). With 16 samples per step every class starts GRPO
-above 0.67 on seeds 0-4 (GRPO took seed 1's purple from 0.68 to 0.98), and with 16 prompts a colour is
-missing from 5% of the batches (23% of 8). SFT sees each of the 2048 training images 1.4 times and GRPO 0.8
-times (256 were seen 5.6 times), and 1024 held-out images halve the standard error of 256.
-`benchmarks/demo_seeds.py` measures every seed; the README gives the table.
+What makes it learn on every seed (`benchmarks/demo_seeds.py` measures seeds 0-4; the README gives the table):
+- Oversampling with rollouts at temperature 0.7. A warm start is right on most images, so most groups are flat
+  (every sample right) and the signal is on the few images it gets wrong or nearly so. Drawing three times the
+  prompts and keeping the non-flat groups puts those in the update; at temperature 0.7 the samples are nearer
+  the greedy answers that are evaluated, so the groups that differ are the images the greedy answer gets wrong,
+  not the tail tokens a temperature of 1 draws on the easy ones. Redrawing the same prompts (dynamic sampling)
+  instead, at temperature 1, gained half as much.
+- A shorter warm start (140 SFT steps): after 180, GRPO started at 0.94-0.97 and had 0.6-1.6 points to gain; the
+  errors left are images the warm start is sure of, where no sample differs. After 140 it starts lower and ends
+  where the longer warm start's GRPO ended, or above.
+- The sizes keep every colour: a warm start of 8 samples per step left one pair of colours unsplit (yellow
+  answered orange), and GRPO then only moved the boundary between the two. With 16 samples per step every
+  class starts GRPO separated, and a batch of 48 drawn prompts holds every colour.
 """
 
 from vrft_jax.configs import _common
@@ -47,7 +53,8 @@ def get_config(arg=None):
     c.param_dtype = "float32"
     c.compute_dtype = "float32"
     c.remat = "none"
-    c.prompts_per_step = 16  # x G 4: as many completions as 8 x 8, twice the images per step (and per SFT step)
+    c.prompts_per_step = 16  # x G 4 per update (16 samples per SFT step); oversampling draws 48
+    c.temperature = 0.7  # the rollout's and the scorer's; the warm start's cross-entropy is at 1 (`sft.run_config`)
 
     c.model.preset = "custom"
     c.model.checkpoint = ""  # random initial weights from the seed
@@ -70,12 +77,12 @@ def get_config(arg=None):
     c.eval.parse = "strict"
     c.eval.repetition_penalty = 1.0  # a model trained from scratch has no generation config to follow
 
-    c.sampling.max_new_tokens = 12  # `<answer>orange</answer>` and EOS: 8 tokens
+    c.sampling.max_new_tokens = 8  # `<answer>orange</answer>` and EOS, every colour: anything longer is cut
     c.sampling.group_size = 4
     c.train.learning_rate = 5e-4
     c.grpo.beta = 0.04  # the KL to the warm start keeps the answers' spread (beta 0 collapsed seeds 1 and 2)
-    c.collapse.dynamic_sampling = 2  # a flat group gets up to two more draws of its prompt
-    c.warm_start.sft_steps = 180
+    c.collapse.oversample = 3  # 48 prompts drawn, 16 groups trained on, the non-flat ones first
+    c.warm_start.sft_steps = 140
     c.warm_start.learning_rate = 1e-3
 
     c.rewards.mode = "strict"  # not a reproduction: the hardened rewards
