@@ -69,6 +69,17 @@ def test_the_rollout_is_compiled_as_the_run_traces_it(lvis_2b_v4_8):
     assert all(got is None or got == made for got, made in pairs)
 
 
+def test_an_oversampled_step_counts_its_rollout_of_every_drawn_prompt():
+    """collapse.oversample=k: the rollout draws k x prompts_per_step prompts, the update trains on prompts_per_step,
+    so the step's model FLOPs grow by the rollout's for each further k, and nothing else changes."""
+    flops = []
+    for k in (1, 2, 3):
+        config = recipe.load("lvis_fewshot", {"collapse.oversample": k})
+        assert recipe.drawn_prompts(config) == k * config.prompts_per_step
+        flops.append(aot.model_flops(recipe.build(config, check_paths=False, process_count=1), config, 2 * 10 ** 9))
+    assert flops[2] - flops[1] == pytest.approx(flops[1] - flops[0]) and flops[1] > flops[0]
+
+
 @pytest.mark.fit
 @pytest.mark.parametrize("model", ["qwen2_5_vl_3b", "qwen3_vl_2b"])
 def test_each_familys_smallest_preset_fits_its_default_slice(model):
