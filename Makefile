@@ -24,9 +24,10 @@ $(STAMP): $(RUN_STAMP)
 install: $(STAMP)
 
 # Two pytest workers, one per core of CI's machine: most tests are single-threaded XLA compiles. A file's tests stay on
-# one worker (--dist loadfile), so its module fixtures (a compiled program, a dataset, a run) are made once.
+# one worker (--dist loadfile), so its module fixtures (a compiled program, a dataset, a run) are made once. The 15
+# slowest tests are listed, to see where the 25 minutes go.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not fit" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 -m "not fit" tests
 
 # Each further model family's step compiled for its default TPU slice, and 7B LoRA's for a v5e-8
 # (tests/test_aot.py, marked `fit`): minutes each, kept out of `make test` to hold it under 25 minutes on 2
