@@ -1,6 +1,7 @@
 """One GRPO iteration, phase by phase: each phase is a short function the loop times on its own.
 
     batch -> sampler weights -> rollout -> this process's completion rows -> detokenise -> rewards
+          -> [redraws of flat groups (dynamic_sampling)] -> [the groups kept of an oversampled draw]
           -> advantages over whole groups -> reference logprobs (beta > 0) -> old-policy logprobs
           (num_iterations > 1) -> num_iterations updates -> metrics
 
