@@ -81,7 +81,7 @@ def test_every_recipe_builds_every_setting(spec):
     config, settings = _build(spec)
     assert isinstance(settings.model, Qwen2VLConfig) and isinstance(settings.train, TrainConfig)
     assert isinstance(settings.sampling, SamplingConfig) and isinstance(settings.train.grpo, GRPOConfig)
-    assert settings.data.batch_size == config.prompts_per_step
+    assert settings.data.batch_size == recipe.drawn_prompts(config)  # prompts_per_step x collapse.oversample
     assert settings.sampling.temperature == settings.train.scoring.temperature == config.temperature
     assert settings.train.param_dtype == settings.model.param_dtype == jnp.dtype(config.param_dtype)
     assert settings.train.compute_dtype == settings.model.dtype == settings.sampler_dtype
