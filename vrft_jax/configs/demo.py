@@ -17,19 +17,19 @@ oversampling (48 prompts drawn per step, the update taking 16 groups, those with
 at lr 1e-3 and beta 0, seeds 1 and 2 collapsed by the third step to text without an answer and seed 0 ran
 every completion to the token limit (`<answer>green</answer></answer></answer`).
 
-What makes it learn on every seed (`benchmarks/demo_seeds.py` measures seeds 0-4; the README gives the table):
-- Oversampling with rollouts at temperature 0.7. A warm start is right on most images, so most groups are flat
-  (every sample right) and the signal is on the few images it gets wrong or nearly so. Drawing three times the
-  prompts and keeping the non-flat groups puts those in the update; at temperature 0.7 the samples are nearer
-  the greedy answers that are evaluated, so the groups that differ are the images the greedy answer gets wrong,
-  not the tail tokens a temperature of 1 draws on the easy ones. Redrawing the same prompts (dynamic sampling)
-  instead, at temperature 1, gained half as much.
-- A shorter warm start (140 SFT steps): after 180, GRPO started at 0.94-0.97 and had 0.6-1.6 points to gain; the
-  errors left are images the warm start is sure of, where no sample differs. After 140 it starts lower and ends
-  where the longer warm start's GRPO ended, or above.
-- The sizes keep every colour: a warm start of 8 samples per step left one pair of colours unsplit (yellow
-  answered orange), and GRPO then only moved the boundary between the two. With 16 samples per step every
-  class starts GRPO separated, and a batch of 48 drawn prompts holds every colour.
+What makes it learn on every seed (`benchmarks/demo_seeds.py` measures seeds 0-4; the README gives the table and
+the runs that chose these values):
+- Oversampling with rollouts at temperature 0.7. From a good warm start most groups are flat (every sample right)
+  and the signal is on the few images it gets wrong. Drawing three times the prompts and keeping the groups that
+  disagree puts those in every update; at 0.7 the samples are near the greedy answers the evaluation reads, so
+  the groups that disagree are the images the greedy answer gets wrong, not the tail tokens that temperature 1
+  draws on easy ones. Redrawing the same prompts (dynamic sampling) at temperature 1 gained less than half as much.
+- A warm start of 140 SFT steps, which leaves GRPO something to learn: after 180 the errors left were images the
+  model is sure of, where no sample disagrees. After 140 some seeds never answer one colour; oversampled GRPO
+  learns it from its own samples (the earlier GRPO only moved the boundary between the two colours).
+- The sizes keep every colour in reach: 16 samples per SFT step (8 left a pair of colours unsplit more often),
+  48 drawn prompts hold every colour, and the 8 new tokens are the answer and its EOS: anything longer is cut,
+  and the update and the reference score 8 positions, not 12.
 """
 
 from vrft_jax.configs import _common
