@@ -3,9 +3,10 @@
 The data is `vrft_jax.data.synthetic`'s classification source asked for the colour of one large shape
 (six colours, the shape covering a quarter to all of the image; answer `<answer>orange</answer>`),
 made by `prepare synthetic` under runs/demo/data so a second run reuses it: 2048 training images and
-1024 held-out ones of another seed. The model is random (no checkpoint): 140 steps of SFT on the
-answers (`warm_start`, a run of its own, reused by a second `make demo`) teach it the answer format
-and most of the colours, then 100 GRPO steps with the strict classification reward and a format term.
+2048 held-out ones of another seed (a standard error of 0.4 points at 96% accuracy). The model is random (no
+checkpoint): 140 steps of SFT on the answers (`warm_start`, a run of its own, reused by a second `make demo`)
+teach it the answer format and most of the colours, then 100 GRPO steps with the strict classification reward
+and a format term.
 Sizes: 2 layers of width 128 over the real 151,936-token vocabulary, images of at most 112 x 112 pixels
 (16 visual tokens), 16 prompts x G 4 per update drawn from 48 (16 samples per SFT step), 8 new tokens (the
 answer and its EOS), float32. Not a reproduction.
@@ -48,7 +49,7 @@ def get_config(arg=None):
     c.keep_checkpoints = 2
     c.sample_every = 10
     c.export_hf = True  # the trained model as a Hugging Face directory, runs/demo/hf
-    c.eval_every = c.total_steps  # before and after GRPO: 1024 images take 14 s, and the demo has 10 minutes
+    c.eval_every = c.total_steps  # before and after GRPO only: 2048 greedy answers each, in the 10 minutes
 
     c.param_dtype = "float32"
     c.compute_dtype = "float32"
@@ -69,9 +70,9 @@ def get_config(arg=None):
     c.data.max_prompt_len = 128  # the prompt is about 110 tokens with its image
     c.data.max_pixels = 112 * 112
     c.data.num_workers = 0  # two cores: the loop needs both
-    c.eval.path = "runs/demo/data/colours_heldout_1024"
+    c.eval.path = "runs/demo/data/colours_heldout_2048"
     c.eval.split = "test"
-    c.eval.prepare = ("synthetic --task classification --label colour --shape-size large --num-images 1024 --seed 1 "
+    c.eval.prepare = ("synthetic --task classification --label colour --shape-size large --num-images 2048 --seed 1 "
                       "--split test")
     c.eval.type = "classification"  # accuracy by both rules, and the strict reward, every eval_every steps
     c.eval.parse = "strict"
