@@ -64,8 +64,8 @@ def shrink(c):
     c.sampling.max_new_tokens = 8
     c.sampling.group_size = 2
     c.warm_start.sft_steps = 0
-    # One rollout of `prompts_per_step` prompts per step, as the loop's tests count them (test_collapse redraws and
-    # oversamples), at temperature 1, the scorer's of the TRL comparisons (the demo samples at 0.7).
+    # One rollout of `prompts_per_step` prompts per step at temperature 1, as the loop's tests count and check them
+    # (test_collapse turns on redraws and oversampling itself); the demo this shrinks oversamples 3x at 0.7.
     c.collapse.dynamic_sampling = 0
     c.collapse.oversample = 1
     c.temperature = 1.0

@@ -3,10 +3,10 @@
 The data is `vrft_jax.data.synthetic`'s classification source asked for the colour of one large shape
 (six colours, the shape covering a quarter to all of the image; answer `<answer>orange</answer>`),
 made by `prepare synthetic` under runs/demo/data so a second run reuses it: 2048 training images and
-2048 held-out ones of another seed (a standard error of 0.4 points at 96% accuracy). The model is random (no
-checkpoint): 140 steps of SFT on the answers (`warm_start`, a run of its own, reused by a second `make demo`)
-teach it the answer format and most of the colours, then 100 GRPO steps with the strict classification reward
-and a format term.
+2048 held-out ones of another seed, enough to resolve the gain of a warm start that is already good. The model
+is random (no checkpoint): 140 steps of SFT on the answers (`warm_start`, a run of its own, reused by a second
+`make demo`) teach it the answer format and most of the colours, then 100 GRPO steps with the strict
+classification reward and a format term.
 Sizes: 2 layers of width 128 over the real 151,936-token vocabulary, images of at most 112 x 112 pixels
 (16 visual tokens), 16 prompts x G 4 per update drawn from 48 (16 samples per SFT step), 8 new tokens (the
 answer and its EOS), float32. Not a reproduction.
@@ -18,8 +18,8 @@ oversampling (48 prompts drawn per step, the update taking 16 groups, those with
 at lr 1e-3 and beta 0, seeds 1 and 2 collapsed by the third step to text without an answer and seed 0 ran
 every completion to the token limit (`<answer>green</answer></answer></answer`).
 
-What makes it learn on every seed (`benchmarks/demo_seeds.py` measures seeds 0-4; the README gives the table and
-the runs that chose these values):
+What makes it learn on every seed (`benchmarks/demo_seeds.py` measures it per seed; the README gives the table of
+seeds 0-9 and the runs that chose these values):
 - Oversampling with rollouts at temperature 0.7. From a good warm start most groups are flat (every sample right)
   and the signal is on the few images it gets wrong. Drawing three times the prompts and keeping the groups that
   disagree puts those in every update; at 0.7 the samples are near the greedy answers the evaluation reads, so
